@@ -1,0 +1,83 @@
+"""The append-only audit log: one JSON object per audit in ``<log_dir>/audit.jsonl``.
+
+Each line is written whole, flushed and fsynced, so a crash loses at most the audit in progress.
+The log contains metrics only; files that hold images are written by other sinks. The directory is
+created owner-only (0700) and the log file owner-only (0600): audit artifacts describe private
+training data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AuditLog", "read_audit_log", "make_private_dir"]
+
+
+def make_private_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and parents) readable by the owner only; tighten it if it exists."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+class AuditLog:
+    """Append-only JSON-lines writer.
+
+    Args:
+        path: the ``audit.jsonl`` file; its directory is created owner-only.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        make_private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as a line (``inf`` as JSON ``Infinity``, NaN as ``null``)."""
+        line = json.dumps(_jsonable(record), allow_nan=True, separators=(",", ":"))
+        self._file.write(line + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+
+def read_audit_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read every complete record; a torn (partially written) last line is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # the last line, cut off by a crash
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return records

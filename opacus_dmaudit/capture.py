@@ -1,0 +1,206 @@
+"""Capture: snapshots of the imprint layer's privatised gradient from a live ``DPOptimizer``.
+
+Opacus calls ``optimizer.step_hook(optimizer)`` once per logical step, after clipping, noising and
+scaling; ``make_private`` has already put the privacy accountant in that single slot. We *chain*:
+our hook calls the previous one first, then snapshots. On audit steps only, it copies
+
+* the noised sum ``p.grad · denominator`` (``denominator = expected_batch_size ·
+  accumulated_iterations`` for ``loss_reduction="mean"``, 1 for ``"sum"``),
+* the clean clipped sum ``p.summed_grad``,
+* the inputs that actually went through the ``ImprintBlock`` since the last step (forward hook; this
+  includes every physical batch under ``BatchMemoryManager`` and Opacus's fake sample under
+  ``rand_on_empty``), with each sample's bin membership under the parameters of that step.
+
+Nothing here writes to a tensor that training reads, draws random numbers, or runs the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from opacus.optimizers import DPOptimizer
+
+from .imprint import ImprintBlock, find_imprint_block
+
+__all__ = ["CapturedStep", "GradientCapture", "clipping_mode"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CapturedStep:
+    """What one audited step revealed (all tensors are private copies on the CPU)."""
+
+    step: int
+    weight_noised: torch.Tensor
+    bias_noised: torch.Tensor
+    weight_clean: torch.Tensor
+    bias_clean: torch.Tensor
+    inputs: torch.Tensor
+    membership: torch.Tensor
+    noise_multiplier: float
+    max_grad_norm: float
+    denominator: float
+    clipping: str
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the Gaussian noise per coordinate of the gradient sums (``σ·C``)."""
+        return self.noise_multiplier * self.max_grad_norm
+
+
+def clipping_mode(optimizer: DPOptimizer) -> str:
+    """``"flat"``, ``"per_layer"`` or ``"adaptive"`` for an Opacus optimizer."""
+    from opacus.optimizers import AdaClipDPOptimizer, DPPerLayerOptimizer
+
+    names = {type(c).__name__ for c in type(optimizer).__mro__}
+    if isinstance(optimizer, DPPerLayerOptimizer) or "DistributedPerLayerOptimizer" in names:
+        return "per_layer"
+    if isinstance(optimizer, AdaClipDPOptimizer):
+        return "adaptive"
+    return "flat"
+
+
+def _denominator(optimizer: DPOptimizer) -> float:
+    if optimizer.loss_reduction == "mean":
+        return float(optimizer.expected_batch_size * optimizer.accumulated_iterations)
+    return 1.0
+
+
+class GradientCapture:
+    """Chains onto a ``DPOptimizer``'s step hook and snapshots the imprint gradients.
+
+    Args:
+        optimizer: the optimizer returned by ``PrivacyEngine.make_private``.
+        block: the ``ImprintBlock`` to read; found through the optimizer's parameters if ``None``.
+        should_capture: called with the 1-based index of the upcoming step; ``True`` to capture it.
+        on_capture: receives each :class:`CapturedStep` right after the parameter update.
+        start_step: steps already taken (so step numbers continue across resumes).
+    """
+
+    def __init__(
+        self,
+        optimizer: DPOptimizer,
+        *,
+        block: ImprintBlock | None,
+        should_capture: Callable[[int], bool],
+        on_capture: Callable[[CapturedStep], None],
+        start_step: int = 0,
+    ) -> None:
+        if not isinstance(optimizer, DPOptimizer):
+            raise TypeError(
+                f"expected an Opacus DPOptimizer, got {type(optimizer).__name__}: attach the "
+                "auditor to the optimizer returned by PrivacyEngine.make_private(...)"
+            )
+        params = list(optimizer.params)
+        if block is None:
+            block = find_imprint_block(params)
+        if not any(p is block.imprint.weight for p in params) or not any(
+            p is block.imprint.bias for p in params
+        ):
+            raise ValueError(
+                "the ImprintBlock's weight and bias must both be trainable parameters of this "
+                "optimizer (they are how the audit reads images)"
+            )
+        self.optimizer = optimizer
+        self.block = block
+        self.clipping = clipping_mode(optimizer)
+        if self.clipping == "per_layer":
+            warnings.warn(
+                "per-layer clipping clips the imprint weight and bias by different factors: "
+                "images are recovered only up to scale, and their metrics suffer accordingly",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._should_capture = should_capture
+        self._on_capture = on_capture
+        self.step = int(start_step)
+        self._inputs: list[torch.Tensor] = []
+        self._pending: CapturedStep | None = None
+        self._previous_hook = None
+        self._handles: list = []
+        self._attached = False
+
+    # -- attach / detach -------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._attached:
+            raise RuntimeError("this capture is already attached")
+        if getattr(self.optimizer, "_dmaudit_capture", None) is not None:
+            raise RuntimeError("another auditor is attached to this optimizer; detach it first")
+        self._previous_hook = self.optimizer.step_hook
+        self.optimizer.attach_step_hook(self._step_hook)
+        self._handles = [
+            self.block.register_forward_hook(self._forward_hook),
+            self.optimizer.original_optimizer.register_step_post_hook(self._post_step_hook),
+        ]
+        self.optimizer._dmaudit_capture = self
+        self._attached = True
+
+    def detach(self) -> None:
+        """Remove our hooks; restore the previous step hook if ours is still the installed one."""
+        if not self._attached:
+            return
+        if self.optimizer.step_hook == self._step_hook:
+            self.optimizer.step_hook = self._previous_hook
+        else:
+            logger.warning("the optimizer's step hook was replaced after attach; leaving it")
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.optimizer._dmaudit_capture = None
+        self._inputs = []
+        self._pending = None
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _forward_hook(self, module: ImprintBlock, args: tuple, output: torch.Tensor) -> None:
+        if module.training and torch.is_grad_enabled() and self._should_capture(self.step + 1):
+            self._inputs.append(args[0].detach().to("cpu", copy=True))
+
+    def _step_hook(self, optimizer: DPOptimizer) -> None:
+        if self._previous_hook is not None:
+            self._previous_hook(optimizer)  # the accountant first: never break ε
+        self.step += 1
+        if self._should_capture(self.step):
+            self._pending = self._snapshot(optimizer)
+        self._inputs = []
+
+    def _post_step_hook(self, *_args) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._on_capture(pending)
+
+    def _snapshot(self, optimizer: DPOptimizer) -> CapturedStep:
+        weight, bias = self.block.imprint.weight, self.block.imprint.bias
+        denom = _denominator(optimizer)
+        with torch.no_grad():
+            w_noised = (weight.grad.detach().double() * denom).float().cpu()
+            b_noised = (bias.grad.detach().double() * denom).float().cpu()
+            w_clean = weight.summed_grad.detach().to("cpu", copy=True)
+            b_clean = bias.summed_grad.detach().to("cpu", copy=True)
+            if self._inputs:
+                inputs = torch.cat(self._inputs)
+            else:
+                inputs = torch.zeros((0, *self.block.image_shape))
+            membership = self.block.membership(inputs.to(weight.device)).cpu()
+        return CapturedStep(
+            step=self.step,
+            weight_noised=w_noised,
+            bias_noised=b_noised,
+            weight_clean=w_clean.reshape(w_noised.shape),
+            bias_clean=b_clean.reshape(b_noised.shape),
+            inputs=inputs,
+            membership=membership,
+            noise_multiplier=float(optimizer.noise_multiplier),
+            max_grad_norm=float(optimizer.max_grad_norm),
+            denominator=denom,
+            clipping=self.clipping,
+        )

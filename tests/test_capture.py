@@ -1,0 +1,210 @@
+"""The auditor on real Opacus training: exact recovery without noise in every supported mode."""
+
+import warnings
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+
+from conftest import imprint_model, small_cnn
+from opacus_dmaudit import DMAuditor, ImprintBlock
+
+FAST_METRICS = ("mse", "ssim")
+
+
+def _loader(x, y, batch_size=64):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+
+
+def train_audited(
+    mnist5k,
+    tmp_path,
+    *,
+    sigma=0.0,
+    steps=4,
+    every=2,
+    grad_sample_mode="hooks",
+    loss_reduction="mean",
+    structure="sparse",
+    clipping="flat",
+    batch_size=64,
+    bmm_physical=None,
+    n_train=1000,
+    metrics=FAST_METRICS,
+):
+    x, y = mnist5k["private"]
+    x, y = x[::1000 // n_train][:n_train], y[::1000 // n_train][:n_train]
+    model = imprint_model(mnist5k["prior"][0][:2000], num_bins=128, structure=structure)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = PrivacyEngine(accountant="rdp")
+    n_params = len(list(model.parameters()))
+    extra = {"max_grad_norm": [1.0 / n_params**0.5] * n_params} if clipping == "per_layer" else {}
+    out = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=_loader(x, y, batch_size),
+        noise_multiplier=sigma,
+        max_grad_norm=extra.pop("max_grad_norm", 1.0),
+        grad_sample_mode=grad_sample_mode,
+        loss_reduction=loss_reduction,
+        clipping=clipping,
+        **({"criterion": nn.CrossEntropyLoss(reduction=loss_reduction)}
+           if grad_sample_mode == "ghost" else {}),
+    )
+    if grad_sample_mode == "ghost":
+        model, opt, criterion, loader = out
+    else:
+        model, opt, loader = out
+        criterion = nn.CrossEntropyLoss(reduction=loss_reduction)
+    auditor = DMAuditor(privacy_engine=engine, log_dir=tmp_path, every_n_steps=every,
+                        metrics=metrics)
+    auditor.attach(opt)
+
+    def run(batches):
+        done = 0
+        for xb, yb in batches:
+            opt.zero_grad()
+            criterion(model(xb), yb).backward()
+            opt.step()
+            done += 0 if getattr(opt, "_is_last_step_skipped", False) else 1
+            if done >= steps:
+                return
+
+    if bmm_physical:
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=bmm_physical,
+                                optimizer=opt) as mem_loader:
+            run(mem_loader)
+    else:
+        run(loader)
+    auditor.close()
+    return auditor, opt, engine
+
+
+def assert_exact(auditor, min_found=10):
+    assert auditor.history, "no audit ran"
+    found = 0
+    for record in auditor.history:
+        assert record["found_singletons"] == record["true_singletons"]
+        for im in record["images"]:
+            if im["true_count"] == 1:
+                assert im["residual_std_raw"] < 1e-5
+                assert im["mse_raw"] < 1e-8
+                found += 1
+    assert found >= min_found
+
+
+@pytest.mark.parametrize("grad_sample_mode", ["hooks", "functorch", "ghost"])
+@pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
+def test_exact_recovery_without_noise(mnist5k, tmp_path, grad_sample_mode, loss_reduction):
+    auditor, _, _ = train_audited(mnist5k, tmp_path, grad_sample_mode=grad_sample_mode,
+                                  loss_reduction=loss_reduction)
+    assert [r["step"] for r in auditor.history] == [2, 4]
+    assert_exact(auditor)
+
+
+def test_exact_recovery_cumulative(mnist5k, tmp_path):
+    auditor, _, _ = train_audited(mnist5k, tmp_path, structure="cumulative")
+    assert_exact(auditor)
+
+
+def test_max_abs_error_of_raw_readout_below_1e4(mnist5k, tmp_path):
+    """Max abs pixel error of every singleton readout, both structures, in [0, 1] units."""
+    for structure in ("sparse", "cumulative"):
+        auditor, _, _ = train_audited(mnist5k, tmp_path / structure, structure=structure, steps=2)
+        res = auditor.last_result
+        singles = [i for i, im in enumerate(res.record["images"]) if "mse_raw" in im
+                   and im["true_count"] == 1]
+        assert len(singles) >= 10
+        err = (res.raw[singles] - res.truth[singles]).abs().max()
+        assert err < 1e-4, structure
+
+
+def test_batch_memory_manager_sees_the_whole_logical_batch(mnist5k, tmp_path):
+    auditor, _, _ = train_audited(mnist5k, tmp_path, batch_size=64, bmm_physical=16)
+    # logical batches of ~64 real samples, read from 4+ physical batches
+    assert all(r["batch_size"] > 30 for r in auditor.history)
+    assert_exact(auditor)
+
+
+def test_empty_poisson_batches(mnist5k, tmp_path):
+    """Tiny sampling rate: most batches are empty; the audit logs them instead of crashing."""
+    auditor, opt, engine = train_audited(mnist5k, tmp_path, batch_size=1, n_train=200, steps=20,
+                                         every=1, sigma=0.0)
+    sizes = [r["batch_size"] for r in auditor.history]
+    assert len(sizes) == 20 and 0 in sizes and max(sizes) > 0
+    for r in auditor.history:
+        if r["batch_size"] == 0:
+            assert r["images"] == [] and r["true_singletons"] == 0
+    assert_exact(auditor, min_found=1)
+
+
+def test_per_layer_clipping_warns_and_recovers_up_to_scale(mnist5k, tmp_path):
+    with pytest.warns(UserWarning, match="up to scale"):
+        auditor, _, _ = train_audited(mnist5k, tmp_path, clipping="per_layer", steps=2)
+    res = auditor.last_result
+    singles = [i for i, im in enumerate(res.record["images"]) if im["true_count"] == 1]
+    assert singles
+    # same image up to a positive scale: correlation 1
+    for i in singles[:5]:
+        a, b = res.raw[i].flatten().double(), res.truth[i].flatten().double()
+        if a.max() < 1:  # not clipped at the top of the range
+            assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.999
+
+
+def test_step_hook_is_chained_and_restored(mnist5k, tmp_path):
+    x, y = mnist5k["private"]
+    model = imprint_model(mnist5k["prior"][0][:500], num_bins=32)
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(
+        model.parameters(), lr=0.1), data_loader=_loader(x, y), noise_multiplier=1.0,
+        max_grad_norm=1.0)
+    accountant_hook = opt.step_hook
+    with DMAuditor(privacy_engine=engine, log_dir=tmp_path, every_n_steps=1,
+                   metrics=FAST_METRICS) as auditor:
+        auditor.attach(opt)
+        assert opt.step_hook != accountant_hook
+        for i, (xb, yb) in enumerate(loader):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+            if i == 2:
+                break
+        assert len(engine.accountant.history) == 1 and engine.accountant.history[0][2] == 3
+        with pytest.raises(RuntimeError, match="already attached"):
+            auditor.attach(opt)
+    assert opt.step_hook == accountant_hook
+    assert [r["step"] for r in auditor.history] == [1, 2, 3]
+    assert all(r["sample_rate"] == pytest.approx(1 / len(loader)) for r in auditor.history)
+
+
+def test_attach_errors_are_clear(mnist5k, tmp_path):
+    auditor = DMAuditor(log_dir=tmp_path, metrics=FAST_METRICS)
+    plain = imprint_model(mnist5k["prior"][0][:500], num_bins=16)
+    with pytest.raises(TypeError, match="make_private"):
+        auditor.attach(torch.optim.SGD(plain.parameters(), lr=0.1))
+
+    x, y = mnist5k["private"]
+    engine = PrivacyEngine(accountant="rdp")
+    net = small_cnn()
+    _, opt, _ = engine.make_private(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                    data_loader=_loader(x, y), noise_multiplier=1.0,
+                                    max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="no ImprintBlock"):
+        auditor.attach(opt)
+
+    engine = PrivacyEngine(accountant="rdp")
+    model = imprint_model(mnist5k["prior"][0][:500], num_bins=16)
+    _, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(
+        model.parameters(), lr=0.1), data_loader=_loader(x, y), noise_multiplier=1.0,
+        max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="image_shape matching your data"):
+        auditor.attach(opt, example_input=torch.rand(2, 3, 32, 32))
+    other = ImprintBlock(image_shape=(1, 28, 28), num_bins=16)
+    with pytest.raises(ValueError, match="trainable parameters of this optimizer"):
+        auditor.attach(opt, block=other)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        DMAuditor(log_dir=tmp_path, every_n_steps=0)
+    with pytest.raises(ValueError, match="unknown metrics"):
+        DMAuditor(log_dir=tmp_path, metrics=("psnr", "fid"))

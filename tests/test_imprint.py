@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+
+from opacus_dmaudit import ImprintBlock, expected_singletons
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (2, 5, 7)])
+@pytest.mark.parametrize("structure", ["sparse", "cumulative"])
+def test_residual_output_is_the_input_bit_for_bit(shape, structure):
+    block = ImprintBlock(image_shape=shape, num_bins=16, structure=structure)
+    x = torch.rand(9, *shape)
+    out = block(x)
+    assert out.shape == x.shape
+    assert torch.equal(out, x)
+
+
+def test_connection_none_outputs_imprint_signal_only():
+    block = ImprintBlock(image_shape=(1, 8, 8), num_bins=8, connection="none")
+    x = torch.rand(4, 1, 8, 8)
+    out = block(x)
+    assert out.shape == x.shape
+    assert not torch.allclose(out, x)
+    # rank one: every output is a multiple of the fixed output direction
+    flat = out.flatten(1)
+    assert torch.linalg.matrix_rank(flat) == 1
+
+
+@pytest.mark.parametrize("direction", ["brightness", "random", "dct"])
+def test_sparse_each_sample_activates_exactly_one_bin(direction, mnist5k):
+    public = mnist5k["prior"][0][:1000]
+    private = mnist5k["private"][0][:300]
+    block = ImprintBlock(image_shape=(1, 28, 28), num_bins=32, direction=direction)
+    block.calibrate(public)
+    members = block.membership(private)
+    assert members.shape == (32, 300)
+    assert torch.equal(members.sum(dim=0), torch.ones(300, dtype=torch.int64))
+    # and only that row carries gradient
+    x = private[:5].clone()
+    a = block.activations(x)
+    grads = torch.autograd.functional.jacobian(lambda z: block.activations(z).sum(1), x)
+    assert grads.shape[0] == 5
+    slopes = torch.stack([torch.autograd.grad(a[i].sum(), block.imprint.bias, retain_graph=True)[0]
+                          for i in range(5)])
+    assert torch.equal(slopes, members[:, :5].T.float())
+
+
+def test_calibrated_bins_have_equal_mass_on_unseen_digits(mnist5k):
+    public = mnist5k["prior"][0]
+    private = mnist5k["private"][0]
+    block = ImprintBlock(image_shape=(1, 28, 28), num_bins=10).calibrate(public)
+    counts = block.membership(private).sum(dim=1).float()
+    # 1000 unseen digits in 10 equal-mass bins: about 100 each
+    assert counts.min() > 60 and counts.max() < 140
+
+
+def test_cumulative_membership_is_row_difference(mnist5k):
+    block = ImprintBlock(image_shape=(1, 28, 28), num_bins=16, structure="cumulative")
+    block.calibrate(mnist5k["prior"][0][:500])
+    members = block.membership(mnist5k["private"][0][::5])  # 200 digits of every class
+    assert set(members.unique().tolist()) <= {0, 1}
+    # each sample lies in at most one bin; those below the first edge in none
+    assert members.sum(dim=0).max() == 1
+    assert members.sum() >= 170  # 16/17 of them in expectation (188)
+
+
+def test_construction_and_calibration_leave_global_rng_alone():
+    public = torch.rand(200, 1, 28, 28)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    ImprintBlock(image_shape=(1, 28, 28), direction="random").calibrate(public)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_bad_arguments_get_clear_errors():
+    with pytest.raises(ValueError, match="image_shape"):
+        ImprintBlock(image_shape=(28, 28))
+    with pytest.raises(ValueError, match="num_bins"):
+        ImprintBlock(image_shape=(1, 4, 4), num_bins=1)
+    with pytest.raises(ValueError, match="structure"):
+        ImprintBlock(image_shape=(1, 4, 4), structure="dense")
+    with pytest.raises(ValueError, match="dct_mode"):
+        ImprintBlock(image_shape=(1, 4, 4), direction="dct", dct_mode=(9, 0))
+    block = ImprintBlock(image_shape=(1, 28, 28), num_bins=8)
+    with pytest.raises(ValueError, match=r"image_shape matching your data"):
+        block(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="at least num_bins"):
+        block.calibrate(torch.rand(4, 1, 28, 28))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        block.calibrate(torch.zeros(20, 1, 28, 28))
+
+
+def test_expected_singletons_reference_value():
+    assert expected_singletons(64, 128) == pytest.approx(39.05, abs=5e-3)
+    assert expected_singletons(1, 10) == 1.0
+    assert math.isclose(expected_singletons(0, 10), 0.0)
