@@ -9,12 +9,15 @@ training data.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 __all__ = ["AuditLog", "read_audit_log", "make_private_dir"]
+
+logger = logging.getLogger(__name__)
 
 
 def make_private_dir(path: str | os.PathLike) -> Path:
@@ -47,8 +50,21 @@ class AuditLog:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         make_private_dir(self.path.parent)
+        self._drop_torn_tail()
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
+
+    def _drop_torn_tail(self) -> None:
+        """A crash mid-write leaves a partial last line: cut it so appends start on a fresh line."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data.endswith(b"\n"):
+                return
+            keep = data.rfind(b"\n") + 1
+            f.truncate(keep)
+        logger.warning("%s: dropped a torn last line of %d bytes", self.path, len(data) - keep)
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record as a line (``inf`` as JSON ``Infinity``, NaN as ``null``)."""

@@ -1,0 +1,88 @@
+import json
+import math
+import os
+import stat
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+
+from conftest import imprint_model
+from opacus_dmaudit import DMAuditor, read_audit_log
+from opacus_dmaudit.audit_log import AuditLog
+from opacus_dmaudit.privacy import epsilon_from_accountant
+
+REQUIRED = {"step", "epsilon", "noise_multiplier", "max_grad_norm", "sample_rate", "images"}
+IMAGE_KEYS = {"bin", "occupied", "noise_std", "mse_raw", "psnr_raw", "ssim_raw", "lpips_raw",
+              "mse_clean", "psnr_clean", "ssim_clean", "lpips_clean"}
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.01])
+def test_each_audit_is_one_flushed_json_line(mnist5k, tmp_path, sigma):
+    x, y = mnist5k["private"]
+    model = imprint_model(mnist5k["prior"][0][:2000], num_bins=128)
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
+                                                batch_size=64),
+        noise_multiplier=sigma, max_grad_norm=1.0)
+    log_dir = tmp_path / "private" / "run"
+    auditor = DMAuditor(privacy_engine=engine, log_dir=log_dir, every_n_steps=2).attach(opt)
+    path = log_dir / "audit.jsonl"
+    for i, (xb, yb) in enumerate(loader):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        if (i + 1) % 2 == 0:  # readable right after the audit, before close()
+            assert len(path.read_text().splitlines()) == (i + 1) // 2
+        if i == 3:
+            break
+    auditor.close()
+    records = read_audit_log(path)
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert REQUIRED <= set(r)
+        assert r["noise_multiplier"] == sigma and r["max_grad_norm"] == 1.0
+        assert r["sample_rate"] == pytest.approx(1 / 16)
+        scored = [im for im in r["images"] if im["true_count"] > 0]
+        assert scored and all(IMAGE_KEYS <= set(im) for im in scored)
+    if sigma == 0:
+        assert all(r["epsilon"] == math.inf for r in records)
+        assert "Infinity" in path.read_text()
+    else:
+        eps = [r["epsilon"] for r in records]
+        assert 0 < eps[0] < eps[1] < math.inf
+    # owner-only: the log describes private training images
+    assert stat.S_IMODE(os.stat(log_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_torn_last_line_is_skipped_and_appends_continue(tmp_path):
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append({"step": 1, "epsilon": math.inf, "x": float("nan")})
+    log.close()
+    with open(tmp_path / "audit.jsonl", "a") as f:
+        f.write('{"step": 2, "epsi')
+    records = read_audit_log(tmp_path / "audit.jsonl")
+    assert records == [{"step": 1, "epsilon": math.inf, "x": None}]
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append({"step": 3})
+    log.close()
+    assert [r["step"] for r in read_audit_log(tmp_path / "audit.jsonl")] == [1, 3]
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_audit_log(tmp_path / "bad.jsonl")
+
+
+def test_epsilon_is_inf_without_noise_and_nan_when_accountant_fails():
+    class Broken:
+        history = [(1.0, 0.1, 1)]
+
+        def get_epsilon(self, delta):
+            raise RuntimeError("boom")
+
+    assert epsilon_from_accountant(Broken(), delta=1e-5, noise_multiplier=0.0) == math.inf
+    assert math.isnan(epsilon_from_accountant(Broken(), delta=1e-5, noise_multiplier=1.0))
+    assert json.loads(json.dumps(math.inf)) == math.inf

