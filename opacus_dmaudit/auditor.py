@@ -79,7 +79,9 @@ class DMAuditor:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         unknown = set(metrics) - set(HIGHER_IS_BETTER)
         if unknown:
-            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {sorted(HIGHER_IS_BETTER)}")
+            raise ValueError(
+                f"unknown metrics {sorted(unknown)}; choose from {sorted(HIGHER_IS_BETTER)}"
+            )
         if occupancy_z <= 0:
             raise ValueError(f"occupancy_z must be positive, got {occupancy_z}")
         if max_images is not None and max_images < 1:
@@ -187,7 +189,9 @@ class DMAuditor:
         if block is None:
             raise RuntimeError("attach the auditor before auditing")
         lo, hi = block.value_range
-        common = dict(structure=block.structure, image_shape=block.image_shape, value_range=(lo, hi))
+        common = dict(
+            structure=block.structure, image_shape=block.image_shape, value_range=(lo, hi)
+        )
         noised = read_imprint(
             captured.weight_noised,
             captured.bias_noised,

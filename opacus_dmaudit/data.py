@@ -50,7 +50,10 @@ def mnist_5k_split() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     for c in range(10):
         idx = (labels == c).nonzero().flatten()
         private[idx[-PRIVATE_PER_CLASS:]] = True
-    return {"prior": (images[~private], labels[~private]), "private": (images[private], labels[private])}
+    return {
+        "prior": (images[~private], labels[~private]),
+        "private": (images[private], labels[private]),
+    }
 
 
 def shared_data_dir() -> Path | None:
@@ -71,7 +74,7 @@ def load_mnist_idx(images_path: str | Path, labels_path: str | Path | None = Non
     """Read MNIST IDX files (gzipped or not) into float32 ``(N, 1, 28, 28)`` in [0, 1] (+ labels)."""
 
     def read(path: Path) -> bytes:
-        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb") as f:
             return f.read()
 
     raw = read(Path(images_path))

@@ -98,7 +98,9 @@ class ImprintBlock(nn.Module):
         super().__init__()
         image_shape = tuple(int(s) for s in image_shape)
         if len(image_shape) != 3 or min(image_shape) < 1:
-            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
+            raise ValueError(
+                f"image_shape must be (C, H, W) with positive sizes, got {image_shape}"
+            )
         if num_bins < 2:
             raise ValueError(f"num_bins must be at least 2, got {num_bins}")
         if structure not in _STRUCTURES:
@@ -190,7 +192,9 @@ class ImprintBlock(nn.Module):
             # row 0: h·x < e_1 ; row i >= 1: e_i <= h·x < e_{i+1}
             anchors = torch.cat([edges[1:2], edges[1:k]])
             lower = torch.cat([torch.tensor([-inf]), torch.zeros(k - 1, dtype=torch.float64)])
-            upper = torch.cat([torch.zeros(1, dtype=torch.float64), (edges[2:] - edges[1:k]) / scale])
+            upper = torch.cat(
+                [torch.zeros(1, dtype=torch.float64), (edges[2:] - edges[1:k]) / scale]
+            )
         else:
             anchors = edges[:k]
             lower = torch.zeros(k, dtype=torch.float64)

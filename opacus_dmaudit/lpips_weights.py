@@ -51,7 +51,10 @@ class BackboneUnavailable(RuntimeError):
 class _ArrayUnpickler(pickle.Unpickler):
     """Admits numpy arrays, dtypes and plain containers; refuses everything else."""
 
-    _RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+    _RECONSTRUCT = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) in self._RECONSTRUCT:
@@ -101,9 +104,13 @@ def _features_from_jax(path: Path, net: str) -> dict[int, tuple[torch.Tensor, to
     return out
 
 
-def _features_from_torchvision(path: Path, net: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _features_from_torchvision(
+    path: Path, net: str
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return {i: (state[f"features.{i}.weight"], state[f"features.{i}.bias"]) for i in _CONV_INDEX[net]}
+    return {
+        i: (state[f"features.{i}.weight"], state[f"features.{i}.bias"]) for i in _CONV_INDEX[net]
+    }
 
 
 def backbone_features(net: str = "vgg") -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], str]:

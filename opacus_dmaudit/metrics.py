@@ -51,9 +51,7 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"SSIM needs images of at least 3x3 pixels, got {tuple(pred.shape[-2:])}")
     out = []
     for p, t in zip(pred.numpy(), target.numpy()):
-        out.append(
-            structural_similarity(p, t, data_range=1.0, channel_axis=0, win_size=win)
-        )
+        out.append(structural_similarity(p, t, data_range=1.0, channel_axis=0, win_size=win))
     return torch.tensor(np.asarray(out, dtype=np.float64))
 
 

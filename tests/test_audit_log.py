@@ -14,8 +14,19 @@ from opacus_dmaudit.audit_log import AuditLog
 from opacus_dmaudit.privacy import epsilon_from_accountant
 
 REQUIRED = {"step", "epsilon", "noise_multiplier", "max_grad_norm", "sample_rate", "images"}
-IMAGE_KEYS = {"bin", "occupied", "noise_std", "mse_raw", "psnr_raw", "ssim_raw", "lpips_raw",
-              "mse_clean", "psnr_clean", "ssim_clean", "lpips_clean"}
+IMAGE_KEYS = {
+    "bin",
+    "occupied",
+    "noise_std",
+    "mse_raw",
+    "psnr_raw",
+    "ssim_raw",
+    "lpips_raw",
+    "mse_clean",
+    "psnr_clean",
+    "ssim_clean",
+    "lpips_clean",
+}
 
 
 @pytest.mark.parametrize("sigma", [0.0, 0.01])
@@ -24,10 +35,14 @@ def test_each_audit_is_one_flushed_json_line(mnist5k, tmp_path, sigma):
     model = imprint_model(mnist5k["prior"][0][:2000], num_bins=128)
     engine = PrivacyEngine(accountant="rdp")
     model, opt, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
-                                                batch_size=64),
-        noise_multiplier=sigma, max_grad_norm=1.0)
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        data_loader=torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, y), batch_size=64
+        ),
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+    )
     log_dir = tmp_path / "private" / "run"
     auditor = DMAuditor(privacy_engine=engine, log_dir=log_dir, every_n_steps=2).attach(opt)
     path = log_dir / "audit.jsonl"

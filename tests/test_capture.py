@@ -1,7 +1,5 @@
 """The auditor on real Opacus training: exact recovery without noise in every supported mode."""
 
-import warnings
-
 import pytest
 import torch
 from opacus import PrivacyEngine
@@ -35,7 +33,7 @@ def train_audited(
     metrics=FAST_METRICS,
 ):
     x, y = mnist5k["private"]
-    x, y = x[::1000 // n_train][:n_train], y[::1000 // n_train][:n_train]
+    x, y = x[:: 1000 // n_train][:n_train], y[:: 1000 // n_train][:n_train]
     model = imprint_model(mnist5k["prior"][0][:2000], num_bins=128, structure=structure)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     engine = PrivacyEngine(accountant="rdp")
@@ -50,16 +48,20 @@ def train_audited(
         grad_sample_mode=grad_sample_mode,
         loss_reduction=loss_reduction,
         clipping=clipping,
-        **({"criterion": nn.CrossEntropyLoss(reduction=loss_reduction)}
-           if grad_sample_mode == "ghost" else {}),
+        **(
+            {"criterion": nn.CrossEntropyLoss(reduction=loss_reduction)}
+            if grad_sample_mode == "ghost"
+            else {}
+        ),
     )
     if grad_sample_mode == "ghost":
         model, opt, criterion, loader = out
     else:
         model, opt, loader = out
         criterion = nn.CrossEntropyLoss(reduction=loss_reduction)
-    auditor = DMAuditor(privacy_engine=engine, log_dir=tmp_path, every_n_steps=every,
-                        metrics=metrics)
+    auditor = DMAuditor(
+        privacy_engine=engine, log_dir=tmp_path, every_n_steps=every, metrics=metrics
+    )
     auditor.attach(opt)
 
     def run(batches):
@@ -73,8 +75,9 @@ def train_audited(
                 return
 
     if bmm_physical:
-        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=bmm_physical,
-                                optimizer=opt) as mem_loader:
+        with BatchMemoryManager(
+            data_loader=loader, max_physical_batch_size=bmm_physical, optimizer=opt
+        ) as mem_loader:
             run(mem_loader)
     else:
         run(loader)
@@ -98,8 +101,9 @@ def assert_exact(auditor, min_found=10):
 @pytest.mark.parametrize("grad_sample_mode", ["hooks", "functorch", "ghost"])
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
 def test_exact_recovery_without_noise(mnist5k, tmp_path, grad_sample_mode, loss_reduction):
-    auditor, _, _ = train_audited(mnist5k, tmp_path, grad_sample_mode=grad_sample_mode,
-                                  loss_reduction=loss_reduction)
+    auditor, _, _ = train_audited(
+        mnist5k, tmp_path, grad_sample_mode=grad_sample_mode, loss_reduction=loss_reduction
+    )
     assert [r["step"] for r in auditor.history] == [2, 4]
     assert_exact(auditor)
 
@@ -114,8 +118,11 @@ def test_max_abs_error_of_raw_readout_below_1e4(mnist5k, tmp_path):
     for structure in ("sparse", "cumulative"):
         auditor, _, _ = train_audited(mnist5k, tmp_path / structure, structure=structure, steps=2)
         res = auditor.last_result
-        singles = [i for i, im in enumerate(res.record["images"]) if "mse_raw" in im
-                   and im["true_count"] == 1]
+        singles = [
+            i
+            for i, im in enumerate(res.record["images"])
+            if "mse_raw" in im and im["true_count"] == 1
+        ]
         assert len(singles) >= 10
         err = (res.raw[singles] - res.truth[singles]).abs().max()
         assert err < 1e-4, structure
@@ -130,8 +137,9 @@ def test_batch_memory_manager_sees_the_whole_logical_batch(mnist5k, tmp_path):
 
 def test_empty_poisson_batches(mnist5k, tmp_path):
     """Tiny sampling rate: most batches are empty; the audit logs them instead of crashing."""
-    auditor, opt, engine = train_audited(mnist5k, tmp_path, batch_size=1, n_train=200, steps=20,
-                                         every=1, sigma=0.0)
+    auditor, opt, engine = train_audited(
+        mnist5k, tmp_path, batch_size=1, n_train=200, steps=20, every=1, sigma=0.0
+    )
     sizes = [r["batch_size"] for r in auditor.history]
     assert len(sizes) == 20 and 0 in sizes and max(sizes) > 0
     for r in auditor.history:
@@ -157,12 +165,17 @@ def test_step_hook_is_chained_and_restored(mnist5k, tmp_path):
     x, y = mnist5k["private"]
     model = imprint_model(mnist5k["prior"][0][:500], num_bins=32)
     engine = PrivacyEngine(accountant="rdp")
-    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(
-        model.parameters(), lr=0.1), data_loader=_loader(x, y), noise_multiplier=1.0,
-        max_grad_norm=1.0)
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=_loader(x, y),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
     accountant_hook = opt.step_hook
-    with DMAuditor(privacy_engine=engine, log_dir=tmp_path, every_n_steps=1,
-                   metrics=FAST_METRICS) as auditor:
+    with DMAuditor(
+        privacy_engine=engine, log_dir=tmp_path, every_n_steps=1, metrics=FAST_METRICS
+    ) as auditor:
         auditor.attach(opt)
         assert opt.step_hook != accountant_hook
         for i, (xb, yb) in enumerate(loader):
@@ -188,17 +201,25 @@ def test_attach_errors_are_clear(mnist5k, tmp_path):
     x, y = mnist5k["private"]
     engine = PrivacyEngine(accountant="rdp")
     net = small_cnn()
-    _, opt, _ = engine.make_private(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-                                    data_loader=_loader(x, y), noise_multiplier=1.0,
-                                    max_grad_norm=1.0)
+    _, opt, _ = engine.make_private(
+        module=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        data_loader=_loader(x, y),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
     with pytest.raises(ValueError, match="no ImprintBlock"):
         auditor.attach(opt)
 
     engine = PrivacyEngine(accountant="rdp")
     model = imprint_model(mnist5k["prior"][0][:500], num_bins=16)
-    _, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(
-        model.parameters(), lr=0.1), data_loader=_loader(x, y), noise_multiplier=1.0,
-        max_grad_norm=1.0)
+    _, opt, _ = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=_loader(x, y),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
     with pytest.raises(ValueError, match="image_shape matching your data"):
         auditor.attach(opt, example_input=torch.rand(2, 3, 32, 32))
     other = ImprintBlock(image_shape=(1, 28, 28), num_bins=16)

@@ -17,8 +17,12 @@ def _audit_run(x, y, public, tmp_path, *, sigma, steps=3, structure="sparse", me
     engine = PrivacyEngine(accountant="rdp")
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
     model, opt, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), data_loader=loader,
-        noise_multiplier=sigma, max_grad_norm=1.0)
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+    )
     auditor = DMAuditor(privacy_engine=engine, log_dir=tmp_path, every_n_steps=1, metrics=metrics)
     auditor.attach(opt)
     for i, (xb, yb) in enumerate(loader):
@@ -46,8 +50,9 @@ def _noise_ratios(auditor):
 def test_measured_noise_matches_prediction_on_mnist5k(mnist5k, tmp_path, structure, sigma):
     x, y = mnist5k["private"]
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
-    auditor = _audit_run(x[perm], y[perm], mnist5k["prior"][0][:2000], tmp_path, sigma=sigma,
-                         structure=structure)
+    auditor = _audit_run(
+        x[perm], y[perm], mnist5k["prior"][0][:2000], tmp_path, sigma=sigma, structure=structure
+    )
     ratios = _noise_ratios(auditor)
     assert len(ratios) >= 30
     mean = statistics.mean(ratios)
@@ -55,15 +60,18 @@ def test_measured_noise_matches_prediction_on_mnist5k(mnist5k, tmp_path, structu
     if structure == "sparse":
         # the σ·‖x‖ regime of a dominating imprint (DESIGN §4); ‖x‖ ≈ 9.5 for MNIST digits.
         # (cumulative readouts are noisier by √2 and by √rows of the sample's bin)
-        stds = [im["noise_std"] for r in auditor.history for im in r["images"]
-                if im["true_count"] == 1]
+        stds = [
+            im["noise_std"] for r in auditor.history for im in r["images"] if im["true_count"] == 1
+        ]
         assert statistics.median(stds) == pytest.approx(sigma * 9.5, rel=0.5)
 
 
 def test_real_mnist_test_set(shared_data, mnist5k, tmp_path):
     """The official MNIST test digits: exact at σ = 0, predicted noise at σ > 0."""
-    x, y = load_mnist_idx(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz",
-                          shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz")
+    x, y = load_mnist_idx(
+        shared_data / "mnist" / "t10k-images-idx3-ubyte.gz",
+        shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz",
+    )
     assert x.shape == (10000, 1, 28, 28)
     x, y = x[:1000], y[:1000]
     public = mnist5k["prior"][0][:2000]

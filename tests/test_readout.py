@@ -25,8 +25,9 @@ def test_noise_free_readout_is_exact_for_every_singleton(mnist5k, structure):
     block.calibrate(mnist5k["prior"][0][:2000])
     upstream = torch.linspace(0.2, 3.0, 64)  # positive but unequal clipped upstream gradients
     w, b = per_sample_sums(block, x, upstream)
-    out = read_imprint(w, b, structure=structure, image_shape=(1, 28, 28), noise_std=0.0,
-                       clip_norm=None)
+    out = read_imprint(
+        w, b, structure=structure, image_shape=(1, 28, 28), noise_std=0.0, clip_norm=None
+    )
     members = block.membership(x)
     singles = ((members != 0).sum(1) == 1).nonzero().flatten()
     assert len(singles) >= 25
@@ -62,8 +63,9 @@ def test_norm_bound_flags_same_sign_blend():
         b[2] += weight
     out = read_imprint(w, b, structure="sparse", image_shape=(1, 8, 8), noise_std=0.0, clip_norm=c)
     assert out.occupied[2] and out.collision[2]
-    single = read_imprint(w / 2, b / 2 * 1.0, structure="sparse", image_shape=(1, 8, 8),
-                          noise_std=0.0, clip_norm=c)
+    single = read_imprint(
+        w / 2, b / 2 * 1.0, structure="sparse", image_shape=(1, 8, 8), noise_std=0.0, clip_norm=c
+    )
     assert not single.collision[2]
 
 
@@ -91,11 +93,22 @@ def test_noise_prediction_and_occupancy_under_gaussian_noise(mnist5k):
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="structure"):
-        read_imprint(torch.zeros(2, 4), torch.zeros(2), structure="x", image_shape=(1, 2, 2),
-                     noise_std=0.0)
+        read_imprint(
+            torch.zeros(2, 4), torch.zeros(2), structure="x", image_shape=(1, 2, 2), noise_std=0.0
+        )
     with pytest.raises(ValueError, match="pixels"):
-        read_imprint(torch.zeros(2, 4), torch.zeros(2), structure="sparse", image_shape=(1, 3, 3),
-                     noise_std=0.0)
+        read_imprint(
+            torch.zeros(2, 4),
+            torch.zeros(2),
+            structure="sparse",
+            image_shape=(1, 3, 3),
+            noise_std=0.0,
+        )
     with pytest.raises(ValueError, match="expected weight_sum"):
-        read_imprint(torch.zeros(2, 4), torch.zeros(3), structure="sparse", image_shape=(1, 2, 2),
-                     noise_std=0.0)
+        read_imprint(
+            torch.zeros(2, 4),
+            torch.zeros(3),
+            structure="sparse",
+            image_shape=(1, 2, 2),
+            noise_std=0.0,
+        )

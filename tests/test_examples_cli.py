@@ -1,0 +1,57 @@
+import runpy
+import sys
+from pathlib import Path
+
+from opacus_dmaudit import read_audit_log
+from opacus_dmaudit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plain_mnist_example_fast(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "plain_mnist.py",
+            "--fast",
+            "--log-dir",
+            str(tmp_path),
+            "--noise-multiplier",
+            "0.005",
+            "--every",
+            "2",
+        ],
+    )
+    runpy.run_path(str(ROOT / "examples" / "plain_mnist.py"), run_name="__main__")
+    records = read_audit_log(tmp_path / "audit.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    assert records[-1]["found_singletons"] >= 10
+    assert records[-1]["summary"]["ssim_raw"] > 0.5  # σ = 0.005: digits clearly visible
+
+
+def test_demo_cli_short_run(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(tmp_path),
+                "--steps",
+                "4",
+                "--every",
+                "2",
+                "--noise-multipliers",
+                "0",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "sigma_0/audit.jsonl" in out and "sigma_1/audit.jsonl" in out
+    exact = read_audit_log(tmp_path / "sigma_0" / "audit.jsonl")
+    assert len(exact) == 2 and exact[-1]["found_singletons"] == exact[-1]["true_singletons"] > 0
+    singles = [im for im in exact[-1]["images"] if im["true_count"] == 1]
+    assert singles and min(im["ssim_raw"] for im in singles) > 0.9999
