@@ -42,3 +42,34 @@ def imprint_model(public: torch.Tensor, *, seed: int = 0, **block_kwargs) -> nn.
     torch.manual_seed(seed)
     block = ImprintBlock(image_shape=tuple(public.shape[1:]), **block_kwargs).calibrate(public)
     return nn.Sequential(block, small_cnn(public.shape[1], public.shape[-1]))
+
+
+def make_private(model, x, y, *, sigma=1.0, batch_size=64, lr=0.05, **kwargs):
+    """``PrivacyEngine(accountant="rdp").make_private`` over a TensorDataset; returns 4 things."""
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant="rdp")
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=batch_size
+    )
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+        **kwargs,
+    )
+    return model, opt, loader, engine
+
+
+def train_steps(model, opt, loader, steps, after_step=None):
+    """Run ``steps`` cross-entropy DP-SGD steps (``after_step(i)`` after each, 1-based)."""
+    for i, (xb, yb) in enumerate(loader, start=1):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        if after_step is not None:
+            after_step(i)
+        if i == steps:
+            return

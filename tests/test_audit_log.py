@@ -4,11 +4,8 @@ import os
 import stat
 
 import pytest
-import torch
-from opacus import PrivacyEngine
-from torch import nn
 
-from conftest import imprint_model
+from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor, read_audit_log
 from opacus_dmaudit.audit_log import AuditLog
 from opacus_dmaudit.privacy import epsilon_from_accountant
@@ -31,29 +28,16 @@ IMAGE_KEYS = {
 
 @pytest.mark.parametrize("sigma", [0.0, 0.01])
 def test_each_audit_is_one_flushed_json_line(mnist5k, tmp_path, sigma):
-    x, y = mnist5k["private"]
     model = imprint_model(mnist5k["prior"][0][:2000], num_bins=128)
-    engine = PrivacyEngine(accountant="rdp")
-    model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-        data_loader=torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(x, y), batch_size=64
-        ),
-        noise_multiplier=sigma,
-        max_grad_norm=1.0,
-    )
+    model, opt, loader, engine = make_private(model, *mnist5k["private"], sigma=sigma)
     log_dir = tmp_path / "private" / "run"
     auditor = DMAuditor(privacy_engine=engine, log_dir=log_dir, every_n_steps=2).attach(opt)
     path = log_dir / "audit.jsonl"
-    for i, (xb, yb) in enumerate(loader):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(xb), yb).backward()
-        opt.step()
-        if (i + 1) % 2 == 0:  # readable right after the audit, before close()
-            assert len(path.read_text().splitlines()) == (i + 1) // 2
-        if i == 3:
-            break
+
+    def readable_right_after_each_audit(i):  # before close()
+        assert len(path.read_text().splitlines()) == i // 2
+
+    train_steps(model, opt, loader, 4, after_step=readable_right_after_each_audit)
     auditor.close()
     records = read_audit_log(path)
     assert [r["step"] for r in records] == [2, 4]

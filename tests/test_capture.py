@@ -6,7 +6,7 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
-from conftest import imprint_model, small_cnn
+from conftest import imprint_model, make_private, small_cnn, train_steps
 from opacus_dmaudit import DMAuditor, ImprintBlock
 
 FAST_METRICS = ("mse", "ssim")
@@ -162,28 +162,15 @@ def test_per_layer_clipping_warns_and_recovers_up_to_scale(mnist5k, tmp_path):
 
 
 def test_step_hook_is_chained_and_restored(mnist5k, tmp_path):
-    x, y = mnist5k["private"]
     model = imprint_model(mnist5k["prior"][0][:500], num_bins=32)
-    engine = PrivacyEngine(accountant="rdp")
-    model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=_loader(x, y),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-    )
+    model, opt, loader, engine = make_private(model, *mnist5k["private"])
     accountant_hook = opt.step_hook
     with DMAuditor(
         privacy_engine=engine, log_dir=tmp_path, every_n_steps=1, metrics=FAST_METRICS
     ) as auditor:
         auditor.attach(opt)
         assert opt.step_hook != accountant_hook
-        for i, (xb, yb) in enumerate(loader):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
-            if i == 2:
-                break
+        train_steps(model, opt, loader, 3)
         assert len(engine.accountant.history) == 1 and engine.accountant.history[0][2] == 3
         with pytest.raises(RuntimeError, match="already attached"):
             auditor.attach(opt)
@@ -198,28 +185,12 @@ def test_attach_errors_are_clear(mnist5k, tmp_path):
     with pytest.raises(TypeError, match="make_private"):
         auditor.attach(torch.optim.SGD(plain.parameters(), lr=0.1))
 
-    x, y = mnist5k["private"]
-    engine = PrivacyEngine(accountant="rdp")
-    net = small_cnn()
-    _, opt, _ = engine.make_private(
-        module=net,
-        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-        data_loader=_loader(x, y),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-    )
+    _, opt, _, _ = make_private(small_cnn(), *mnist5k["private"])
     with pytest.raises(ValueError, match="no ImprintBlock"):
         auditor.attach(opt)
 
-    engine = PrivacyEngine(accountant="rdp")
     model = imprint_model(mnist5k["prior"][0][:500], num_bins=16)
-    _, opt, _ = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=_loader(x, y),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-    )
+    _, opt, _, _ = make_private(model, *mnist5k["private"])
     with pytest.raises(ValueError, match="image_shape matching your data"):
         auditor.attach(opt, example_input=torch.rand(2, 3, 32, 32))
     other = ImprintBlock(image_shape=(1, 28, 28), num_bins=16)

@@ -4,33 +4,18 @@ import statistics
 
 import pytest
 import torch
-from opacus import PrivacyEngine
-from torch import nn
 
-from conftest import imprint_model
+from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.data import load_mnist_idx
 
 
 def _audit_run(x, y, public, tmp_path, *, sigma, steps=3, structure="sparse", metrics=("mse",)):
     model = imprint_model(public, num_bins=128, structure=structure)
-    engine = PrivacyEngine(accountant="rdp")
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
-    model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-        data_loader=loader,
-        noise_multiplier=sigma,
-        max_grad_norm=1.0,
-    )
+    model, opt, loader, engine = make_private(model, x, y, sigma=sigma)
     auditor = DMAuditor(privacy_engine=engine, log_dir=tmp_path, every_n_steps=1, metrics=metrics)
     auditor.attach(opt)
-    for i, (xb, yb) in enumerate(loader):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(xb), yb).backward()
-        opt.step()
-        if i + 1 == steps:
-            break
+    train_steps(model, opt, loader, steps)
     auditor.close()
     return auditor
 
