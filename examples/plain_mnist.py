@@ -17,6 +17,7 @@ from torch import nn
 
 from opacus_dmaudit import DMAuditor, ImprintBlock
 from opacus_dmaudit.data import mnist_5k_split
+from opacus_dmaudit.demo import digit_cnn
 
 
 def main(argv=None) -> list[dict]:
@@ -35,16 +36,7 @@ def main(argv=None) -> list[dict]:
     data_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
 
     block = ImprintBlock(image_shape=(1, 28, 28), num_bins=128).calibrate(split["prior"][0])
-    net = nn.Sequential(
-        nn.Conv2d(1, 16, 5, 2),
-        nn.GroupNorm(4, 16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 5, 2),
-        nn.GroupNorm(4, 32),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 10),
-    )
+    net = digit_cnn()  # your model: any Opacus-compatible image classifier
     model = nn.Sequential(block, net)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
 
