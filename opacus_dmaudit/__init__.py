@@ -7,6 +7,7 @@ from .audit_log import AuditLog, read_audit_log
 from .auditor import AuditResult, DMAuditor
 from .capture import CapturedStep, GradientCapture
 from .imprint import ImprintBlock, find_imprint_block
+from .prior import DiffusionPrior
 from .readout import Readout, expected_singletons, read_imprint
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "AuditResult",
     "CapturedStep",
     "DMAuditor",
+    "DiffusionPrior",
     "GradientCapture",
     "ImprintBlock",
     "Readout",

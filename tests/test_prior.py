@@ -1,0 +1,334 @@
+"""The diffusion prior: loading, Algorithm 1 against diffusers' own schedulers, and real quality."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from opacus_dmaudit import DiffusionPrior
+from opacus_dmaudit.cli import main as cli_main
+from opacus_dmaudit.metrics import LPIPS, mse, ssim
+from opacus_dmaudit.prior import match_timesteps, sigma_schedule
+from opacus_dmaudit.prior_training import build_unet, train_prior
+
+
+def linear_schedule():
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_prior_dir(tmp_path_factory, mnist5k):
+    """A few-step prior trained by the real training code (plumbing only, not quality)."""
+    out = tmp_path_factory.mktemp("prior")
+    train_prior(
+        mnist5k["prior"][0][:256],
+        out,
+        block_out_channels=(16, 32, 32),
+        steps=3,
+        batch_size=32,
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_prior(tiny_prior_dir):
+    return DiffusionPrior.from_pretrained(tiny_prior_dir)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return DiffusionPrior.from_pretrained("embedded:mnist")
+
+
+# -- Algorithm 1: reference values of DESIGN.md §4 ------------------------------------------------
+def test_reference_sigmas_and_timesteps():
+    sigma_t = sigma_schedule(linear_schedule().alphas_cumprod)
+    assert sigma_t[99].item() == pytest.approx(0.33883, abs=5e-6)
+    assert sigma_t[499].item() == pytest.approx(3.42414, abs=5e-6)
+    assert sigma_t[999].item() == pytest.approx(157.407, abs=5e-4)
+    assert match_timesteps(sigma_t, torch.tensor([0.5, 1.0, 2.0])).tolist() == [144, 258, 396]
+
+
+def test_range_factor_doubles_the_noise_level(tiny_prior):
+    # a readout with std s in [0, 1] units has std 2s in the model's [-1, 1] units
+    assert tiny_prior.timesteps_for([0.25, 0.5, 1.0]).tolist() == [144, 258, 396]
+
+
+def _count_calls(prior):
+    calls = []
+    handle = prior.unet.register_forward_hook(lambda m, a, o: calls.append(a[1].clone()))
+    return calls, handle
+
+
+def test_samplers_evaluate_the_model_at_the_right_timesteps(tiny_prior, mnist5k):
+    x = mnist5k["private"][0][:3]
+    calls, handle = _count_calls(tiny_prior)
+    try:
+        tiny_prior.denoise(x, noise_std=[0.25, 0.5, 1.0], sampler="posterior-mean")
+        assert len(calls) == 1 and calls[0].tolist() == [144, 258, 396]
+        calls.clear()
+        tiny_prior.denoise(x, noise_std=[0.25, 0.5, 1.0], sampler="ddim", steps=4)
+        assert len(calls) == 4
+        assert calls[0].tolist() == [144, 258, 396]
+        assert calls[-1].tolist() == [36, 64, 99]  # round(t*/4): the last grid point before 0
+        calls.clear()
+        # little noise, few steps: t* = 144 takes ceil(145 / 10) = 15 steps, not 20
+        tiny_prior.denoise(x[:1], noise_std=0.25, sampler="ddim", steps=20, min_stride=10)
+        assert len(calls) == 15
+        calls.clear()
+        tiny_prior.denoise(x[:1], noise_std=0.25, sampler="ddim", steps=20, min_stride=1)
+        assert len(calls) == 20
+        calls.clear()
+        tiny_prior.denoise(x[:2], noise_std=[0.0, 0.25], sampler="ddpm")
+        # every step from t* = 144 down to 0; the σ = 0 image joins at t = 0
+        assert len(calls) == 145
+        assert [c.numel() for c in calls[:-1]] == [1] * 144 and calls[-1].tolist() == [0, 0]
+    finally:
+        handle.remove()
+
+
+def test_ddim_matches_diffusers_ddim_scheduler(tiny_prior, mnist5k):
+    # t* = 380 with 20 steps is the uniform grid 380, 361, ..., 19 that DDIMScheduler walks
+    sigma_t = tiny_prior.sigma_t
+    s = float(sigma_t[380]) / 2
+    assert int(tiny_prior.timesteps_for(s)[0]) == 380
+    y = mnist5k["private"][0][:2] + s * torch.randn(
+        2, 1, 28, 28, generator=torch.Generator().manual_seed(0)
+    )
+    ours = tiny_prior.denoise(y, noise_std=s, sampler="ddim", steps=20, min_stride=1)
+
+    sched = DDIMScheduler.from_config(linear_schedule().config, clip_sample=True)
+    sched.set_timesteps(1000 // 19)
+    assert sched.config.num_train_timesteps // sched.num_inference_steps == 19
+    a = tiny_prior.alphas_cumprod[380].float()
+    x = a.sqrt() * (torch.nn.functional.pad(y, (2, 2, 2, 2)) * 2 - 1)
+    for t in range(380, 18, -19):
+        eps = tiny_prior.unet(x, torch.full((2,), t)).sample
+        step = sched.step(eps, t, x, eta=0.0, use_clipped_model_output=True)
+        x = step.prev_sample
+    ref = ((step.pred_original_sample + 1) / 2).clamp(0, 1)[:, :, 2:30, 2:30]
+    assert torch.allclose(ours, ref, atol=2e-5)
+
+
+def test_ddpm_matches_diffusers_ddpm_scheduler(tiny_prior, mnist5k):
+    s = 0.1
+    t_star = int(tiny_prior.timesteps_for(s)[0])
+    y = mnist5k["private"][0][:2] + s * torch.randn(
+        2, 1, 28, 28, generator=torch.Generator().manual_seed(1)
+    )
+    ours = tiny_prior.denoise(
+        y, noise_std=s, sampler="ddpm", generator=torch.Generator().manual_seed(5)
+    )
+    sched = linear_schedule()
+    sched.set_timesteps(1000)
+    gen = torch.Generator().manual_seed(5)
+    x = tiny_prior.alphas_cumprod[t_star].float().sqrt() * (
+        torch.nn.functional.pad(y, (2, 2, 2, 2)) * 2 - 1
+    )
+    for t in range(t_star, -1, -1):
+        eps = tiny_prior.unet(x, torch.full((2,), t)).sample
+        x = sched.step(eps, t, x, generator=gen).prev_sample
+    ref = ((x + 1) / 2).clamp(0, 1)[:, :, 2:30, 2:30]
+    assert torch.allclose(ours, ref, atol=5e-5)
+
+
+def test_per_image_noise_levels_in_one_batch(tiny_prior, mnist5k):
+    x = mnist5k["private"][0][:3]
+    stds = [0.05, 0.3, 0.9]
+    y = x + torch.tensor(stds).view(-1, 1, 1, 1) * torch.randn(
+        x.shape, generator=torch.Generator().manual_seed(2)
+    )
+    for sampler in ("ddim", "posterior-mean"):
+        batch = tiny_prior.denoise(y, noise_std=stds, sampler=sampler, steps=5)
+        alone = torch.cat(
+            [
+                tiny_prior.denoise(y[i : i + 1], noise_std=stds[i], sampler=sampler, steps=5)
+                for i in range(3)
+            ]
+        )
+        assert torch.allclose(batch, alone, atol=1e-5)
+
+
+def test_deterministic_and_never_touches_the_global_rng(tiny_prior, mnist5k):
+    y = mnist5k["private"][0][:2] + 0.05
+    state = torch.random.get_rng_state()
+    a = tiny_prior.denoise(
+        y, noise_std=0.05, sampler="ddpm", generator=torch.Generator().manual_seed(3)
+    )
+    b = tiny_prior.denoise(
+        y, noise_std=0.05, sampler="ddpm", generator=torch.Generator().manual_seed(3)
+    )
+    c = tiny_prior.denoise(
+        y, noise_std=0.05, sampler="ddpm", generator=torch.Generator().manual_seed(4)
+    )
+    tiny_prior.denoise(y, noise_std=0.05, sampler="ddpm")  # no generator: a fresh seeded one
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_unknown_noise_level_is_estimated(embedded, mnist5k):
+    x = mnist5k["private"][0][:16]
+    g = torch.Generator().manual_seed(0)
+    for s in (0.1, 0.3):
+        est = DiffusionPrior.estimate_noise_std(x + s * torch.randn(x.shape, generator=g))
+        assert est.mean().item() == pytest.approx(s, rel=0.15)
+    y = x + 0.2 * torch.randn(x.shape, generator=g)
+    auto = embedded.denoise(y, sampler="posterior-mean")
+    assert mse(auto, x).mean() < mse(y, x).mean() / 3
+
+
+def test_bad_arguments(tiny_prior):
+    x = torch.rand(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="sampler"):
+        tiny_prior.denoise(x, noise_std=0.1, sampler="euler")
+    with pytest.raises(ValueError, match="noise_std has 3 values"):
+        tiny_prior.denoise(x, noise_std=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="non-negative"):
+        tiny_prior.denoise(x, noise_std=-1.0)
+    with pytest.raises(ValueError, match="steps"):
+        tiny_prior.denoise(x, noise_std=0.1, steps=0)
+
+
+# -- loading --------------------------------------------------------------------------------------
+def test_shape_mismatch_is_an_error_unless_resizing_is_asked_for(tiny_prior_dir):
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir)
+    assert prior.model_shape == (1, 32, 32) and prior.content_shape == (1, 28, 28)
+    prior.check_fits((1, 28, 28))  # the padded content it was trained on
+    prior.check_fits((1, 32, 32))
+    for shape in [(3, 32, 32), (1, 64, 64)]:
+        with pytest.raises(ValueError, match="resize=True"):
+            prior.denoise(torch.rand(1, *shape), noise_std=0.1)
+    resizing = DiffusionPrior.from_pretrained(tiny_prior_dir, resize=True)
+    out = resizing.denoise(torch.rand(2, 3, 40, 40), noise_std=0.1)
+    assert out.shape == (2, 3, 40, 40) and 0 <= out.min() and out.max() <= 1
+
+
+def test_hub_id_resolves_through_the_hugging_face_cache(tmp_path, tiny_prior_dir):
+    """The real ``from_pretrained(hub id)`` path, served from a local hub cache (no network here).
+
+    Two repo layouts: google/ddpm-* keeps config.json and scheduler_config.json (with the old
+    ``timesteps`` key) at the top; DDPMPipeline.save_pretrained uses unet/ and scheduler/.
+    """
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    flat = cache / "models--google--ddpm-cifar10-32"
+    snap = flat / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (flat / "refs").mkdir()
+    (flat / "refs" / "main").write_text(commit)
+    torch.manual_seed(0)
+    build_unet(channels=3, sample_size=32, block_out_channels=(16, 32, 32)).save_pretrained(snap)
+    (snap / "scheduler_config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "GaussianDDPMScheduler",
+                "beta_end": 0.02,
+                "beta_schedule": "linear",
+                "beta_start": 0.0001,
+                "timesteps": 1000,
+                "variance_type": "fixed_large",
+            }
+        )
+    )
+    prior = DiffusionPrior.from_pretrained(
+        "google/ddpm-cifar10-32", cache_dir=cache, local_files_only=True
+    )
+    assert prior.model_shape == (3, 32, 32)
+    assert prior.timesteps_for(0.5).item() == 258
+    assert prior.denoise(torch.rand(1, 3, 32, 32), noise_std=0.2).shape == (1, 3, 32, 32)
+
+    nested = cache / "models--someone--mnist-prior"
+    snap = nested / "snapshots" / commit
+    shutil.copytree(tiny_prior_dir, snap)
+    (nested / "refs").mkdir()
+    (nested / "refs" / "main").write_text(commit)
+    prior = DiffusionPrior.from_pretrained(
+        "someone/mnist-prior", cache_dir=cache, local_files_only=True
+    )
+    assert prior.model_shape == (1, 32, 32)
+
+
+def test_missing_and_unknown_priors(tmp_path):
+    with pytest.raises(ValueError, match="embedded:mnist"):
+        DiffusionPrior.from_pretrained("embedded:cifar")
+    with pytest.raises(FileNotFoundError):
+        DiffusionPrior.from_pretrained(tmp_path)  # an empty directory
+    with pytest.raises(FileNotFoundError):
+        DiffusionPrior.from_pretrained(tmp_path / "nope")
+
+
+def test_train_prior_cli_on_an_npz(tmp_path, mnist5k, capsys):
+    imgs = (mnist5k["prior"][0][:64, 0] * 255).round().to(torch.uint8).numpy()
+    np.savez(tmp_path / "digits.npz", images=imgs)
+    out = tmp_path / "p"
+    code = cli_main(
+        [
+            "train-prior",
+            "--data",
+            str(tmp_path / "digits.npz"),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--channels",
+            "16",
+            "32",
+            "--quiet",
+        ]
+    )
+    assert code == 0 and "saved" in capsys.readouterr().out
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 2 and record["image_shape"] == [1, 28, 28]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    # diffusers itself can load what we saved
+    UNet2DModel.from_pretrained(out, subfolder="unet")
+    with pytest.raises(SystemExit):
+        cli_main(["train-prior", "--data", str(tmp_path / "none.npz"), "--out", str(out)])
+
+
+# -- the embedded prior ---------------------------------------------------------------------------
+def test_embedded_prior_is_small_and_documented(embedded):
+    from opacus_dmaudit.prior import _embedded_path
+
+    path = _embedded_path("mnist")
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 10 * 2**20
+    record = json.loads((path / "training.json").read_text())
+    assert "'prior' split" in record["data"]
+    assert embedded.content_shape == (1, 28, 28)
+
+
+def test_embedded_prior_never_saw_the_demo_digits(mnist5k):
+    """Its recorded training-data hash is the 'prior' split's, which excludes the private digits."""
+    import hashlib
+
+    from opacus_dmaudit.prior import _embedded_path
+
+    record = json.loads((_embedded_path("mnist") / "training.json").read_text())
+    prior_imgs, private_imgs = mnist5k["prior"][0], mnist5k["private"][0]
+    assert record["data_sha256"] == hashlib.sha256(prior_imgs.numpy().tobytes()).hexdigest()
+    flat_prior = {bytes(x) for x in (prior_imgs.flatten(1) * 255).round().to(torch.uint8).numpy()}
+    assert not any(
+        bytes(x) in flat_prior
+        for x in (private_imgs.flatten(1) * 255).round().to(torch.uint8).numpy()
+    )
+
+
+def test_embedded_prior_beats_raw_on_real_held_out_digits(embedded, mnist5k):
+    x = mnist5k["private"][0][::100][:10]  # one digit per class, never seen by the prior
+    lp = LPIPS()
+    for s in (0.2, 0.4):
+        y = x + s * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        out = embedded.denoise(y, noise_std=s, sampler="ddim", steps=20)
+        raw = y.clamp(0, 1)
+        assert mse(out, x).mean() < mse(raw, x).mean()
+        assert ssim(out, x).mean() > ssim(raw, x).mean()
+        assert lp(out, x).mean() < lp(raw, x).mean()
