@@ -21,6 +21,7 @@ from .audit_log import AuditLog
 from .capture import CapturedStep, GradientCapture
 from .imprint import ImprintBlock
 from .metrics import HIGHER_IS_BETTER, LPIPS, image_metrics
+from .prior import SAMPLERS, DiffusionPrior
 from .privacy import epsilon_from_accountant, sample_rate_from_accountant, steps_from_accountant
 from .readout import Readout, read_imprint
 
@@ -37,10 +38,11 @@ class AuditResult:
         truth: ``(M, C, H, W)`` matched real images (in [0, 1]).
         raw: ``(M, C, H, W)`` raw readouts, clipped to [0, 1].
         clean: ``(M, C, H, W)`` readouts of the clean clipped sum, clipped to [0, 1].
+        dm: ``(M, C, H, W)`` DM reconstructions of the raw readouts (``None`` without a prior).
     """
 
-    def __init__(self, record: dict[str, Any], truth, raw, clean) -> None:
-        self.record, self.truth, self.raw, self.clean = record, truth, raw, clean
+    def __init__(self, record: dict[str, Any], truth, raw, clean, dm=None) -> None:
+        self.record, self.truth, self.raw, self.clean, self.dm = record, truth, raw, clean, dm
 
 
 class DMAuditor:
@@ -57,6 +59,10 @@ class DMAuditor:
         occupancy_z: a bin counts as occupied when its bias-gradient sum exceeds this many noise
             stds (a statistical decision: under noise every bin "fires").
         max_images: score at most this many recovered images per audit (``None``: all).
+        prior: a :class:`DiffusionPrior`, a name for :meth:`DiffusionPrior.from_pretrained`
+            (e.g. ``"embedded:mnist"``), or ``None`` for no DM reconstruction.
+        sampler: the prior's sampler, ``"ddim"``, ``"ddpm"`` or ``"posterior-mean"``.
+        sampler_steps: DDIM steps from the matched timestep.
         seed: seed of the auditor's own generator (never the global RNG).
     """
 
@@ -71,6 +77,9 @@ class DMAuditor:
         lpips_net: str = "vgg",
         occupancy_z: float = 4.0,
         max_images: int | None = None,
+        prior: DiffusionPrior | str | os.PathLike | None = None,
+        sampler: str = "ddim",
+        sampler_steps: int = 20,
         seed: int = 0,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -86,6 +95,15 @@ class DMAuditor:
             raise ValueError(f"occupancy_z must be positive, got {occupancy_z}")
         if max_images is not None and max_images < 1:
             raise ValueError(f"max_images must be positive or None, got {max_images}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if not isinstance(sampler_steps, int) or sampler_steps < 1:
+            raise ValueError(f"sampler_steps must be a positive integer, got {sampler_steps!r}")
+        if prior is not None and not isinstance(prior, DiffusionPrior):
+            prior = DiffusionPrior.from_pretrained(prior)
+        self.prior: DiffusionPrior | None = prior
+        self.sampler = sampler
+        self.sampler_steps = sampler_steps
         self.privacy_engine = privacy_engine
         self.log_dir = Path(log_dir)
         self.every_n_steps = every_n_steps
@@ -137,6 +155,8 @@ class DMAuditor:
         )
         if example_input is not None:
             capture.block._check_input(torch.as_tensor(example_input))
+        if self.prior is not None:
+            self.prior.check_fits(capture.block.image_shape)
         if self._log is None or self._log.closed:
             self._log = AuditLog(self.log_dir / "audit.jsonl")
         capture.attach()
@@ -224,15 +244,27 @@ class DMAuditor:
             )
         empty = torch.zeros((0, *block.image_shape))
         truth = raw = clean_img = empty
+        dm = empty if self.prior is not None else None
         if has_truth:
             truth = scale(captured.inputs[[truth_idx[i] for i in has_truth]].float())
             raw_unclipped = scale(found.images[has_truth])
             raw = raw_unclipped.clamp(0, 1)
             clean_img = scale(clean.images[found.bins[has_truth]]).clamp(0, 1)
             residual = (raw_unclipped - truth).flatten(1).std(dim=1)
+            stages = [("raw", raw_unclipped), ("clean", clean_img)]
+            if self.prior is not None:
+                std = found.noise_std[has_truth].double() / (hi - lo)
+                dm = self.prior.denoise(
+                    raw_unclipped,
+                    noise_std=torch.nan_to_num(std, posinf=1e6),
+                    sampler=self.sampler,
+                    steps=self.sampler_steps,
+                    generator=self.generator,
+                )
+                stages.append(("dm", dm))
             scores = {
                 stage: image_metrics(img, truth, names=self.metrics, lpips=self.lpips)
-                for stage, img in (("raw", raw_unclipped), ("clean", clean_img))
+                for stage, img in stages
             }
             for j, row in enumerate(has_truth):
                 images[row]["residual_std_raw"] = float(residual[j])
@@ -241,7 +273,7 @@ class DMAuditor:
                         images[row][f"{name}_{stage}"] = float(vals[j])
 
         record = self._record(captured, noised, images, members)
-        return AuditResult(record, truth, raw, clean_img)
+        return AuditResult(record, truth, raw, clean_img, dm)
 
     @staticmethod
     def _match(found: Readout, inputs: torch.Tensor, members: torch.Tensor) -> list[int | None]:
@@ -292,5 +324,12 @@ class DMAuditor:
             "found_singletons": int((singles & noised.occupied).sum()),
             "collisions_flagged": int((noised.collision & noised.occupied).sum()),
             "summary": summary,
+            "denoiser": None
+            if self.prior is None
+            else {
+                "prior": self.prior.source,
+                "sampler": self.sampler,
+                "steps": self.sampler_steps if self.sampler == "ddim" else None,
+            },
             "images": images,
         }

@@ -55,3 +55,6 @@ def test_demo_cli_short_run(tmp_path, capsys):
     assert len(exact) == 2 and exact[-1]["found_singletons"] == exact[-1]["true_singletons"] > 0
     singles = [im for im in exact[-1]["images"] if im["true_count"] == 1]
     assert singles and min(im["ssim_raw"] for im in singles) > 0.9999
+    # the embedded prior ran on every recovered image (σ = 0: t* = 0, nearly the identity)
+    assert exact[-1]["denoiser"]["prior"] == "embedded:mnist"
+    assert min(im["ssim_dm"] for im in singles) > 0.9

@@ -9,7 +9,7 @@ from conftest import imprint_model
 from opacus_dmaudit import DMAuditor
 
 
-def _train(mnist5k, tmp_path, *, audit, explicit_generators, grad_sample_mode, sigma=0.5, steps=6):
+def _train(mnist5k, tmp_path, *, audit, explicit_generators, grad_sample_mode, sigma=0.02, steps=6):
     torch.manual_seed(1234)
     x, y = mnist5k["private"]
     model = imprint_model(mnist5k["prior"][0][:1000], num_bins=64, seed=7)
@@ -38,8 +38,10 @@ def _train(mnist5k, tmp_path, *, audit, explicit_generators, grad_sample_mode, s
     crit = rest[0] if grad_sample_mode == "ghost" else crit
     auditor = None
     if audit:
-        # LPIPS too: building its networks must not touch the global RNG
-        auditor = DMAuditor(privacy_engine=engine, log_dir=tmp_path, every_n_steps=2).attach(opt)
+        # LPIPS and the embedded prior too: loading and running them must not touch the global RNG
+        auditor = DMAuditor(
+            privacy_engine=engine, log_dir=tmp_path, every_n_steps=2, prior="embedded:mnist"
+        ).attach(opt)
     for i, (xb, yb) in enumerate(loader):
         opt.zero_grad()
         crit(model(xb), yb).backward()
@@ -49,6 +51,7 @@ def _train(mnist5k, tmp_path, *, audit, explicit_generators, grad_sample_mode, s
     if auditor is not None:
         auditor.close()
         assert len(auditor.history) == steps // 2
+        assert any("lpips_dm" in im for r in auditor.history for im in r["images"])
     params = [p.detach().clone() for p in model.parameters()]
     return params, engine.get_epsilon(1e-5), torch.rand(4)
 
