@@ -1,0 +1,69 @@
+"""ReRo bounds and GDP conversions against the reference values of DESIGN.md §4."""
+
+import math
+
+import pytest
+
+from opacus_dmaudit.bounds import (
+    clt_mu,
+    gdp_delta,
+    gdp_epsilon,
+    rero_gaussian,
+    rero_profile,
+    rero_rdp,
+    run_bounds,
+)
+
+
+@pytest.mark.parametrize("mu,eps", [(0.5, 1.993), (1.0, 4.377), (2.0, 9.997)])
+def test_gdp_epsilon_reference(mu, eps):
+    assert gdp_epsilon(mu, 1e-5) == pytest.approx(eps, abs=5e-4)
+    assert gdp_delta(mu, gdp_epsilon(mu, 1e-5)) == pytest.approx(1e-5, rel=1e-6)
+
+
+@pytest.mark.parametrize("mu,gamma", [(1.0, 0.005541), (2.0, 0.06177), (3.0, 0.2946)])
+def test_rero_single_gaussian_reference(mu, gamma):
+    assert rero_gaussian(mu, 1 / 5000) == pytest.approx(gamma, rel=5e-4)
+
+
+def test_edge_cases():
+    assert rero_gaussian(0.0, 0.01) == pytest.approx(0.01)  # no signal: the baseline
+    assert rero_gaussian(math.inf, 0.01) == 1.0
+    assert gdp_epsilon(math.inf, 1e-5) == math.inf
+    assert clt_mu(0.0, 0.1, 10) == math.inf
+    with pytest.raises(ValueError, match="kappa"):
+        rero_gaussian(1.0, 0.0)
+    no_noise = run_bounds(noise_multiplier=0.0, sample_rate=0.1, steps=10, kappa=0.001)
+    assert set(no_noise.values()) == {1.0}
+
+
+def test_rdp_and_profile_bounds_are_valid_and_ordered():
+    kappa = 1 / 1000
+    b = run_bounds(noise_multiplier=1.0, sample_rate=0.064, steps=60, kappa=kappa)
+    for name in ("rdp", "profile"):
+        assert kappa < b[name] < 1
+    # the privacy profile is the tight (ε, δ) description: never looser than the RDP conversion
+    assert b["profile"] <= b["rdp"] * 1.01
+    # more steps can only raise a run-level bound
+    later = run_bounds(noise_multiplier=1.0, sample_rate=0.064, steps=600, kappa=kappa)
+    assert later["rdp"] >= b["rdp"] and later["profile"] >= b["profile"]
+
+
+def test_profile_bound_of_a_gaussian_profile_equals_the_tradeoff_bound():
+    """For an exactly µ-GDP profile, min_ε e^ε κ + δ(ε) is Φ(Φ⁻¹(κ) + µ) (the trade-off curve)."""
+    import numpy as np
+
+    for mu in (1.0, 2.0):
+        eps = np.linspace(0, 30, 30001)
+        delta = np.array([gdp_delta(mu, e) for e in eps])
+        assert rero_profile(1 / 5000, eps, delta) == pytest.approx(
+            rero_gaussian(mu, 1 / 5000), rel=1e-3
+        )
+
+
+def test_rdp_bound_of_a_gaussian_mechanism():
+    """One Gaussian step has ε_α = α µ²/2; the RDP bound is valid but above the exact one."""
+    mu, kappa = 2.0, 1 / 5000
+    orders = [1 + i / 100 for i in range(1, 5000)]
+    bound = rero_rdp(kappa, orders, [a * mu**2 / 2 for a in orders])
+    assert rero_gaussian(mu, kappa) < bound < 1
