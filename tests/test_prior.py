@@ -38,7 +38,8 @@ def tiny_prior_dir(tmp_path_factory, mnist5k):
 
 @pytest.fixture(scope="module")
 def tiny_prior(tiny_prior_dir):
-    return DiffusionPrior.from_pretrained(tiny_prior_dir)
+    # fp32: compared with diffusers' own (fp32) schedulers below
+    return DiffusionPrior.from_pretrained(tiny_prior_dir, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +253,18 @@ def test_hub_id_resolves_through_the_hugging_face_cache(tmp_path, tiny_prior_dir
         "someone/mnist-prior", cache_dir=cache, local_files_only=True
     )
     assert prior.model_shape == (1, 32, 32)
+
+
+def test_auto_precision_follows_the_hardware(tiny_prior_dir):
+    from opacus_dmaudit.prior import native_bf16
+
+    auto = DiffusionPrior.from_pretrained(tiny_prior_dir)
+    assert auto.dtype == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
+    fp32 = DiffusionPrior.from_pretrained(tiny_prior_dir, dtype=torch.float32)
+    x = torch.rand(2, 1, 28, 28)
+    a = auto.denoise(x, noise_std=0.2, sampler="posterior-mean")
+    b = fp32.denoise(x, noise_std=0.2, sampler="posterior-mean")
+    assert (a - b).abs().max() < 0.05  # bf16 autocast stays close to fp32
 
 
 def test_missing_and_unknown_priors(tmp_path):
