@@ -66,6 +66,32 @@ class AuditLog:
             f.truncate(keep)
         logger.warning("%s: dropped a torn last line of %d bytes", self.path, len(data) - keep)
 
+    def keep_through_step(self, step: int) -> int:
+        """Drop records of steps after ``step`` (audits redone after a resume); returns how many.
+
+        The file is rewritten to a temporary file and renamed over the log, so a crash leaves
+        either the old or the new log, never a mix.
+        """
+        records = read_audit_log(self.path)
+        keep = [r for r in records if int(r.get("step", 0)) <= step]
+        dropped = len(records) - len(keep)
+        if dropped:
+            self._file.close()
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                for r in keep:
+                    f.write(json.dumps(r, allow_nan=True, separators=(",", ":")) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._file = os.fdopen(fd, "a", encoding="utf-8")
+            logger.info(
+                "%s: dropped %d audits after step %d (resumed run)", self.path, dropped, step
+            )
+        return dropped
+
     def append(self, record: dict[str, Any]) -> None:
         """Write one record as a line (``inf`` as JSON ``Infinity``, NaN as ``null``)."""
         line = json.dumps(_jsonable(record), allow_nan=True, separators=(",", ":"))

@@ -7,6 +7,7 @@ done, with the auditor's own generator; training is bit-identical with and witho
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -17,15 +18,20 @@ from typing import Any
 
 import torch
 
-from .audit_log import AuditLog
+from .audit_log import AuditLog, make_private_dir, read_audit_log
+from .bounds import run_bounds
 from .capture import CapturedStep, GradientCapture
 from .imprint import ImprintBlock
 from .metrics import HIGHER_IS_BETTER, LPIPS, image_metrics
 from .prior import SAMPLERS, DiffusionPrior
-from .privacy import epsilon_from_accountant, sample_rate_from_accountant, steps_from_accountant
+from .privacy import epsilon_at_audit, sample_rate_from_accountant, steps_from_accountant
 from .readout import Readout, read_imprint
+from .report import build_report, package_versions, save_audit_images
 
-__all__ = ["DMAuditor", "AuditResult"]
+__all__ = ["DMAuditor", "AuditResult", "DEFAULT_SUCCESS_THRESHOLDS"]
+
+#: A reconstruction "succeeds" at LPIPS <= 0.1 (SSIM >= 0.7, PSNR >= 20 dB, MSE <= 0.01) by default.
+DEFAULT_SUCCESS_THRESHOLDS = {"lpips": 0.1, "ssim": 0.7, "psnr": 20.0, "mse": 0.01}
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +69,17 @@ class DMAuditor:
             (e.g. ``"embedded:mnist"``), or ``None`` for no DM reconstruction.
         sampler: the prior's sampler, ``"ddim"``, ``"ddpm"`` or ``"posterior-mean"``.
         sampler_steps: DDIM steps from the matched timestep.
+        success_metric: the metric that decides whether a reconstruction succeeded (default:
+            ``"lpips"`` if computed, else SSIM, PSNR or MSE).
+        success_threshold: the threshold η of that metric (success: LPIPS ≤ η, SSIM ≥ η, ...);
+            defaults in ``DEFAULT_SUCCESS_THRESHOLDS`` (LPIPS 0.1, SSIM 0.7, PSNR 20 dB, MSE 0.01).
+        kappa: baseline success rate κ of the ReRo bounds; ``None`` is ``1/N`` for the ``N``
+            training samples (identifying one of them without the gradient).
+        tensorboard: write TensorBoard events into ``log_dir`` (ignored when ``writer`` is given).
+        save_images: keep each audit's truth, raw and DM images (uint8 ``.npz``, owner-only)
+            under ``log_dir/images`` for the report.
+        report: write ``report.json`` and ``report.html`` into ``log_dir`` at :meth:`close`.
+        writer: your own ``SummaryWriter``, so the audit lands in the run you already log to.
         seed: seed of the auditor's own generator (never the global RNG).
     """
 
@@ -80,6 +97,13 @@ class DMAuditor:
         prior: DiffusionPrior | str | os.PathLike | None = None,
         sampler: str = "ddim",
         sampler_steps: int = 20,
+        success_metric: str | None = None,
+        success_threshold: float | None = None,
+        kappa: float | None = None,
+        tensorboard: bool = True,
+        writer=None,
+        save_images: bool = True,
+        report: bool = True,
         seed: int = 0,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -99,6 +123,16 @@ class DMAuditor:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not isinstance(sampler_steps, int) or sampler_steps < 1:
             raise ValueError(f"sampler_steps must be a positive integer, got {sampler_steps!r}")
+        if success_metric is None:  # LPIPS, the paper's perceptual criterion, when it is computed
+            success_metric = next(m for m in ("lpips", "ssim", "psnr", "mse") if m in metrics)
+        if success_threshold is None:
+            success_threshold = DEFAULT_SUCCESS_THRESHOLDS[success_metric]
+        if success_metric not in metrics:
+            raise ValueError(
+                f"success_metric {success_metric!r} must be one of the metrics {tuple(metrics)}"
+            )
+        if kappa is not None and not 0 < kappa < 1:
+            raise ValueError(f"kappa must be in (0, 1) or None, got {kappa}")
         if prior is not None and not isinstance(prior, DiffusionPrior):
             prior = DiffusionPrior.from_pretrained(prior)
         self.prior: DiffusionPrior | None = prior
@@ -111,7 +145,17 @@ class DMAuditor:
         self.metrics = tuple(metrics)
         self.occupancy_z = float(occupancy_z)
         self.max_images = max_images
+        self.success_metric = success_metric
+        self.success_threshold = float(success_threshold)
+        self.kappa = kappa
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self.save_images = save_images
+        self.write_report = report
+        self._resume: dict[str, Any] | None = None
+        self._tb_enabled = tensorboard or writer is not None
+        self._writer = writer
+        self._tb = None
         self.lpips = LPIPS(net=lpips_net) if "lpips" in self.metrics else None
         self.history: list[dict[str, Any]] = []
         self.last_result: AuditResult | None = None
@@ -151,7 +195,9 @@ class DMAuditor:
             block=block,
             should_capture=self._is_audit_step,
             on_capture=self._process,
-            start_step=steps_from_accountant(self.accountant),
+            start_step=self._resume["step"]
+            if self._resume is not None
+            else steps_from_accountant(self.accountant),
         )
         if example_input is not None:
             capture.block._check_input(torch.as_tensor(example_input))
@@ -159,6 +205,18 @@ class DMAuditor:
             self.prior.check_fits(capture.block.image_shape)
         if self._log is None or self._log.closed:
             self._log = AuditLog(self.log_dir / "audit.jsonl")
+        if self._resume is not None:
+            # audits recorded after the checkpoint will be redone: drop them, keep the rest
+            self._log.keep_through_step(self._resume["step"])
+            self.history = [
+                r for r in read_audit_log(self._log.path) if r["step"] <= self._resume["step"]
+            ]
+            self._resume = None
+        self._write_run_file(capture)
+        if self._tb_enabled and self._tb is None:
+            from .tensorboard import TensorBoardSink
+
+            self._tb = TensorBoardSink(writer=self._writer, log_dir=self.log_dir)
         capture.attach()
         self._capture = capture
         return self
@@ -170,10 +228,93 @@ class DMAuditor:
             self._capture = None
 
     def close(self) -> None:
-        """Detach and close the audit log."""
+        """Detach, write the hyper-parameters to TensorBoard and close the audit log."""
         self.detach()
+        if self._tb is not None:
+            try:
+                self._tb.close(hparams=self.config())
+            finally:
+                self._tb = None
         if self._log is not None:
             self._log.close()
+            if self.write_report and self._log.path.is_file():
+                try:
+                    build_report(self.log_dir)
+                except Exception:
+                    logger.exception("writing the report into %s failed", self.log_dir)
+
+    # -- configuration and resume ----------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The auditor's settings (for reports and TensorBoard's hyper-parameters)."""
+        return {
+            "every_n_steps": self.every_n_steps,
+            "delta": self.delta,
+            "metrics": ",".join(self.metrics),
+            "occupancy_z": self.occupancy_z,
+            "max_images": self.max_images,
+            "prior": self.prior.source if self.prior is not None else None,
+            "sampler": self.sampler if self.prior is not None else None,
+            "sampler_steps": self.sampler_steps if self.prior is not None else None,
+            "success_metric": self.success_metric,
+            "success_threshold": self.success_threshold,
+            "kappa": self.kappa,
+            "seed": self.seed,
+        }
+
+    def _write_run_file(self, capture: GradientCapture) -> None:
+        block = capture.block
+        run = {
+            "config": {
+                **self.config(),
+                "prior_details": self.prior.describe() if self.prior is not None else None,
+                "imprint_block": {
+                    "image_shape": list(block.image_shape),
+                    "num_bins": block.num_bins,
+                    "structure": block.structure,
+                    "value_range": list(block.value_range),
+                },
+                "noise_multiplier": capture.optimizer.noise_multiplier,
+                "max_grad_norm": capture.optimizer.max_grad_norm,
+                "accountant": type(self.accountant).__name__ if self.accountant else None,
+            },
+            "versions": package_versions(),
+        }
+        make_private_dir(self.log_dir)
+        path = self.log_dir / "run.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(run, f, indent=1, default=str)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume the audit exactly: step, RNG state, settings."""
+        return {
+            "version": 1,
+            "step": self.step,
+            "num_audits": len(self.history),
+            "last_audit_step": self.history[-1]["step"] if self.history else None,
+            "generator": self.generator.get_state(),
+            "config": self.config(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` before :meth:`attach`; the log continues from there.
+
+        Audits that the log holds for steps after the checkpoint (the crashed run got further
+        than its last checkpoint) are dropped from the log and redone, so no audit is duplicated
+        or missing.
+        """
+        if self._capture is not None:
+            raise RuntimeError("load_state_dict before attach()")
+        if state.get("version") != 1:
+            raise ValueError(f"unknown auditor state version {state.get('version')!r}")
+        if state["config"].get("every_n_steps") != self.every_n_steps:
+            logger.warning(
+                "resuming with every_n_steps=%d (was %s)",
+                self.every_n_steps,
+                state["config"].get("every_n_steps"),
+            )
+        self.generator.set_state(state["generator"])
+        self._resume = {"step": int(state["step"])}
 
     def __enter__(self) -> DMAuditor:
         return self
@@ -202,6 +343,18 @@ class DMAuditor:
         self.last_result = result
         if self._log is not None and not self._log.closed:
             self._log.append(result.record)
+        if self.save_images and result.truth.shape[0] > 0:
+            try:
+                save_audit_images(
+                    self.log_dir, captured.step, truth=result.truth, raw=result.raw, dm=result.dm
+                )
+            except Exception:
+                logger.exception("saving the images of step %d failed", captured.step)
+        if self._tb is not None:
+            try:
+                self._tb.log_audit(result.record, result)
+            except Exception:
+                logger.exception("TensorBoard logging of step %d failed", captured.step)
 
     def audit(self, captured: CapturedStep) -> AuditResult:
         """Read, match and score one captured step (no side effects)."""
@@ -242,6 +395,7 @@ class DMAuditor:
                     "true_count": int((members[b] != 0).sum()),
                 }
             )
+        success: dict[str, int] = {}
         empty = torch.zeros((0, *block.image_shape))
         truth = raw = clean_img = empty
         dm = empty if self.prior is not None else None
@@ -271,9 +425,30 @@ class DMAuditor:
                 for stage, values in scores.items():
                     for name, vals in values.items():
                         images[row][f"{name}_{stage}"] = float(vals[j])
+            for stage, values in scores.items():
+                vals = values[self.success_metric]
+                ok = (
+                    vals >= self.success_threshold
+                    if HIGHER_IS_BETTER[self.success_metric]
+                    else vals <= self.success_threshold
+                )
+                hits = {truth_idx[row] for j, row in enumerate(has_truth) if bool(ok[j])}
+                success[stage] = len(hits)
 
-        record = self._record(captured, noised, images, members)
+        record = self._record(captured, noised, images, members, success)
         return AuditResult(record, truth, raw, clean_img, dm)
+
+    def _kappa(self, sample_rate: float | None) -> float | None:
+        """κ as configured, else 1/N with N = expected batch size / sampling rate."""
+        if self.kappa is not None:
+            return self.kappa
+        expected = (
+            getattr(self._capture.optimizer, "expected_batch_size", None) if self._capture else None
+        )
+        if not sample_rate or not expected:
+            return None
+        n = round(expected / sample_rate)
+        return 1.0 / n if n > 1 else None
 
     @staticmethod
     def _match(found: Readout, inputs: torch.Tensor, members: torch.Tensor) -> list[int | None]:
@@ -297,8 +472,20 @@ class DMAuditor:
         noised: Readout,
         images: list[dict[str, Any]],
         members: torch.Tensor,
+        success: dict[str, int],
     ) -> dict[str, Any]:
         sigma = captured.noise_multiplier
+        batch = int(captured.inputs.shape[0])
+        sample_rate = sample_rate_from_accountant(self.accountant)
+        kappa = self._kappa(sample_rate)
+        bounds = None
+        if sample_rate is not None and kappa is not None:
+            bounds = run_bounds(
+                noise_multiplier=sigma,
+                sample_rate=sample_rate,
+                steps=steps_from_accountant(self.accountant),
+                kappa=kappa,
+            )
         singles = (members != 0).sum(dim=1) == 1
         if members.numel():
             singles &= members.max(dim=1).values == 1
@@ -306,24 +493,35 @@ class DMAuditor:
         for key in sorted({k for im in images for k in im if k.rsplit("_", 1)[0] in self.metrics}):
             vals = [im[key] for im in images if key in im and math.isfinite(im[key])]
             summary[key] = sum(vals) / len(vals) if vals else None
+        epsilon, epsilon_method = epsilon_at_audit(
+            self.accountant, delta=self.delta, noise_multiplier=sigma
+        )
         return {
             "step": captured.step,
-            "epsilon": epsilon_from_accountant(
-                self.accountant, delta=self.delta, noise_multiplier=sigma
-            ),
+            "epsilon": epsilon,
+            "epsilon_accountant": epsilon_method,
             "delta": self.delta,
             "noise_multiplier": sigma,
             "mu_step": (1.0 / sigma) if sigma > 0 else math.inf,
             "max_grad_norm": captured.max_grad_norm,
-            "sample_rate": sample_rate_from_accountant(self.accountant),
+            "sample_rate": sample_rate,
             "clipping": captured.clipping,
-            "batch_size": int(captured.inputs.shape[0]),
+            "batch_size": batch,
             "num_bins": int(noised.bins.numel()),
             "occupied_bins": int(noised.occupied.sum()),
             "true_singletons": int(singles.sum()),
             "found_singletons": int((singles & noised.occupied).sum()),
             "collisions_flagged": int((noised.collision & noised.occupied).sum()),
             "summary": summary,
+            "success_criterion": {
+                "metric": self.success_metric,
+                "threshold": self.success_threshold,
+                "higher_is_better": HIGHER_IS_BETTER[self.success_metric],
+            },
+            # fraction of the batch's samples reconstructed to the criterion, per stage
+            "success": {stage: (n / batch if batch else None) for stage, n in success.items()},
+            "kappa": kappa,
+            "bounds": bounds,
             "denoiser": None
             if self.prior is None
             else {

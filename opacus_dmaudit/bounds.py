@@ -92,9 +92,10 @@ def clt_mu(noise_multiplier: float, sample_rate: float, steps: int) -> float:
     """µ of the CLT µ-GDP approximation of ``steps`` Poisson-subsampled Gaussian steps."""
     if noise_multiplier <= 0:
         return math.inf
-    if noise_multiplier < 0.03:  # e^{1/σ²} overflows; the approximation is meaningless there
+    try:
+        return sample_rate * math.sqrt(steps * math.expm1(1.0 / noise_multiplier**2))
+    except OverflowError:  # σ below ~0.038: e^{1/σ²} is beyond float range
         return math.inf
-    return sample_rate * math.sqrt(steps * math.expm1(1.0 / noise_multiplier**2))
 
 
 def _check_kappa(kappa: float) -> None:

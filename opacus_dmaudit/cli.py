@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -38,9 +39,11 @@ def _demo(args: argparse.Namespace) -> int:
             f"{_fmt(s['ssim_raw'], '.3f'):>9} {_fmt(s['ssim_dm'], '.3f'):>8} "
             f"{_fmt(s['lpips_raw'], '.3f'):>10} {_fmt(s['lpips_dm'], '.3f'):>9}"
         )
-    print("\nAudit logs (they describe private training images; owner-only permissions):")
+    print("\nReports and audit logs (they contain private training images; owner-only):")
     for s in summaries:
-        print(f"  {s['log']}")
+        run_dir = Path(s["log"]).parent
+        print(f"  {run_dir / 'report.html'}   {s['log']}")
+    print(f"\nTensorBoard:  tensorboard --logdir {args.out}")
     return 0
 
 
@@ -67,6 +70,19 @@ def _train_prior(args: argparse.Namespace) -> int:
         f"{record['steps']} steps in {record['wall_seconds']:.0f} s "
         f"(final loss {record['final_loss']:.4f})"
     )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    for log_dir in args.log_dirs:
+        try:
+            json_path, html_path = build_report(log_dir)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
+        print(f"{log_dir}: wrote {json_path} and {html_path}")
+    print("The reports contain private training images (owner-only files); share them with care.")
     return 0
 
 
@@ -98,6 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    rep = sub.add_parser(
+        "report",
+        help="build report.json and report.html from an audit log dir (even a crashed one)",
+    )
+    rep.add_argument("log_dirs", nargs="+", metavar="LOGDIR")
+    rep.set_defaults(func=_report)
 
     tp = sub.add_parser("train-prior", help="train a small diffusion prior on offline images")
     tp.add_argument("--out", required=True, help="output directory (diffusers layout)")
