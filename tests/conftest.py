@@ -73,3 +73,21 @@ def train_steps(model, opt, loader, steps, after_step=None):
             after_step(i)
         if i == steps:
             return
+
+
+def audited_run(mnist5k, log_dir, *, sigma, steps, public=1000, every=1, **auditor_kwargs):
+    """Train ``steps`` DP-SGD steps on the private digits with a ``DMAuditor`` attached.
+
+    Returns the (still open) auditor and the privacy engine.
+    """
+    from opacus_dmaudit import DMAuditor
+
+    x, y = mnist5k["private"]
+    model = imprint_model(mnist5k["prior"][0][:public], num_bins=128)
+    model, opt, loader, engine = make_private(model, x, y, sigma=sigma)
+    auditor_kwargs.setdefault("metrics", ("mse", "ssim", "lpips"))
+    auditor = DMAuditor(
+        privacy_engine=engine, log_dir=log_dir, every_n_steps=every, **auditor_kwargs
+    ).attach(opt)
+    train_steps(model, opt, loader, steps)
+    return auditor, engine

@@ -5,7 +5,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import imprint_model, make_private, train_steps
+from conftest import audited_run, imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.data import load_mnist_idx
 
@@ -73,17 +73,9 @@ def test_real_mnist_test_set(shared_data, mnist5k, tmp_path):
 
 def test_auditor_denoises_every_recovered_image_with_the_embedded_prior(mnist5k, tmp_path):
     """``_dm`` metrics per recovered image, at the readout's predicted noise, better than raw."""
-    x, y = mnist5k["private"]
-    model = imprint_model(mnist5k["prior"][0][:2000], num_bins=128)
-    model, opt, loader, engine = make_private(model, x, y, sigma=0.03)
-    auditor = DMAuditor(
-        privacy_engine=engine,
-        log_dir=tmp_path,
-        every_n_steps=1,
-        metrics=("mse", "ssim", "lpips"),
-        prior="embedded:mnist",
-    ).attach(opt)
-    train_steps(model, opt, loader, 3)
+    auditor, _ = audited_run(
+        mnist5k, tmp_path, sigma=0.03, steps=3, public=2000, prior="embedded:mnist"
+    )
     auditor.close()
     scored = [im for r in auditor.history for im in r["images"] if "mse_raw" in im]
     assert len(scored) >= 40

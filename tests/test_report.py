@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import imprint_model, make_private, train_steps
-from opacus_dmaudit import DMAuditor
+from conftest import audited_run
 from opacus_dmaudit.report import build_report, load_audit_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,18 +80,15 @@ def test_report_from_a_killed_training_process(tmp_path):
 
 
 def test_close_writes_the_report_with_bounds_and_images(mnist5k, tmp_path):
-    x, y = mnist5k["private"]
-    model = imprint_model(mnist5k["prior"][0][:1000], num_bins=128)
-    model, opt, loader, engine = make_private(model, x, y, sigma=0.02)
-    auditor = DMAuditor(
-        privacy_engine=engine,
-        log_dir=tmp_path,
-        every_n_steps=1,
+    auditor, _ = audited_run(
+        mnist5k,
+        tmp_path,
+        sigma=0.02,
+        steps=2,
         metrics=("mse", "lpips"),
         prior="embedded:mnist",
         kappa=1 / 5000,
-    ).attach(opt)
-    train_steps(model, opt, loader, 2)
+    )
     auditor.close()
     record = auditor.history[-1]
     assert record["kappa"] == 1 / 5000
@@ -146,17 +142,9 @@ def _chromium():
 
 def test_report_renders_in_headless_chromium_with_no_broken_image(mnist5k, tmp_path):
     browser = _chromium()
-    x, y = mnist5k["private"]
-    model = imprint_model(mnist5k["prior"][0][:1000], num_bins=128)
-    model, opt, loader, engine = make_private(model, x, y, sigma=0.02)
-    auditor = DMAuditor(
-        privacy_engine=engine,
-        log_dir=tmp_path / "run",
-        every_n_steps=1,
-        metrics=("lpips",),
-        prior="embedded:mnist",
-    ).attach(opt)
-    train_steps(model, opt, loader, 2)
+    auditor, _ = audited_run(
+        mnist5k, tmp_path / "run", sigma=0.02, steps=2, metrics=("lpips",), prior="embedded:mnist"
+    )
     auditor.close()
     html = (tmp_path / "run" / "report.html").read_text()
     assert "http://" not in html and "https://" not in html  # nothing external to fetch

@@ -7,7 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import imprint_model, make_private, train_steps
+from conftest import audited_run, imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor, read_audit_log
 
 
@@ -17,25 +17,8 @@ def _events(path):
     return acc
 
 
-def _run(mnist5k, log_dir, *, sigma, steps, every=1, prior=None, writer=None, **kw):
-    x, y = mnist5k["private"]
-    model = imprint_model(mnist5k["prior"][0][:1000], num_bins=128)
-    model, opt, loader, engine = make_private(model, x, y, sigma=sigma)
-    auditor = DMAuditor(
-        privacy_engine=engine,
-        log_dir=log_dir,
-        every_n_steps=every,
-        metrics=("mse", "ssim", "lpips"),
-        prior=prior,
-        writer=writer,
-        **kw,
-    ).attach(opt)
-    train_steps(model, opt, loader, steps)
-    return auditor
-
-
 def test_every_tag_and_image_is_in_the_event_files(mnist5k, tmp_path):
-    auditor = _run(mnist5k, tmp_path, sigma=0.02, steps=2, prior="embedded:mnist")
+    auditor, _ = audited_run(mnist5k, tmp_path, sigma=0.02, steps=2, prior="embedded:mnist")
     auditor.close()
     acc = _events(tmp_path)
     scalars = set(acc.Tags()["scalars"])
@@ -60,7 +43,7 @@ def test_every_tag_and_image_is_in_the_event_files(mnist5k, tmp_path):
 
 
 def test_infinite_epsilon_is_shown_not_a_crash(mnist5k, tmp_path):
-    auditor = _run(mnist5k, tmp_path, sigma=0.0, steps=1)
+    auditor, _ = audited_run(mnist5k, tmp_path, sigma=0.0, steps=1)
     auditor.close()
     assert auditor.history[0]["epsilon"] == math.inf
     acc = _events(tmp_path)
@@ -71,7 +54,7 @@ def test_infinite_epsilon_is_shown_not_a_crash(mnist5k, tmp_path):
 def test_the_users_own_writer_gets_the_audit(mnist5k, tmp_path):
     writer = SummaryWriter(log_dir=str(tmp_path / "user_run"))
     writer.add_scalar("train/loss", 1.0, 0)
-    auditor = _run(mnist5k, tmp_path / "audit", sigma=0.02, steps=1, writer=writer)
+    auditor, _ = audited_run(mnist5k, tmp_path / "audit", sigma=0.02, steps=1, writer=writer)
     auditor.close()
     writer.add_scalar("train/loss", 0.5, 1)  # still open: the auditor does not close it
     writer.close()
