@@ -185,24 +185,22 @@ class DiffusionPrior:
             )
         elif name != path or local.exists() or name.startswith((".", "/", "~")):
             raise FileNotFoundError(f"no prior at {name!r}")
-        else:
-            unet_sub = sched_sub = None  # decided below for hub ids
-        kwargs = dict(hub_kwargs)
+        # a hub id: the flat google/ddpm-* layout first, then the DDPMPipeline one
         unet_kwargs = dict(hub_kwargs)
         if importlib.util.find_spec("accelerate") is None:
             unet_kwargs.setdefault("low_cpu_mem_usage", False)  # diffusers would warn otherwise
         if local.is_dir():
             unet = UNet2DModel.from_pretrained(path, subfolder=unet_sub, **unet_kwargs)
-            sched_cfg = DDPMScheduler.load_config(path, subfolder=sched_sub, **kwargs)
+            sched_cfg = DDPMScheduler.load_config(path, subfolder=sched_sub, **hub_kwargs)
         else:
             try:
                 unet = UNet2DModel.from_pretrained(path, **unet_kwargs)
             except OSError:
                 unet = UNet2DModel.from_pretrained(path, subfolder="unet", **unet_kwargs)
             try:
-                sched_cfg = DDPMScheduler.load_config(path, **kwargs)
+                sched_cfg = DDPMScheduler.load_config(path, **hub_kwargs)
             except OSError:
-                sched_cfg = DDPMScheduler.load_config(path, subfolder="scheduler", **kwargs)
+                sched_cfg = DDPMScheduler.load_config(path, subfolder="scheduler", **hub_kwargs)
         sched_cfg = dict(sched_cfg)
         if "timesteps" in sched_cfg and "num_train_timesteps" not in sched_cfg:  # old configs
             sched_cfg["num_train_timesteps"] = sched_cfg.pop("timesteps")
