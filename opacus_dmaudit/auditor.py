@@ -203,6 +203,11 @@ class DMAuditor:
             capture.block._check_input(torch.as_tensor(example_input))
         if self.prior is not None:
             self.prior.check_fits(capture.block.image_shape)
+        if capture.distributed and capture.rank != 0:
+            # DDP: this rank only feeds rank 0's capture (inputs, clean sums); no audit work
+            capture.attach()
+            self._capture = capture
+            return self
         if self._log is None or self._log.closed:
             self._log = AuditLog(self.log_dir / "audit.jsonl")
         if self._resume is not None:

@@ -11,6 +11,11 @@ our hook calls the previous one first, then snapshots. On audit steps only, it c
   includes every physical batch under ``BatchMemoryManager`` and Opacus's fake sample under
   ``rand_on_empty``), with each sample's bin membership under the parameters of that step.
 
+Under DDP (``DPDDP`` + ``DistributedDPOptimizer``) the step hook runs *before* the all-reduce and
+only rank 0 adds noise, so the global privatised sum is read on rank 0 in a pre-step hook of the
+original optimizer, after ``reduce_gradients``. On audit steps every rank sends its inputs and its
+clean clipped sum to rank 0 (two collectives); only rank 0 audits.
+
 Nothing here writes to a tensor that training reads, draws random numbers, or runs the model.
 """
 
@@ -126,6 +131,15 @@ class GradientCapture:
         self._attached = False
 
     # -- attach / detach -------------------------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        """Whether the optimizer is Opacus's ``DistributedDPOptimizer`` in a multi-process run."""
+        return int(getattr(self.optimizer, "world_size", 1) or 1) > 1
+
+    @property
+    def rank(self) -> int:
+        return int(getattr(self.optimizer, "rank", 0) or 0)
+
     def attach(self) -> None:
         if self._attached:
             raise RuntimeError("this capture is already attached")
@@ -137,6 +151,10 @@ class GradientCapture:
             self.block.register_forward_hook(self._forward_hook),
             self.optimizer.original_optimizer.register_step_post_hook(self._post_step_hook),
         ]
+        if self.distributed and self.rank == 0:
+            self._handles.append(
+                self.optimizer.original_optimizer.register_step_pre_hook(self._reduced_hook)
+            )
         self.optimizer._dmaudit_capture = self
         self._attached = True
 
@@ -170,13 +188,89 @@ class GradientCapture:
             self._previous_hook(optimizer)  # the accountant first: never break ε
         self.step += 1
         if self._should_capture(self.step):
-            self._pending = self._snapshot(optimizer)
+            if self.distributed:
+                self._pending = self._snapshot_distributed(optimizer)
+            else:
+                self._pending = self._snapshot(optimizer)
         self._inputs = []
+
+    def _reduced_hook(self, *_args) -> None:
+        """Rank 0 under DDP: the global privatised sum, after ``reduce_gradients``."""
+        if self._pending is None:
+            return
+        opt = self.optimizer
+        factor = _denominator(opt) * (opt.world_size if opt.loss_reduction == "mean" else 1)
+        with torch.no_grad():
+            for name, p in (
+                ("weight", self.block.imprint.weight),
+                ("bias", self.block.imprint.bias),
+            ):
+                noised = (p.grad.detach().double() * factor).float().cpu()
+                setattr(self._pending, f"{name}_noised", noised.reshape(p.shape))
+        self._pending.denominator = factor
 
     def _post_step_hook(self, *_args) -> None:
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is not None and (not self.distributed or self.rank == 0):
             self._on_capture(pending)
+
+    def _snapshot_distributed(self, optimizer: DPOptimizer) -> CapturedStep | None:
+        """Collectives on every rank: rank 0 gets all inputs and the global clean clipped sum.
+
+        Returns the partial capture on rank 0 (the noised sums follow in the pre-step hook) and
+        ``None`` elsewhere.
+        """
+        import torch.distributed as dist
+
+        weight, bias = self.block.imprint.weight, self.block.imprint.bias
+        denom = _denominator(optimizer)
+        with torch.no_grad():
+            # rank 0 keeps its clean sum in summed_grad; Opacus makes the other ranks' p.grad a
+            # view of summed_grad and scales it in place, so their clean sum is p.grad * denom
+            if self.rank == 0:
+                local = [weight.summed_grad, bias.summed_grad]
+            else:
+                local = [weight.grad * denom, bias.grad * denom]
+            flat = torch.cat([t.detach().reshape(-1).double() for t in local])  # a copy
+            dist.reduce(flat, dst=0, op=dist.ReduceOp.SUM)
+            inputs = self._gather_inputs(weight.device)
+        if self.rank != 0:
+            return None
+        w_clean = flat[: weight.numel()].float().cpu().reshape(weight.shape)
+        b_clean = flat[weight.numel() :].float().cpu()
+        membership = self.block.membership(inputs.to(weight.device)).cpu()
+        return CapturedStep(
+            step=self.step,
+            weight_noised=torch.zeros_like(w_clean),
+            bias_noised=torch.zeros_like(b_clean),
+            weight_clean=w_clean,
+            bias_clean=b_clean,
+            inputs=inputs,
+            membership=membership,
+            noise_multiplier=float(optimizer.noise_multiplier),
+            max_grad_norm=float(optimizer.max_grad_norm),
+            denominator=denom,
+            clipping=self.clipping,
+        )
+
+    def _gather_inputs(self, device: torch.device) -> torch.Tensor:
+        """Every rank's captured inputs, concatenated in rank order on rank 0 (empty elsewhere)."""
+        import torch.distributed as dist
+
+        shape = self.block.image_shape
+        mine = torch.cat(self._inputs) if self._inputs else torch.zeros((0, *shape))
+        world = dist.get_world_size()
+        count = torch.tensor([mine.shape[0]], dtype=torch.long)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        longest = max(int(c) for c in counts)
+        padded = torch.zeros((longest, *shape), dtype=torch.float32)
+        padded[: mine.shape[0]] = mine.float()
+        bucket = [torch.zeros_like(padded) for _ in range(world)] if self.rank == 0 else None
+        dist.gather(padded, bucket, dst=0)
+        if self.rank != 0:
+            return torch.zeros((0, *shape))
+        return torch.cat([b[: int(c)] for b, c in zip(bucket, counts)])
 
     def _snapshot(self, optimizer: DPOptimizer) -> CapturedStep:
         weight, bias = self.block.imprint.weight, self.block.imprint.bias
