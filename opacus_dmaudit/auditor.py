@@ -400,7 +400,10 @@ class DMAuditor:
                     "true_count": int((members[b] != 0).sum()),
                 }
             )
-        success: dict[str, int] = {}
+        # samples reconstructed to the criterion, per stage (none when no bin was found)
+        success: dict[str, int] = dict.fromkeys(
+            ("raw", "clean", "dm") if self.prior else ("raw", "clean"), 0
+        )
         empty = torch.zeros((0, *block.image_shape))
         truth = raw = clean_img = empty
         dm = empty if self.prior is not None else None

@@ -43,7 +43,8 @@ def _demo(args: argparse.Namespace) -> int:
     for s in summaries:
         run_dir = Path(s["log"]).parent
         print(f"  {run_dir / 'report.html'}   {s['log']}")
-    print(f"\nTensorBoard:  tensorboard --logdir {args.out}")
+    print(f"\nAll runs compared: {Path(args.out) / 'comparison.html'}")
+    print(f"TensorBoard:  tensorboard --logdir {args.out}")
     return 0
 
 

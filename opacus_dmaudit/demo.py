@@ -118,6 +118,7 @@ def run_demo(
                 "noise_multiplier": sigma,
                 "epsilon": engine.get_epsilon(1e-5) if sigma > 0 else math.inf,
                 "log": str(run_dir / "audit.jsonl"),
+                "report": str(run_dir / "report.html"),
                 "audits": len(auditor.history),
                 "found_singletons": last.get("found_singletons"),
                 "true_singletons": last.get("true_singletons"),
@@ -127,4 +128,8 @@ def run_demo(
                 },
             }
         )
+    if summaries:
+        from .report import build_comparison
+
+        build_comparison(out_dir, [Path(s["log"]).parent for s in summaries])
     return summaries

@@ -22,7 +22,13 @@ import numpy as np
 
 from .audit_log import make_private_dir, read_audit_log
 
-__all__ = ["build_report", "package_versions", "save_audit_images", "load_audit_images"]
+__all__ = [
+    "build_report",
+    "build_comparison",
+    "package_versions",
+    "save_audit_images",
+    "load_audit_images",
+]
 
 PRIVATE_NOTICE = (
     "This report contains images of private training data (true training images and their "
@@ -445,3 +451,98 @@ def build_report(log_dir: str | os.PathLike) -> tuple[Path, Path]:
     grids = _best_worst(log_dir, records) if records else None
     _write_private(html_path, _html(report, plots, grids).encode("utf-8"))
     return json_path, html_path
+
+
+def build_comparison(out_dir: str | os.PathLike, run_dirs: list[str | os.PathLike]) -> Path:
+    """One page across runs (e.g. one per noise multiplier): ε, success, bounds, quality, links.
+
+    Each run dir must hold a ``report.json`` (see :func:`build_report`). Writes
+    ``out_dir/comparison.html`` (owner-only) and returns its path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = make_private_dir(out_dir)
+    runs = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        report = json.loads((run_dir / "report.json").read_text())
+        runs.append((run_dir, report["summary"]))
+    rows = []
+    for _, s in runs:
+        rates = s.get("mean_success_rate") or {}
+        means = s.get("mean_metrics") or {}
+        bounds = s.get("final_bounds") or {}
+        rows.append(
+            [
+                _fmt(s.get("noise_multiplier")),
+                _fmt(s.get("final_epsilon")),
+                f"{s.get('found_singletons', 0)}/{s.get('true_singletons', 0)}",
+                _fmt(rates.get("raw"), ".2f"),
+                _fmt(rates.get("dm"), ".2f"),
+                _fmt(bounds.get("single_step"), ".3g"),
+                _fmt(bounds.get("rdp"), ".3g"),
+                _fmt(means.get("lpips_raw"), ".3f"),
+                _fmt(means.get("lpips_dm"), ".3f"),
+            ]
+        )
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    sig = [s.get("noise_multiplier") or 0 for _, s in runs]
+    for stage in ("raw", "dm"):
+        ax.plot(
+            sig,
+            [(s.get("mean_success_rate") or {}).get(stage) for _, s in runs],
+            "o-",
+            label=f"success {stage}",
+        )
+    ax.plot(
+        sig,
+        [(s.get("final_bounds") or {}).get("single_step") for _, s in runs],
+        "k--",
+        label="ReRo bound, one step",
+    )
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("noise multiplier σ")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    png = _png(fig)
+    links = "".join(
+        f"<li><a href='{html.escape(os.path.relpath(d / 'report.html', out_dir))}'>"
+        f"σ = {html.escape(_fmt(s.get('noise_multiplier')))}</a></li>"
+        for d, s in runs
+    )
+    page = "\n".join(
+        [
+            "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+            "<title>opacus-dmaudit: runs compared</title>",
+            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+            ".notice{background:#fff3cd;border:2px solid #c90;padding:.8em;font-weight:bold}"
+            "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:2px 6px}</style>",
+            "</head><body>",
+            f"<p class='notice'>⚠ {html.escape(PRIVATE_NOTICE)}</p>",
+            "<h1>Runs compared</h1>",
+            _table(
+                rows,
+                [
+                    "σ",
+                    "final ε",
+                    "found/true singletons",
+                    "success raw",
+                    "success DM",
+                    "bound 1 step",
+                    "bound RDP",
+                    "LPIPS raw",
+                    "LPIPS DM",
+                ],
+            ),
+            f"<img alt='success against noise' src='data:image/png;base64,{png}'>",
+            f"<h2>Reports</h2><ul>{links}</ul>",
+            "</body></html>",
+        ]
+    )
+    path = out_dir / "comparison.html"
+    _write_private(path, page.encode("utf-8"))
+    return path

@@ -53,6 +53,9 @@ def test_demo_cli_short_run(tmp_path, capsys):
     assert "sigma_0/audit.jsonl" in out and "sigma_1/audit.jsonl" in out
     assert "sigma_0/report.html" in out and f"tensorboard --logdir {tmp_path}" in out
     assert (tmp_path / "sigma_1" / "report.html").is_file()
+    page = (tmp_path / "comparison.html").read_text()
+    assert "sigma_0/report.html" in page and "sigma_1/report.html" in page
+    assert "comparison.html" in out
     exact = read_audit_log(tmp_path / "sigma_0" / "audit.jsonl")
     assert len(exact) == 2 and exact[-1]["found_singletons"] == exact[-1]["true_singletons"] > 0
     singles = [im for im in exact[-1]["images"] if im["true_count"] == 1]
