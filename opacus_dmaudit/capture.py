@@ -238,20 +238,8 @@ class GradientCapture:
             return None
         w_clean = flat[: weight.numel()].float().cpu().reshape(weight.shape)
         b_clean = flat[weight.numel() :].float().cpu()
-        membership = self.block.membership(inputs.to(weight.device)).cpu()
-        return CapturedStep(
-            step=self.step,
-            weight_noised=torch.zeros_like(w_clean),
-            bias_noised=torch.zeros_like(b_clean),
-            weight_clean=w_clean,
-            bias_clean=b_clean,
-            inputs=inputs,
-            membership=membership,
-            noise_multiplier=float(optimizer.noise_multiplier),
-            max_grad_norm=float(optimizer.max_grad_norm),
-            denominator=denom,
-            clipping=self.clipping,
-        )
+        zeros = (torch.zeros_like(w_clean), torch.zeros_like(b_clean))  # filled after all-reduce
+        return self._captured(optimizer, zeros, (w_clean, b_clean), inputs, denom)
 
     def _gather_inputs(self, device: torch.device) -> torch.Tensor:
         """Every rank's captured inputs, concatenated in rank order on rank 0 (empty elsewhere)."""
@@ -284,13 +272,18 @@ class GradientCapture:
                 inputs = torch.cat(self._inputs)
             else:
                 inputs = torch.zeros((0, *self.block.image_shape))
-            membership = self.block.membership(inputs.to(weight.device)).cpu()
+        clean = (w_clean.reshape(w_noised.shape), b_clean.reshape(b_noised.shape))
+        return self._captured(optimizer, (w_noised, b_noised), clean, inputs, denom)
+
+    def _captured(self, optimizer, noised, clean, inputs, denom) -> CapturedStep:
+        with torch.no_grad():
+            membership = self.block.membership(inputs.to(self.block.imprint.weight.device)).cpu()
         return CapturedStep(
             step=self.step,
-            weight_noised=w_noised,
-            bias_noised=b_noised,
-            weight_clean=w_clean.reshape(w_noised.shape),
-            bias_clean=b_clean.reshape(b_noised.shape),
+            weight_noised=noised[0],
+            bias_noised=noised[1],
+            weight_clean=clean[0],
+            bias_clean=clean[1],
             inputs=inputs,
             membership=membership,
             noise_multiplier=float(optimizer.noise_multiplier),
