@@ -326,6 +326,18 @@ small σ and few steps.</p>
 """
 
 
+def _head(title: str) -> str:
+    """Start of a self-contained page: no external resource, inline style."""
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+        ".notice{background:#fff3cd;border:2px solid #c90;padding:.8em;font-weight:bold}"
+        "table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #bbb;padding:2px 6px}"
+        "img{max-width:100%}</style></head><body>"
+    )
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
@@ -354,12 +366,7 @@ def _html(report: dict[str, Any], plots, grids) -> str:
             ]
         )
     parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        "<title>opacus-dmaudit report</title>",
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
-        ".notice{background:#fff3cd;border:2px solid #c90;padding:.8em;font-weight:bold}"
-        "table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #bbb;padding:2px 6px}"
-        "img{max-width:100%}</style></head><body>",
+        _head("opacus-dmaudit report"),
         f"<p class='notice' id='private-notice'>⚠ {esc(PRIVATE_NOTICE)}</p>",
         "<h1>Visual privacy audit</h1>",
         f"<p id='verdict'>{esc(report['verdict'])}</p>",
@@ -516,12 +523,7 @@ def build_comparison(out_dir: str | os.PathLike, run_dirs: list[str | os.PathLik
     )
     page = "\n".join(
         [
-            "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-            "<title>opacus-dmaudit: runs compared</title>",
-            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
-            ".notice{background:#fff3cd;border:2px solid #c90;padding:.8em;font-weight:bold}"
-            "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:2px 6px}</style>",
-            "</head><body>",
+            _head("opacus-dmaudit: runs compared"),
             f"<p class='notice'>⚠ {html.escape(PRIVATE_NOTICE)}</p>",
             "<h1>Runs compared</h1>",
             _table(

@@ -44,11 +44,11 @@ def imprint_model(public: torch.Tensor, *, seed: int = 0, **block_kwargs) -> nn.
     return nn.Sequential(block, small_cnn(public.shape[1], public.shape[-1]))
 
 
-def make_private(model, x, y, *, sigma=1.0, batch_size=64, lr=0.05, **kwargs):
-    """``PrivacyEngine(accountant="rdp").make_private`` over a TensorDataset; returns 4 things."""
+def make_private(model, x, y, *, sigma=1.0, batch_size=64, lr=0.05, accountant="rdp", **kwargs):
+    """``PrivacyEngine(accountant=...).make_private`` over a TensorDataset; returns 4 things."""
     from opacus import PrivacyEngine
 
-    engine = PrivacyEngine(accountant="rdp")
+    engine = PrivacyEngine(accountant=accountant)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=batch_size
     )

@@ -22,10 +22,9 @@ def _free_port() -> int:
 
 def _worker(rank, world, port, out_dir, sigma, steps):
     import torch.distributed as dist
-    from opacus import PrivacyEngine
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
-    from conftest import imprint_model
+    from conftest import imprint_model, make_private
     from opacus_dmaudit import DMAuditor
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
@@ -36,16 +35,7 @@ def _worker(rank, world, port, out_dir, sigma, steps):
         model = DPDDP(imprint_model(split["prior"][0][:1000], num_bins=128, seed=0))
         seen = []  # this rank's real batches, to check rank 0 recovered both ranks' samples
         model.module[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
-        engine = PrivacyEngine(accountant="rdp")
-        model, opt, loader = engine.make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-            data_loader=torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(x, y), batch_size=64
-            ),
-            noise_multiplier=sigma,
-            max_grad_norm=1.0,
-        )
+        model, opt, loader, engine = make_private(model, x, y, sigma=sigma)
         auditor = DMAuditor(
             privacy_engine=engine,
             log_dir=os.path.join(out_dir, "log"),

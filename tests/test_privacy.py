@@ -3,11 +3,9 @@
 import math
 
 import pytest
-import torch
-from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 
-from conftest import imprint_model, train_steps
+from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.privacy import PRV_MIN_SIGMA, epsilon_at_audit
 
@@ -15,16 +13,8 @@ from opacus_dmaudit.privacy import PRV_MIN_SIGMA, epsilon_at_audit
 def _prv_run(mnist5k, tmp_path, sigma):
     x, y = mnist5k["private"]
     model = imprint_model(mnist5k["prior"][0][:1000], num_bins=64)
-    engine = PrivacyEngine()  # Opacus's default accountant: PRV
-    model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-        data_loader=torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(x, y), batch_size=64
-        ),
-        noise_multiplier=sigma,
-        max_grad_norm=1.0,
-    )
+    # Opacus's default accountant: PRV
+    model, opt, loader, engine = make_private(model, x, y, sigma=sigma, accountant="prv")
     auditor = DMAuditor(
         privacy_engine=engine, log_dir=tmp_path, every_n_steps=2, metrics=("mse",)
     ).attach(opt)
