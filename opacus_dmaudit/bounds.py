@@ -43,7 +43,9 @@ def gdp_delta(mu: float, eps: float) -> float:
         return 0.0
     if math.isinf(mu):
         return 1.0
-    return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2))
+    # e^ε·Φ(-ε/µ - µ/2) in log space: large µ (tiny σ) needs large ε, where e^ε overflows
+    tail = math.exp(eps + float(norm.logcdf(-eps / mu - mu / 2)))
+    return float(norm.cdf(-eps / mu + mu / 2) - tail)
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:

@@ -42,7 +42,7 @@ __all__ = [
 SAMPLERS = ("ddpm", "ddim", "posterior-mean")
 
 #: Priors shipped inside the package (``"embedded:<name>"``), trained by ``dmaudit train-prior``.
-EMBEDDED_PRIORS = ("mnist",)
+EMBEDDED_PRIORS = ("mnist", "natural")
 
 
 def sigma_schedule(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -196,7 +196,15 @@ class DiffusionPrior:
             try:
                 unet = UNet2DModel.from_pretrained(path, **unet_kwargs)
             except OSError:
-                unet = UNet2DModel.from_pretrained(path, subfolder="unet", **unet_kwargs)
+                try:
+                    unet = UNet2DModel.from_pretrained(path, subfolder="unet", **unet_kwargs)
+                except OSError as err:
+                    raise OSError(
+                        f"could not load the prior {name!r} from the Hugging Face Hub or its "
+                        f"cache ({err}); offline, give a local directory (`dmaudit train-prior` "
+                        "makes one) or one of "
+                        + ", ".join(f"embedded:{n}" for n in EMBEDDED_PRIORS)
+                    ) from err
             try:
                 sched_cfg = DDPMScheduler.load_config(path, **hub_kwargs)
             except OSError:

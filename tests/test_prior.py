@@ -345,3 +345,31 @@ def test_embedded_prior_beats_raw_on_real_held_out_digits(embedded, mnist5k):
         assert mse(out, x).mean() < mse(raw, x).mean()
         assert ssim(out, x).mean() > ssim(raw, x).mean()
         assert lp(out, x).mean() < lp(raw, x).mean()
+
+
+def test_embedded_natural_prior_learned_photo_patches_never_cifar(shared_data):
+    """``embedded:natural``: trained on the bundled photos' patches (hash), none of them CIFAR-10."""
+    import hashlib
+
+    from opacus_dmaudit.data import load_cifar10_test, natural_patches
+    from opacus_dmaudit.prior import _embedded_path
+    from opacus_dmaudit.prior_training import load_training_images
+
+    path = _embedded_path("natural")
+    record = json.loads((path / "training.json").read_text())
+    images, _ = load_training_images("natural-patches")
+    assert record["data_sha256"] == hashlib.sha256(images.numpy().tobytes()).hexdigest()
+    assert record["image_shape"] == [3, 32, 32]
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) <= 10 * 2**20
+    cifar, _ = load_cifar10_test(shared_data / "cifar10" / "cifar10_test_first1017.npz")
+    patches = torch.from_numpy(natural_patches()).permute(0, 3, 1, 2).float() / 255
+    nearest = torch.cdist(cifar.flatten(1), patches[::4].flatten(1)).min(dim=1).values
+    assert float(nearest.min()) > 1.0  # not one CIFAR-10 image among them, nor close to one
+    prior = DiffusionPrior.from_pretrained("embedded:natural")
+    assert prior.model_shape == (3, 32, 32)
+    # and it denoises real CIFAR-10 images it never saw better than leaving the noise in
+    x = cifar[:16]
+    y = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    out = prior.denoise(y, noise_std=0.1, sampler="ddim", steps=20)
+    assert mse(out, x).mean() < mse(y.clamp(0, 1), x).mean()
+    assert LPIPS()(out, x).mean() < LPIPS()(y.clamp(0, 1), x).mean()
