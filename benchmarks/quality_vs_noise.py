@@ -157,12 +157,14 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.6), squeeze=False)
     for ax, name in zip(axes[0], sets):
         rows = [r for r in results if r["dataset"] == name]
-        labels = []
+        series: dict[str, tuple[list, list]] = {}
         for r in rows:
-            labels += [k for k in r["scores"] if k not in labels]
-        for label in labels:
-            xs = [r["sigma"] for r in rows if label in r["scores"]]
-            ys = [_mean(r["scores"][label]["lpips"]) for r in rows if label in r["scores"]]
+            for key, s in r["scores"].items():
+                label = "best classical" if key.startswith("classical") else key
+                xs, ys = series.setdefault(label, ([], []))
+                xs.append(r["sigma"])
+                ys.append(_mean(s["lpips"]))
+        for label, (xs, ys) in series.items():
             ax.plot(xs, ys, marker="o", label=label)
         ax.set_xscale("log")
         ax.set_xlabel("noise multiplier σ")

@@ -113,6 +113,11 @@ def run_demo(
                         break
         bar.close()
         last = auditor.history[-1] if auditor.history else {}
+        rates = {
+            stage: sum(r["success"].get(stage) or 0.0 for r in auditor.history)
+            / max(1, len(auditor.history))
+            for stage in ("raw", "dm")
+        }
         summaries.append(
             {
                 "noise_multiplier": sigma,
@@ -122,6 +127,9 @@ def run_demo(
                 "audits": len(auditor.history),
                 "found_singletons": last.get("found_singletons"),
                 "true_singletons": last.get("true_singletons"),
+                "occupied_bins": last.get("occupied_bins"),
+                "success_raw": rates["raw"],
+                "success_dm": rates["dm"] if prior is not None else None,
                 **{
                     key: (last.get("summary") or {}).get(key)
                     for key in ("ssim_raw", "lpips_raw", "ssim_dm", "lpips_dm")

@@ -43,7 +43,7 @@ def test_prior_mismatch_and_bounds_quick(shared_data):
     assert out.count("natural prior") >= 2 and out.count("mnist prior") >= 2
     out = _run("bounds_vs_empirical.py")
     rows = [line.split() for line in out.splitlines() if line.startswith(("mnist ", "cifar10 "))]
-    assert len(rows) == 4
+    assert len(rows) == 8  # 2 data sets x 2 noise levels x 2 success thresholds
     for row in rows:
         raw, dm, bound = float(row[5]), float(row[6]), float(row[9])
         assert 0 <= raw <= 1 and 0 <= dm <= 1 and 0 < bound <= 1
