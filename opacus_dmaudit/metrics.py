@@ -8,15 +8,16 @@ VGG backbone, the paper's choice, through the ``lpips`` package (see :mod:`.lpip
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import lpips as lpips_lib
 import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
 from .lpips_weights import load_lpips
 
-__all__ = ["mse", "psnr", "ssim", "LPIPS", "HIGHER_IS_BETTER", "image_metrics"]
+__all__ = ["mse", "psnr", "ssim", "LPIPS", "HIGHER_IS_BETTER", "image_metrics", "stage_metrics"]
 
 HIGHER_IS_BETTER = {"mse": False, "psnr": True, "ssim": True, "lpips": False}
 
@@ -77,17 +78,46 @@ class LPIPS:
 
     @torch.no_grad()
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        pred, target = _prepare(pred, target)
-        if min(pred.shape[-2:]) < 16:
+        return self.compare([pred], target)[0]
+
+    @torch.no_grad()
+    def compare(self, preds: Sequence[torch.Tensor], target: torch.Tensor) -> list[torch.Tensor]:
+        """LPIPS of each of several predictions against one target batch.
+
+        The target's features are computed once and shared, so scoring k reconstructions of the
+        same images costs k + 1 backbone passes instead of 2k; the values equal ``self(p, target)``
+        exactly.
+        """
+        if not preds:
+            return []
+        pairs = [_prepare(pred, target) for pred in preds]
+        target = pairs[0][1]
+        if min(target.shape[-2:]) < 16:
             raise ValueError("LPIPS needs images of at least 16x16 pixels")
-        out = []
-        for i in range(0, pred.shape[0], self.batch_size):
-            p = pred[i : i + self.batch_size].float() * 2 - 1
-            t = target[i : i + self.batch_size].float() * 2 - 1
-            if p.shape[1] == 1:
-                p, t = p.expand(-1, 3, -1, -1), t.expand(-1, 3, -1, -1)
-            out.append(self.model(p, t).flatten().double())
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        out: list[list[torch.Tensor]] = [[] for _ in preds]
+        for i in range(0, target.shape[0], self.batch_size):
+            ref = self._features(target[i : i + self.batch_size])
+            for k, (pred, _) in enumerate(pairs):
+                out[k].append(self._distance(self._features(pred[i : i + self.batch_size]), ref))
+        return [
+            torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64) for chunks in out
+        ]
+
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Unit-normalised backbone activations per layer of images in [0, 1]."""
+        x = images.float() * 2 - 1
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        model = self.model
+        return [lpips_lib.normalize_tensor(f) for f in model.net(model.scaling_layer(x))]
+
+    def _distance(self, feats: list[torch.Tensor], ref: list[torch.Tensor]) -> torch.Tensor:
+        """The learned, spatially averaged distance between two feature stacks (per image)."""
+        lins = self.model.lins
+        total = 0
+        for layer, (a, b) in enumerate(zip(feats, ref)):
+            total = total + lins[layer]((a - b) ** 2).mean(dim=(2, 3), keepdim=True)
+        return total.flatten().double()
 
 
 def image_metrics(
@@ -110,4 +140,23 @@ def image_metrics(
             out[name] = (lpips or LPIPS())(pred, target)
         else:
             raise ValueError(f"unknown metric {name!r}; choose from {sorted(HIGHER_IS_BETTER)}")
+    return out
+
+
+def stage_metrics(
+    stages: Mapping[str, torch.Tensor],
+    target: torch.Tensor,
+    *,
+    names: Sequence[str] = ("mse", "psnr", "ssim", "lpips"),
+    lpips: LPIPS | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`image_metrics` of several reconstructions of the same images, as
+    ``{stage: {name: (N,) tensor}}``; LPIPS computes the target's features once for all stages."""
+    rest = [name for name in names if name != "lpips"]
+    out = {stage: image_metrics(img, target, names=rest) for stage, img in stages.items()}
+    if "lpips" in names:
+        scores = (lpips or LPIPS()).compare(list(stages.values()), target)
+        for stage, values in zip(stages, scores):
+            out[stage]["lpips"] = values
+        out = {stage: {name: out[stage][name] for name in names} for stage in out}
     return out

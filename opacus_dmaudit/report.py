@@ -226,28 +226,32 @@ def _plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def _grid_png(columns: list[list[np.ndarray]], row_names: list[str]) -> str:
+    """One PNG of images in a grid (a column per sample, a row per stage), drawn as one mosaic."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     nrow, ncol = len(row_names), len(columns)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.1 * ncol + 0.8, 1.1 * nrow), squeeze=False)
+    shapes = [img.shape for col in columns for img in col if img is not None]
+    h, w = max(s_[1] for s_ in shapes), max(s_[2] for s_ in shapes)
+    pad = max(2, h // 14)
+    mosaic = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for c, col in enumerate(columns):
         for r in range(nrow):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
             img = col[r]
             if img is None:
-                ax.axis("off")
                 continue
-            if img.shape[0] == 1:
-                ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
-            else:
-                ax.imshow(np.moveaxis(img, 0, -1))
-            if c == 0:
-                ax.set_ylabel(row_names[r], fontsize=8)
+            rgb = np.repeat(img, 3, axis=0) if img.shape[0] == 1 else img[:3]
+            top, left = pad + r * (h + pad), pad + c * (w + pad)
+            mosaic[top : top + img.shape[1], left : left + img.shape[2]] = np.moveaxis(rgb, 0, -1)
+    fig, ax = plt.subplots(figsize=(1.1 * ncol + 0.8, 1.1 * nrow))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(nrow)], row_names, fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
     return _png(fig)
 
 

@@ -52,5 +52,14 @@ def test_prior_mismatch_and_bounds_quick(shared_data):
 @pytest.mark.slow
 def test_overhead_quick():
     out = _run("overhead.py", "--rounds", "1", "--steps", "30")
-    for name in ("plain Opacus", "capture only", "audit every 10"):
-        assert name in out
+    rows = {
+        line[:18].strip(): line[18:].split()
+        for line in out.splitlines()
+        if line.startswith(("plain", "capture", "audit", "+ prior"))
+    }
+    assert len(rows) == 9, out
+    assert rows["plain Opacus"][1:] == ["1.000x", "1.000x", "1.000x"]
+    for name in ("plain again (A/A)", "capture only", "audit every 10", "+ prior every 50"):
+        ms, wall, cpu, steady = rows[name]
+        assert float(ms) > 0 and all(float(v.rstrip("x")) > 0 for v in (wall, cpu, steady))
+    assert "targets: capture only" in out

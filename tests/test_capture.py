@@ -198,5 +198,7 @@ def test_attach_errors_are_clear(mnist5k, tmp_path):
         auditor.attach(opt, block=other)
     with pytest.raises(ValueError, match="every_n_steps"):
         DMAuditor(log_dir=tmp_path, every_n_steps=0)
+    with pytest.raises(ValueError, match="sampler_min_stride"):
+        DMAuditor(log_dir=tmp_path, sampler_min_stride=0)
     with pytest.raises(ValueError, match="unknown metrics"):
         DMAuditor(log_dir=tmp_path, metrics=("psnr", "fid"))

