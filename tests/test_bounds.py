@@ -49,6 +49,25 @@ def test_rdp_and_profile_bounds_are_valid_and_ordered():
     assert later["rdp"] >= b["rdp"] and later["profile"] >= b["profile"]
 
 
+def test_run_bounds_rdp_equals_opacus_rdp_of_the_whole_run():
+    """The cached per-step curve times T is exactly Opacus's RDP of T steps (audits reuse it)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from opacus_dmaudit.bounds import DEFAULT_ORDERS
+
+    for q, sigma, steps in (
+        (0.256, 0.02, 150),
+        (0.064, 1.0, 60),
+        (0.004, 0.7, 37),
+        (0.064, 1.0, 7),
+    ):
+        rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=DEFAULT_ORDERS)
+        b = run_bounds(
+            noise_multiplier=sigma, sample_rate=q, steps=steps, kappa=1e-3, profile=False
+        )
+        assert b["rdp"] == rero_rdp(1e-3, DEFAULT_ORDERS, rdp)
+
+
 def test_profile_bound_of_a_gaussian_profile_equals_the_tradeoff_bound():
     """For an exactly µ-GDP profile, min_ε e^ε κ + δ(ε) is Φ(Φ⁻¹(κ) + µ) (the trade-off curve)."""
     import numpy as np
