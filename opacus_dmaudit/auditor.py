@@ -447,7 +447,7 @@ class DMAuditor:
             raw = raw_unclipped.clamp(0, 1)
             clean_img = scale(clean.images[found.bins[has_truth]]).clamp(0, 1)
             residual = (raw_unclipped - truth).flatten(1).std(dim=1)
-            stages = [("raw", raw_unclipped), ("clean", clean_img)]
+            stages = {"raw": raw_unclipped, "clean": clean_img}
             if self.prior is not None:
                 std = found.noise_std[has_truth].double() / (hi - lo)
                 dm = self.prior.denoise(
@@ -458,8 +458,8 @@ class DMAuditor:
                     min_stride=self.sampler_min_stride,
                     generator=self.generator,
                 )
-                stages.append(("dm", dm))
-            scores = stage_metrics(dict(stages), truth, names=self.metrics, lpips=self.lpips)
+                stages["dm"] = dm
+            scores = stage_metrics(stages, truth, names=self.metrics, lpips=self.lpips)
             for j, row in enumerate(has_truth):
                 images[row]["residual_std_raw"] = float(residual[j])
                 for stage, values in scores.items():

@@ -234,7 +234,7 @@ def _grid_png(columns: list[list[np.ndarray]], row_names: list[str]) -> str:
 
     nrow, ncol = len(row_names), len(columns)
     shapes = [img.shape for col in columns for img in col if img is not None]
-    h, w = max(s_[1] for s_ in shapes), max(s_[2] for s_ in shapes)
+    h, w = max(shape[1] for shape in shapes), max(shape[2] for shape in shapes)
     pad = max(2, h // 14)
     mosaic = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for c, col in enumerate(columns):
