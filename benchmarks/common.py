@@ -107,18 +107,19 @@ def opacus_readouts(
     capture.detach()
     truth, raw, std, found = [], [], [], []
     for c in steps:
+        sums = c.imprint
         ro = read_imprint(
-            c.weight_noised,
-            c.bias_noised,
+            sums.weight_noised,
+            sums.bias_noised,
             structure=capture.block.structure,
             image_shape=shape,
             noise_std=c.noise_std,
             clip_norm=c.max_grad_norm,
             value_range=capture.block.value_range,
         )
-        counts = (c.membership != 0).sum(dim=1)
+        counts = (sums.membership != 0).sum(dim=1)
         for b in (counts == 1).nonzero().flatten().tolist():
-            truth.append(c.inputs[(c.membership[b] != 0).nonzero()[0, 0]])
+            truth.append(c.inputs[(sums.membership[b] != 0).nonzero()[0, 0]])
             raw.append(ro.images[b])
             std.append(float(ro.noise_std[b]))
             found.append(bool(ro.occupied[b]))

@@ -74,7 +74,9 @@ def main(argv=None):
     parser.add_argument("--prior", default="embedded:mnist", help="'none' for no DM step")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps")
     parser.add_argument("--resume", default=None, metavar="CKPT")
-    parser.add_argument("--version", type=int, default=None, help="TensorBoardLogger version (resume into it)")
+    parser.add_argument(
+        "--version", type=int, default=None, help="TensorBoardLogger version (resume into it)"
+    )
     args = parser.parse_args(argv)
 
     pl.seed_everything(0, verbose=False)

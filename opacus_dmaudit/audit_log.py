@@ -1,9 +1,9 @@
 """The append-only audit log: one JSON object per audit in ``<log_dir>/audit.jsonl``.
 
 Each line is written whole, flushed and fsynced, so a crash loses at most the audit in progress.
-The log contains metrics only; files that hold images are written by other sinks. The directory is
-created owner-only (0700) and the log file owner-only (0600): audit artifacts describe private
-training data.
+The log contains metrics only; files that hold images are written by other sinks. The log file is
+owner-only (0600), in a folder :mod:`.logdir` prepares: audit artifacts describe private training
+data. The record format is written down in :mod:`.schema`.
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AuditLog", "read_audit_log", "make_private_dir"]
+from .logdir import private_mkdir, secure_file
+
+__all__ = ["AuditLog", "read_audit_log", "AuditLogError"]
 
 logger = logging.getLogger(__name__)
 
 
-def make_private_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) readable by the owner only; tighten it if it exists."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    return path
+class AuditLogError(ValueError):
+    """An audit log that cannot be read as audit records (the message says where and why)."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -49,7 +47,8 @@ class AuditLog:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        make_private_dir(self.path.parent)
+        private_mkdir(self.path.parent)
+        secure_file(self.path)
         self._drop_torn_tail()
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
@@ -109,17 +108,31 @@ class AuditLog:
 
 
 def read_audit_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read every complete record; a torn (partially written) last line is skipped."""
+    """Read every complete record; a torn (partially written) last line is skipped.
+
+    Raises:
+        AuditLogError: a line other than the last is not JSON, or a line is not an audit record
+            (a JSON object with an integer ``step``); the message names the line.
+    """
     records = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError:
+        raise AuditLogError(f"{path} is not a text file: is it an audit log?") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # the last line, cut off by a crash
                 continue
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+            raise AuditLogError(f"{path}: line {i + 1} is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise AuditLogError(f"{path}: line {i + 1} is not a JSON object (an audit record)")
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise AuditLogError(f"{path}: line {i + 1} has no integer 'step': not an audit record")
+        records.append(record)
     return records

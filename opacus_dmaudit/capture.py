@@ -16,6 +16,9 @@ only rank 0 adds noise, so the global privatised sum is read on rank 0 in a pre-
 original optimizer, after ``reduce_gradients``. On audit steps every rank sends its inputs and its
 clean clipped sum to rank 0 (two collectives); only rank 0 audits.
 
+Without an ``ImprintBlock`` (mechanism checks, shadow audits) the capture hooks the model's own
+forward for its inputs instead, and records no imprint sums.
+
 Nothing here writes to a tensor that training reads, draws random numbers, or runs the model.
 """
 
@@ -24,38 +27,75 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from opacus.optimizers import DPOptimizer
 
-from .imprint import ImprintBlock, find_imprint_block
+from .imprint import ImprintBlock, ImprintGeometry, find_imprint_block
 
-__all__ = ["CapturedStep", "GradientCapture", "clipping_mode"]
+__all__ = ["CapturedStep", "ImprintSums", "GradientCapture", "clipping_mode"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class CapturedStep:
-    """What one audited step revealed (all tensors are private copies on the CPU)."""
+class ImprintSums:
+    """The imprint layer's gradient sums at one step, and which samples fell into which bin.
 
-    step: int
+    Attributes:
+        geometry: the layer's readout geometry.
+        weight_noised, bias_noised: the privatised (clipped, noised) sums, ``(K, d)`` and ``(K,)``.
+        weight_clean, bias_clean: the clean clipped sums (no noise), same shapes.
+        membership: ``(K, B)`` integer matrix of the bins' members among the step's inputs
+            (see :meth:`ImprintBlock.membership`).
+        simulated: ``True`` when a shadow adversary produced the sums (no imprint in the model).
+    """
+
+    geometry: ImprintGeometry
     weight_noised: torch.Tensor
     bias_noised: torch.Tensor
     weight_clean: torch.Tensor
     bias_clean: torch.Tensor
-    inputs: torch.Tensor
     membership: torch.Tensor
+    simulated: bool = False
+
+
+@dataclass
+class CapturedStep:
+    """What one audited step revealed (all tensors are private copies on the CPU).
+
+    Attributes:
+        step: the optimizer step (1-based).
+        noise_multiplier, max_grad_norm: σ and C the optimizer used at this step.
+        denominator: the factor between ``p.grad`` and the noised sum.
+        clipping: ``"flat"``, ``"per_layer"`` or ``"adaptive"``.
+        inputs: the step's real inputs (of the ``ImprintBlock``, or of the hooked model).
+        imprint: the imprint layer's sums, or ``None`` without an imprint layer.
+        batch_sizes: the number of real samples of every step since the previous capture
+            (this one last), for the sampling check.
+        mechanism: statistics of the noise and clipping over all parameters (see
+            :mod:`.mechanism`), or ``None``.
+    """
+
+    step: int
     noise_multiplier: float
     max_grad_norm: float
     denominator: float
     clipping: str
+    inputs: torch.Tensor
+    imprint: ImprintSums | None = None
+    batch_sizes: list[int] = field(default_factory=list)
+    mechanism: dict | None = None
 
     @property
     def noise_std(self) -> float:
         """Std of the Gaussian noise per coordinate of the gradient sums (``σ·C``)."""
         return self.noise_multiplier * self.max_grad_norm
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs.shape[0])
 
 
 def clipping_mode(optimizer: DPOptimizer) -> str:
@@ -81,7 +121,10 @@ class GradientCapture:
 
     Args:
         optimizer: the optimizer returned by ``PrivacyEngine.make_private``.
-        block: the ``ImprintBlock`` to read; found through the optimizer's parameters if ``None``.
+        block: the ``ImprintBlock`` to read; found through the optimizer's parameters if ``None``
+            and ``model`` is not given.
+        model: without an ``ImprintBlock``: the module whose forward inputs are the batch (the
+            model ``make_private`` returned); the capture then records no imprint sums.
         should_capture: called with the 1-based index of the upcoming step; ``True`` to capture it.
         on_capture: receives each :class:`CapturedStep` right after the parameter update.
         start_step: steps already taken (so step numbers continue across resumes).
@@ -91,7 +134,8 @@ class GradientCapture:
         self,
         optimizer: DPOptimizer,
         *,
-        block: ImprintBlock | None,
+        block: ImprintBlock | None = None,
+        model: torch.nn.Module | None = None,
         should_capture: Callable[[int], bool],
         on_capture: Callable[[CapturedStep], None],
         start_step: int = 0,
@@ -102,10 +146,11 @@ class GradientCapture:
                 "auditor to the optimizer returned by PrivacyEngine.make_private(...)"
             )
         params = list(optimizer.params)
-        if block is None:
+        if block is None and model is None:
             block = find_imprint_block(params)
-        if not any(p is block.imprint.weight for p in params) or not any(
-            p is block.imprint.bias for p in params
+        if block is not None and (
+            not any(p is block.imprint.weight for p in params)
+            or not any(p is block.imprint.bias for p in params)
         ):
             raise ValueError(
                 "the ImprintBlock's weight and bias must both be trainable parameters of this "
@@ -113,8 +158,9 @@ class GradientCapture:
             )
         self.optimizer = optimizer
         self.block = block
+        self.model = model
         self.clipping = clipping_mode(optimizer)
-        if self.clipping == "per_layer":
+        if self.clipping == "per_layer" and block is not None:
             warnings.warn(
                 "per-layer clipping clips the imprint weight and bias by different factors: "
                 "images are recovered only up to scale, and their metrics suffer accordingly",
@@ -125,6 +171,8 @@ class GradientCapture:
         self._on_capture = on_capture
         self.step = int(start_step)
         self._inputs: list[torch.Tensor] = []
+        self._seen = 0  # real samples through the forward since the last step
+        self._batch_sizes: list[int] = []
         self._pending: CapturedStep | None = None
         self._previous_hook = None
         self._handles: list = []
@@ -147,10 +195,12 @@ class GradientCapture:
             raise RuntimeError("another auditor is attached to this optimizer; detach it first")
         self._previous_hook = self.optimizer.step_hook
         self.optimizer.attach_step_hook(self._step_hook)
+        watched = self.block if self.block is not None else self.model
         self._handles = [
-            self.block.register_forward_hook(self._forward_hook),
-            self.optimizer.original_optimizer.register_step_post_hook(self._post_step_hook),
+            self.optimizer.original_optimizer.register_step_post_hook(self._post_step_hook)
         ]
+        if watched is not None:
+            self._handles.append(watched.register_forward_hook(self._forward_hook))
         if self.distributed and self.rank == 0:
             self._handles.append(
                 self.optimizer.original_optimizer.register_step_pre_hook(self._reduced_hook)
@@ -171,6 +221,7 @@ class GradientCapture:
         self._handles = []
         self.optimizer._dmaudit_capture = None
         self._inputs = []
+        self._batch_sizes = []
         self._pending = None
         self._attached = False
 
@@ -179,19 +230,30 @@ class GradientCapture:
         return self._attached
 
     # -- hooks -----------------------------------------------------------------------------------
-    def _forward_hook(self, module: ImprintBlock, args: tuple, output: torch.Tensor) -> None:
-        if module.training and torch.is_grad_enabled() and self._should_capture(self.step + 1):
-            self._inputs.append(args[0].detach().to("cpu", copy=True))
+    def _forward_hook(self, module: torch.nn.Module, args: tuple, output) -> None:
+        if not (module.training and torch.is_grad_enabled()) or not args:
+            return
+        x = args[0]
+        if not isinstance(x, torch.Tensor):
+            return
+        self._seen += int(x.shape[0]) if x.dim() else 1
+        if self._should_capture(self.step + 1):
+            self._inputs.append(x.detach().to("cpu", copy=True))
 
     def _step_hook(self, optimizer: DPOptimizer) -> None:
         if self._previous_hook is not None:
             self._previous_hook(optimizer)  # the accountant first: never break ε
         self.step += 1
+        self._batch_sizes.append(self._seen)
+        self._seen = 0
         if self._should_capture(self.step):
             if self.distributed:
                 self._pending = self._snapshot_distributed(optimizer)
             else:
                 self._pending = self._snapshot(optimizer)
+            if self._pending is not None:
+                self._pending.batch_sizes = self._batch_sizes
+            self._batch_sizes = []
         self._inputs = []
 
     def _reduced_hook(self, *_args) -> None:
@@ -200,14 +262,17 @@ class GradientCapture:
             return
         opt = self.optimizer
         factor = _denominator(opt) * (opt.world_size if opt.loss_reduction == "mean" else 1)
+        self._pending.denominator = factor
+        sums = self._pending.imprint
+        if sums is None:
+            return
         with torch.no_grad():
             for name, p in (
                 ("weight", self.block.imprint.weight),
                 ("bias", self.block.imprint.bias),
             ):
                 noised = (p.grad.detach().double() * factor).float().cpu()
-                setattr(self._pending, f"{name}_noised", noised.reshape(p.shape))
-        self._pending.denominator = factor
+                setattr(sums, f"{name}_noised", noised.reshape(p.shape))
 
     def _post_step_hook(self, *_args) -> None:
         pending, self._pending = self._pending, None
@@ -222,32 +287,52 @@ class GradientCapture:
         """
         import torch.distributed as dist
 
-        weight, bias = self.block.imprint.weight, self.block.imprint.bias
         denom = _denominator(optimizer)
+        clean = None
         with torch.no_grad():
-            # rank 0 keeps its clean sum in summed_grad; Opacus makes the other ranks' p.grad a
-            # view of summed_grad and scales it in place, so their clean sum is p.grad * denom
-            if self.rank == 0:
-                local = [weight.summed_grad, bias.summed_grad]
-            else:
-                local = [weight.grad * denom, bias.grad * denom]
-            flat = torch.cat([t.detach().reshape(-1).double() for t in local])  # a copy
-            dist.reduce(flat, dst=0, op=dist.ReduceOp.SUM)
-            inputs = self._gather_inputs(weight.device)
+            if self.block is not None:
+                weight, bias = self.block.imprint.weight, self.block.imprint.bias
+                # rank 0 keeps its clean sum in summed_grad; Opacus makes the other ranks' p.grad
+                # a view of summed_grad and scales it in place, so their clean sum is p.grad·denom
+                if self.rank == 0:
+                    local = [weight.summed_grad, bias.summed_grad]
+                else:
+                    local = [weight.grad * denom, bias.grad * denom]
+                flat = torch.cat([t.detach().reshape(-1).double() for t in local])  # a copy
+                dist.reduce(flat, dst=0, op=dist.ReduceOp.SUM)
+                w_clean = flat[: weight.numel()].float().cpu().reshape(weight.shape)
+                clean = (w_clean, flat[weight.numel() :].float().cpu())
+            inputs = self._gather_inputs()
         if self.rank != 0:
             return None
-        w_clean = flat[: weight.numel()].float().cpu().reshape(weight.shape)
-        b_clean = flat[weight.numel() :].float().cpu()
-        zeros = (torch.zeros_like(w_clean), torch.zeros_like(b_clean))  # filled after all-reduce
-        return self._captured(optimizer, zeros, (w_clean, b_clean), inputs, denom)
+        noised = None
+        if clean is not None:  # the noised sums are filled after the all-reduce
+            noised = (torch.zeros_like(clean[0]), torch.zeros_like(clean[1]))
+        return self._captured(optimizer, noised, clean, inputs, denom)
 
-    def _gather_inputs(self, device: torch.device) -> torch.Tensor:
+    def _input_shape(self) -> tuple[int, ...]:
+        if self.block is not None:
+            return self.block.image_shape
+        return tuple(self._inputs[0].shape[1:]) if self._inputs else ()
+
+    def _gather_inputs(self) -> torch.Tensor:
         """Every rank's captured inputs, concatenated in rank order on rank 0 (empty elsewhere)."""
         import torch.distributed as dist
 
-        shape = self.block.image_shape
-        mine = torch.cat(self._inputs) if self._inputs else torch.zeros((0, *shape))
+        mine = torch.cat(self._inputs) if self._inputs else None
         world = dist.get_world_size()
+        # every rank learns the shape of one sample from a rank that has one
+        dims = torch.zeros(8, dtype=torch.long)
+        shape = self._input_shape()
+        if mine is not None and len(shape) <= 7:
+            dims[0] = len(shape) + 1
+            dims[1 : len(shape) + 1] = torch.tensor(shape, dtype=torch.long)
+        all_dims = [torch.zeros_like(dims) for _ in range(world)]
+        dist.all_gather(all_dims, dims)
+        known = next((d for d in all_dims if int(d[0]) > 0), None)
+        shape = tuple(int(v) for v in known[1 : int(known[0])]) if known is not None else ()
+        if mine is None:
+            mine = torch.zeros((0, *shape))
         count = torch.tensor([mine.shape[0]], dtype=torch.long)
         counts = [torch.zeros_like(count) for _ in range(world)]
         dist.all_gather(counts, count)
@@ -261,33 +346,43 @@ class GradientCapture:
         return torch.cat([b[: int(c)] for b, c in zip(bucket, counts)])
 
     def _snapshot(self, optimizer: DPOptimizer) -> CapturedStep:
-        weight, bias = self.block.imprint.weight, self.block.imprint.bias
         denom = _denominator(optimizer)
+        noised = clean = None
         with torch.no_grad():
-            w_noised = (weight.grad.detach().double() * denom).float().cpu()
-            b_noised = (bias.grad.detach().double() * denom).float().cpu()
-            w_clean = weight.summed_grad.detach().to("cpu", copy=True)
-            b_clean = bias.summed_grad.detach().to("cpu", copy=True)
+            if self.block is not None:
+                weight, bias = self.block.imprint.weight, self.block.imprint.bias
+                w_noised = (weight.grad.detach().double() * denom).float().cpu()
+                b_noised = (bias.grad.detach().double() * denom).float().cpu()
+                w_clean = weight.summed_grad.detach().to("cpu", copy=True)
+                b_clean = bias.summed_grad.detach().to("cpu", copy=True)
+                noised = (w_noised, b_noised)
+                clean = (w_clean.reshape(w_noised.shape), b_clean.reshape(b_noised.shape))
             if self._inputs:
                 inputs = torch.cat(self._inputs)
             else:
-                inputs = torch.zeros((0, *self.block.image_shape))
-        clean = (w_clean.reshape(w_noised.shape), b_clean.reshape(b_noised.shape))
-        return self._captured(optimizer, (w_noised, b_noised), clean, inputs, denom)
+                inputs = torch.zeros((0, *self._input_shape()))
+        return self._captured(optimizer, noised, clean, inputs, denom)
 
     def _captured(self, optimizer, noised, clean, inputs, denom) -> CapturedStep:
-        with torch.no_grad():
-            membership = self.block.membership(inputs.to(self.block.imprint.weight.device)).cpu()
+        imprint = None
+        if self.block is not None and noised is not None and clean is not None:
+            with torch.no_grad():
+                device = self.block.imprint.weight.device
+                membership = self.block.membership(inputs.to(device)).cpu()
+            imprint = ImprintSums(
+                geometry=self.block.geometry(),
+                weight_noised=noised[0],
+                bias_noised=noised[1],
+                weight_clean=clean[0],
+                bias_clean=clean[1],
+                membership=membership,
+            )
         return CapturedStep(
             step=self.step,
-            weight_noised=noised[0],
-            bias_noised=noised[1],
-            weight_clean=clean[0],
-            bias_clean=clean[1],
-            inputs=inputs,
-            membership=membership,
             noise_multiplier=float(optimizer.noise_multiplier),
             max_grad_norm=float(optimizer.max_grad_norm),
             denominator=denom,
             clipping=self.clipping,
+            inputs=inputs,
+            imprint=imprint,
         )

@@ -8,31 +8,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import SAMPLER_NAMES
+
 __all__ = ["main"]
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _reading(s: dict) -> str:
-    """One phrase per demo run: what an attacker with the gradient would have seen."""
-    raw, dm = s.get("success_raw") or 0.0, s.get("success_dm") or 0.0
-    if raw > 0.05:
-        return "training images visible in the gradient"
-    if dm > 0.05:
-        return "visible only after denoising with the prior"
-    if s.get("found_singletons"):
-        return "single images detected, not recognisable"
-    if s.get("occupied_bins"):
-        return "only blends of several images rise above the noise"
-    return "nothing visible"
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .summary import VERDICT_STATUSES, fmt
 
-    summaries = run_demo(
+    runs = run_demo(
         out_dir=args.out,
         noise_multipliers=args.noise_multipliers,
         steps=args.steps,
@@ -43,24 +28,31 @@ def _demo(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(
-        f"\n{'sigma':>8} {'epsilon':>10} {'single found/true':>18} {'LPIPS raw':>10} "
-        f"{'LPIPS DM':>9} {'success raw':>12} {'DM':>6}  reading"
+        f"\n{'sigma':>8} {'epsilon':>10} {'lone found/in batch':>20} {'LPIPS raw':>10} "
+        f"{'LPIPS DM':>9} {'success raw':>12} {'DM':>6}  verdict"
     )
-    for s in summaries:
-        found = f"{_fmt(s['found_singletons'], 'd')}/{_fmt(s['true_singletons'], 'd')}"
+    for run in runs:
+        s = run["summary"]
+        rates, means = s.get("mean_success_rate") or {}, s.get("mean_metrics") or {}
+        found = f"{s.get('found_singletons', 0)}/{s.get('true_singletons', 0)}"
         print(
-            f"{s['noise_multiplier']:>8g} {s['epsilon']:>10.3g} {found:>18} "
-            f"{_fmt(s['lpips_raw'], '.3f'):>10} {_fmt(s['lpips_dm'], '.3f'):>9} "
-            f"{_fmt(s['success_raw'], '.0%'):>12} {_fmt(s['success_dm'], '.0%'):>6}  {_reading(s)}"
+            f"{run['noise_multiplier']:>8g} {fmt(s.get('final_epsilon')):>10} {found:>20} "
+            f"{fmt(means.get('lpips_raw'), '.3f'):>10} {fmt(means.get('lpips_dm'), '.3f'):>9} "
+            f"{fmt(rates.get('raw'), '.0%'):>12} {fmt(rates.get('dm'), '.0%'):>6}  "
+            f"{VERDICT_STATUSES[run['verdict']['status']]}"
         )
     print(
-        "success: the share of each audited batch reconstructed to LPIPS <= 0.1 (mean over "
-        "audits); LPIPS: mean over the recovered images, lower is closer to the real image"
+        "lone: training images alone in an imprint bin, summed over audits; success: the share "
+        "of each audited batch reconstructed to LPIPS <= 0.1 (mean over audits); LPIPS: mean over "
+        "the recovered images, lower is closer to the real image"
     )
+    print("\nVerdicts:")
+    for run in runs:
+        print(f"  sigma {run['noise_multiplier']:g}: {run['verdict']['text']}")
     print("\nReports and audit logs (they contain private training images; owner-only):")
-    for s in summaries:
-        run_dir = Path(s["log"]).parent
-        print(f"  {run_dir / 'report.html'}   {s['log']}")
+    for run in runs:
+        run_dir = Path(run["log"]).parent
+        print(f"  {run_dir / 'report.html'}   {run['log']}")
     print(f"\nAll runs compared: {Path(args.out) / 'comparison.html'}")
     print(f"TensorBoard:  tensorboard --logdir {args.out}")
     return 0
@@ -93,12 +85,13 @@ def _train_prior(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .audit_log import AuditLogError
     from .report import build_report
 
     for log_dir in args.log_dirs:
         try:
             json_path, html_path = build_report(log_dir)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, PermissionError, AuditLogError) as err:
             raise ValueError(str(err)) from None
         print(f"{log_dir}: wrote {json_path} and {html_path}")
     print("The reports contain private training images (owner-only files); share them with care.")
@@ -128,9 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="diffusion prior: embedded:mnist (default), a local diffusers directory, a hub id, "
         "or 'none'",
     )
-    demo.add_argument(
-        "--sampler", default="ddim", choices=["ddim", "ddpm", "posterior-mean"], help="DM sampler"
-    )
+    demo.add_argument("--sampler", default="ddim", choices=list(SAMPLER_NAMES), help="DM sampler")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 

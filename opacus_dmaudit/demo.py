@@ -2,9 +2,9 @@
 
 The private training set is the held-out part of MNIST-5k (:func:`.data.mnist_5k_split`); the
 imprint bins are calibrated on the disjoint public part. Each noise multiplier gets its own run
-directory with an ``audit.jsonl``; every recovered image is also denoised with the diffusion prior
-(the embedded ``embedded:mnist`` by default, which never saw these digits). (TensorBoard and the
-HTML report plug in here as they land.)
+directory (``sigma_<σ>``: audit log, TensorBoard events, report); every recovered image is also
+denoised with the diffusion prior (the embedded ``embedded:mnist`` by default, which never saw these
+digits). A rerun into the same ``out_dir`` replaces the demo's earlier runs there.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .auditor import DMAuditor
 from .data import mnist_5k_split
 from .imprint import ImprintBlock
 from .prior import DiffusionPrior
+from .summary import summarize, verdict
 
 __all__ = ["run_demo", "digit_cnn"]
 
@@ -55,9 +56,17 @@ def run_demo(
     sampler: str = "ddim",
     progress: bool = True,
 ) -> list[dict]:
-    """Train and audit one run per noise multiplier; returns one summary per run."""
+    """Train and audit one run per noise multiplier.
+
+    Returns:
+        One dict per run: ``noise_multiplier``, ``log`` and ``report`` paths, the run's
+        :func:`~opacus_dmaudit.summary.summarize` as ``summary`` and its ``verdict``.
+    """
     if steps < 1 or every_n_steps < 1:
         raise ValueError("steps and every_n_steps must be positive")
+    bad = [s for s in noise_multipliers if not (s >= 0 and math.isfinite(s))]
+    if bad:
+        raise ValueError(f"noise multipliers must be finite and non-negative, got {bad}")
     if prior is not None and not isinstance(prior, DiffusionPrior):
         prior = DiffusionPrior.from_pretrained(prior)
     split = mnist_5k_split()
@@ -65,8 +74,6 @@ def run_demo(
     public = split["prior"][0]
     summaries = []
     for sigma in noise_multipliers:
-        if sigma < 0:
-            raise ValueError(f"noise multipliers must be non-negative, got {sigma}")
         torch.manual_seed(seed)
         block = ImprintBlock(image_shape=(1, 28, 28), num_bins=128).calibrate(public)
         model = nn.Sequential(block, digit_cnn())
@@ -91,6 +98,7 @@ def run_demo(
             every_n_steps=every_n_steps,
             prior=prior,
             sampler=sampler,
+            existing="overwrite",  # the demo's own earlier run of this σ
         )
         bar = tqdm(total=steps, desc=f"σ={sigma:g}", disable=not progress, unit="step")
         with auditor:
@@ -112,28 +120,14 @@ def run_demo(
                     if done == steps:
                         break
         bar.close()
-        last = auditor.history[-1] if auditor.history else {}
-        rates = {
-            stage: sum(r["success"].get(stage) or 0.0 for r in auditor.history)
-            / max(1, len(auditor.history))
-            for stage in ("raw", "dm")
-        }
+        summary = summarize(auditor.history)
         summaries.append(
             {
                 "noise_multiplier": sigma,
-                "epsilon": engine.get_epsilon(1e-5) if sigma > 0 else math.inf,
                 "log": str(run_dir / "audit.jsonl"),
                 "report": str(run_dir / "report.html"),
-                "audits": len(auditor.history),
-                "found_singletons": last.get("found_singletons"),
-                "true_singletons": last.get("true_singletons"),
-                "occupied_bins": last.get("occupied_bins"),
-                "success_raw": rates["raw"],
-                "success_dm": rates["dm"] if prior is not None else None,
-                **{
-                    key: (last.get("summary") or {}).get(key)
-                    for key in ("ssim_raw", "lpips_raw", "ssim_dm", "lpips_dm")
-                },
+                "summary": summary,
+                "verdict": verdict(summary),
             }
         )
     if summaries:

@@ -23,18 +23,32 @@ activations). With ``connection="none"`` the output is the imprint signal alone,
 Place the block first in the model, on inputs in ``value_range`` (default [0, 1]); put any input
 normalisation after it. Its only trainable parameters are the imprint layer's weight and bias, which
 Opacus clips and noises like any other ``nn.Linear``.
+
+**The bins stay where calibration put them.** The block evaluates its bins with fixed copies of the
+calibrated weight and bias (buffers) and lets the trainable ``nn.Linear`` carry only the gradient:
+``z = z_fixed + (z_trained − stop_grad(z_trained))`` has the value of the calibrated layer and the
+gradient of an ``nn.Linear``, whose per-sample gradient does not depend on its weights. Whatever the
+optimizer does to the parameters, every sample keeps falling into the bin calibration promised, so
+an audit cannot drift into blindness, while the gradient is clipped and noised like any other (and
+Opacus sees a plain ``nn.Linear`` in every grad-sample mode).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["ImprintBlock", "find_imprint_block"]
+__all__ = ["ImprintBlock", "ImprintGeometry", "find_imprint_block"]
+
+#: At most this many of the images given to ``calibrate`` are kept for the auditor's prior-fit
+#: check and its baseline κ̂ (public images only; never training data).
+KEEP_PUBLIC = 512
 
 _STRUCTURES = ("sparse", "cumulative")
 _DIRECTIONS = ("brightness", "random", "dct")
@@ -59,6 +73,17 @@ def _dct_direction(image_shape: tuple[int, int, int], mode: tuple[int, int]) -> 
     cols = torch.cos(math.pi * (torch.arange(w, dtype=torch.float64) + 0.5) * v / w)
     basis = rows[:, None] * cols[None, :]
     return basis.expand(c, h, w).reshape(-1)
+
+
+@dataclass(frozen=True)
+class ImprintGeometry:
+    """What the readout needs to know about an imprint layer (real or simulated)."""
+
+    structure: str
+    image_shape: tuple[int, int, int]
+    value_range: tuple[float, float]
+    num_bins: int
+    calibrated: bool
 
 
 class ImprintBlock(nn.Module):
@@ -143,6 +168,11 @@ class ImprintBlock(nn.Module):
 
         with torch.random.fork_rng(devices=[]):  # weights are overwritten; keep the user's RNG
             self.imprint = nn.Linear(d, num_bins)
+        self.register_buffer("fixed_weight", torch.zeros(num_bins, d))
+        self.register_buffer("fixed_bias", torch.zeros(num_bins))
+        self.calibrated = False
+        #: a sample of the public images given to :meth:`calibrate` (for the auditor's checks)
+        self.public_sample: torch.Tensor | None = None
         center, scale = self._default_projection_stats()
         self._set_bins(self._edges_from_normal(center, scale), scale)
         _REGISTRY[id(self.imprint.weight)] = self
@@ -186,7 +216,7 @@ class ImprintBlock(nn.Module):
             )
         k = self.num_bins
         self.edges.copy_(edges)
-        self.imprint.weight.copy_((self.measurement.double() / scale).expand(k, -1))
+        weight = (self.measurement.double() / scale).expand(k, -1)
         inf = math.inf
         if self.structure == "sparse":
             # row 0: h·x < e_1 ; row i >= 1: e_i <= h·x < e_{i+1}
@@ -199,7 +229,10 @@ class ImprintBlock(nn.Module):
             anchors = edges[:k]
             lower = torch.zeros(k, dtype=torch.float64)
             upper = torch.full((k,), inf, dtype=torch.float64)
-        self.imprint.bias.copy_(-anchors / scale)
+        for target in (self.fixed_weight, self.imprint.weight):
+            target.copy_(weight)
+        for target in (self.fixed_bias, self.imprint.bias):
+            target.copy_(-anchors / scale)
         self.lower.copy_(lower)
         self.upper.copy_(upper)
 
@@ -207,14 +240,43 @@ class ImprintBlock(nn.Module):
     def calibrate(self, x_public: torch.Tensor) -> ImprintBlock:
         """Set equal-mass bin edges from the projections of a public sample (never training data).
 
+        Up to :data:`KEEP_PUBLIC` of the images are kept as :attr:`public_sample` (a random
+        subset drawn with the block's own generator), so an auditor can measure how well its
+        prior fits this kind of data and what a guess without the gradient achieves.
+
         Args:
-            x_public: public images of shape ``(N, C, H, W)`` with ``N >= num_bins``.
+            x_public: public images of shape ``(N, C, H, W)`` with ``N >= num_bins``, in
+                ``value_range``.
 
         Returns:
             ``self``, so it chains.
+
+        Raises:
+            ValueError: wrong shape, too few images, or non-finite pixels.
         """
         x_public = torch.as_tensor(x_public)
         self._check_input(x_public)
+        bad = ~torch.isfinite(x_public)
+        if bool(bad.any()):
+            images = int(bad.flatten(1).any(dim=1).sum())
+            raise ValueError(
+                f"calibrate() got {int(bad.sum())} non-finite pixel values (NaN or inf) in "
+                f"{images} of {x_public.shape[0]} images: remove or repair those images; public "
+                "images must be finite pixel values in value_range"
+            )
+        lo, hi = self.value_range
+        tol = 1e-3 * (hi - lo)
+        outside = (x_public < lo - tol) | (x_public > hi + tol)
+        if bool(outside.any()):
+            warnings.warn(
+                f"calibrate(): {int(outside.flatten(1).any(dim=1).sum())} of {x_public.shape[0]} "
+                f"public images have pixels outside value_range [{lo:g}, {hi:g}] (min "
+                f"{float(x_public.min()):.4g}, max {float(x_public.max()):.4g}). Give the block "
+                "the pixels your training data has before any normalisation (e.g. [0, 1] "
+                "tensors), or construct it with the value_range of your data.",
+                UserWarning,
+                stacklevel=2,
+            )
         if x_public.shape[0] < self.num_bins:
             raise ValueError(
                 f"calibrate needs at least num_bins={self.num_bins} public images, "
@@ -229,7 +291,21 @@ class ImprintBlock(nn.Module):
         inner = torch.quantile(proj, probs)
         scale = float(proj.std()) if proj.numel() > 1 else 1.0
         self._set_bins(self._pad_edges(inner), max(scale, 1e-12))
+        self.calibrated = True
+        gen = torch.Generator().manual_seed(self.seed)
+        keep = torch.randperm(x_public.shape[0], generator=gen)[:KEEP_PUBLIC]
+        self.public_sample = x_public[keep].detach().float().cpu().clone()
         return self
+
+    def geometry(self) -> ImprintGeometry:
+        """The block's readout geometry (structure, image shape, value range, bins)."""
+        return ImprintGeometry(
+            structure=self.structure,
+            image_shape=self.image_shape,
+            value_range=self.value_range,
+            num_bins=self.num_bins,
+            calibrated=self.calibrated,
+        )
 
     # ------------------------------------------------------------------------------------------
     # forward
@@ -242,8 +318,13 @@ class ImprintBlock(nn.Module):
             )
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
-        """Bin activations ``a`` of shape ``(B, K)``; only the active row of a sample has slope 1."""
-        z = self.imprint(x.reshape(x.shape[0], self.imprint.in_features))
+        """Bin activations ``a`` of shape ``(B, K)``; only the active row of a sample has slope 1.
+
+        The bins are those of the calibration, however the parameters have moved."""
+        flat = x.reshape(x.shape[0], self.imprint.in_features)
+        trained = self.imprint(flat)  # Opacus's hooks see this call: its gradient is the imprint
+        fixed = nn.functional.linear(flat, self.fixed_weight, self.fixed_bias)
+        z = fixed + (trained - trained.detach())
         return torch.clamp(z, min=self.lower, max=self.upper)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,7 +338,7 @@ class ImprintBlock(nn.Module):
 
     @torch.no_grad()
     def membership(self, x: torch.Tensor) -> torch.Tensor:
-        """Which samples each readout bin contains, from the block's current parameters.
+        """Which samples each readout bin contains (the calibrated bins).
 
         Returns:
             An integer matrix ``M`` of shape ``(K, B)``: the exact (noise-free) readout of bin ``i``
@@ -267,8 +348,8 @@ class ImprintBlock(nn.Module):
         """
         self._check_input(x)
         flat = x.reshape(x.shape[0], self.imprint.in_features).to(self.imprint.weight.dtype)
-        # functional call: no module hooks (Opacus's or the auditor's) see this evaluation
-        z = nn.functional.linear(flat, self.imprint.weight, self.imprint.bias)
+        # functional call on the fixed weights: no module hooks (Opacus's or the auditor's) see it
+        z = nn.functional.linear(flat, self.fixed_weight, self.fixed_bias)
         active = ((z >= self.lower) & (z <= self.upper)).to(torch.int64).T  # (K, B)
         if self.structure == "sparse":
             return active

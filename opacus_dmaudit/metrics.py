@@ -16,10 +16,9 @@ import torch
 from skimage.metrics import structural_similarity
 
 from .lpips_weights import load_lpips
+from .schema import HIGHER_IS_BETTER
 
 __all__ = ["mse", "psnr", "ssim", "LPIPS", "HIGHER_IS_BETTER", "image_metrics", "stage_metrics"]
-
-HIGHER_IS_BETTER = {"mse": False, "psnr": True, "ssim": True, "lpips": False}
 
 
 def _prepare(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

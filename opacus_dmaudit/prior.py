@@ -6,8 +6,10 @@ noise-to-signal ratio ``σ_t = sqrt((1 − ᾱ_t)/ᾱ_t)`` is closest, and resca
 ``x_{t*} = sqrt(ᾱ_{t*})·y`` — a sample of the forward process at ``t*`` without fresh noise. The
 reverse process from ``t*`` then gives the reconstruction:
 
-* ``"ddpm"``: ancestral sampling through every step ``t*, t*−1, …, 0`` (the paper's loop);
-* ``"ddim"``: deterministic DDIM (η = 0) on a grid of ``steps`` timesteps from ``t*``;
+* ``"ddim-every-step"``: deterministic DDIM (η = 0) at every timestep ``t*, t*−1, …, 1`` (the
+  last model call's x̂0 is the result): the paper's loop (Algorithm 1, line 6);
+* ``"ddim"``: the same update on a coarser grid of at most ``steps`` timesteps from ``t*``;
+* ``"ancestral"``: DDPM ancestral sampling at every timestep (fresh noise at each step);
 * ``"posterior-mean"``: the one-shot estimate ``E[x_0 | x_{t*}]`` (best MSE, blurry).
 
 Each image may have its own noise level; the samplers run the batch with per-image timesteps.
@@ -21,6 +23,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,13 +36,64 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DiffusionPrior",
     "SAMPLERS",
+    "sampler_name",
+    "check_prior_name",
     "EMBEDDED_PRIORS",
     "sigma_schedule",
     "match_timesteps",
     "native_bf16",
 ]
 
-SAMPLERS = ("ddpm", "ddim", "posterior-mean")
+SAMPLERS = ("ddim", "ddim-every-step", "ancestral", "posterior-mean")
+
+#: The sampler's old name: ``"ddpm"`` was the ancestral sampler.
+_RENAMED = {"ddpm": "ancestral"}
+
+
+def sampler_name(sampler: str) -> str:
+    """The sampler's current name (``"ddpm"`` -> ``"ancestral"``, with a warning)."""
+    if sampler in _RENAMED:
+        warnings.warn(
+            f"sampler={sampler!r} is now called {_RENAMED[sampler]!r} (DDPM ancestral "
+            "sampling); the paper's Algorithm 1 is 'ddim-every-step'",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return _RENAMED[sampler]
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return sampler
+
+
+def check_prior_name(name_or_path: str | os.PathLike) -> None:
+    """Fail at once on a prior name that can only be a local path, when that path is missing.
+
+    A hub id is ``owner/name``; anything starting with ``.``, ``/`` or ``~``, holding more than one
+    ``/`` or a backslash, or whose first folder exists here, is a path, and a missing one raises
+    ``FileNotFoundError`` instead of minutes of Hub retries.
+    """
+    name = str(name_or_path)
+    if name.startswith("embedded:"):
+        _embedded_path(name.split(":", 1)[1])
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        return
+    looks_local = (
+        isinstance(name_or_path, os.PathLike)
+        or name.startswith((".", "/", "~"))
+        or name.count("/") != 1
+        or "\\" in name
+        or Path(name.split("/", 1)[0]).is_dir()
+    )
+    if looks_local:
+        raise FileNotFoundError(
+            f"no such directory: {name!r} (a prior is a local diffusers directory, a hub id "
+            "like 'google/ddpm-cifar10-32', or one of "
+            + ", ".join(f"embedded:{n}" for n in EMBEDDED_PRIORS)
+            + ")"
+        )
+
 
 #: Priors shipped inside the package (``"embedded:<name>"``), trained by ``dmaudit train-prior``.
 EMBEDDED_PRIORS = ("mnist", "natural")
@@ -169,10 +223,11 @@ class DiffusionPrior:
         from diffusers import DDPMScheduler, UNet2DModel
 
         name = str(name_or_path)
+        check_prior_name(name_or_path)
         if name.startswith("embedded:"):
             path: str = str(_embedded_path(name.split(":", 1)[1]))
         else:
-            path = name
+            path = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
         local = Path(path)
         if local.is_dir():
             unet_sub = "unet" if (local / "unet" / "config.json").is_file() else None
@@ -314,20 +369,20 @@ class DiffusionPrior:
             images: ``(N, C, H, W)`` noisy images in [0, 1] units (values outside are allowed).
             noise_std: per-pixel Gaussian noise std in [0, 1] units: one for all, one per image, or
                 ``None`` to estimate it per image (``skimage.restoration.estimate_sigma``).
-            sampler: ``"ddpm"``, ``"ddim"`` or ``"posterior-mean"``.
-            steps: the most DDIM steps from ``t*`` (ignored by the other samplers).
+            sampler: ``"ddim"``, ``"ddim-every-step"`` (the paper's loop), ``"ancestral"`` or
+                ``"posterior-mean"`` (see the module docstring).
+            steps: the most DDIM steps from ``t*`` (``"ddim"`` only).
             min_stride: fewest timesteps one DDIM step spans: an image whose ``t*`` is small
                 takes ``ceil((t* + 1) / min_stride)`` steps instead of ``steps`` (a readout with
                 little noise needs few steps). 1 always takes ``steps``.
-            generator: drives the noise of the ``"ddpm"`` sampler (a fresh seeded one if ``None``;
+            generator: drives the noise of the ``"ancestral"`` sampler (a fresh seeded one if ``None``;
                 the global RNG is never used).
             batch_size: images per model call.
 
         Returns:
             ``(N, C, H, W)`` reconstructions in [0, 1], on the CPU.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        sampler = sampler_name(sampler)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if not isinstance(min_stride, int) or min_stride < 1:
@@ -359,7 +414,10 @@ class DiffusionPrior:
             chunk = images[start : start + batch_size].float()
             y = self._to_model(chunk).to(self.device) * 2 - 1
             t_star = self.timesteps_for(s[start : start + batch_size])
-            n_steps = ((t_star + 1 + min_stride - 1) // min_stride).clamp(max=steps)
+            if sampler == "ddim-every-step":  # t*, t*−1, …, 1: t* model calls (one at t* = 0)
+                n_steps = t_star.clamp(min=1)
+            else:
+                n_steps = ((t_star + 1 + min_stride - 1) // min_stride).clamp(max=steps)
             x0 = self._reverse(y, t_star, sampler=sampler, steps=n_steps, generator=generator)
             out.append(self._from_model(((x0 + 1) / 2).clamp(0, 1).cpu(), shape))
         return torch.cat(out)
@@ -369,9 +427,9 @@ class DiffusionPrior:
         x = a_star.sqrt() * y  # = y / sqrt(1 + σ_{t*}^2): x_{t*} without fresh noise
         if sampler == "posterior-mean":
             return self._predict(x, t_star)[0]
-        if sampler == "ddim":
+        if sampler in ("ddim", "ddim-every-step"):
             return self._ddim(x, t_star, steps)
-        return self._ddpm(x, t_star, generator)
+        return self._ancestral(x, t_star, generator)
 
     def _ddim(self, x, t_star, steps: torch.Tensor) -> torch.Tensor:
         """DDIM (η = 0); image ``i`` takes ``steps[i]`` steps on its own grid from ``t*_i``."""
@@ -392,7 +450,7 @@ class DiffusionPrior:
             x[dev] = torch.where(last, x[dev], step)
         return x0
 
-    def _ddpm(self, x, t_star, generator) -> torch.Tensor:
+    def _ancestral(self, x, t_star, generator) -> torch.Tensor:
         ac = self.alphas_cumprod
         x0 = torch.zeros_like(x)
         for t in range(int(t_star.max()), -1, -1):

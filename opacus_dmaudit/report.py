@@ -1,9 +1,9 @@
 """The audit report: ``report.json`` and one self-contained ``report.html`` from a log directory.
 
 Works on whatever the log holds — a finished run, or one that crashed (a torn last line of
-``audit.jsonl`` is skipped). Inputs, all under the log dir: ``audit.jsonl`` (one record per audit),
-``run.json`` (configuration, written at attach) and ``images/step_*.npz`` (truth, raw readout and
-DM reconstruction of each audit as uint8 arrays; loaded without pickle).
+``audit.jsonl`` is skipped, an unreadable image file is left out and said so). Inputs, all under
+the log dir (:mod:`.logdir`): ``audit.jsonl``, ``run.json`` and ``images/step_*.npz`` (loaded
+without pickle). The conclusions come from :mod:`.summary`, the record layout from :mod:`.schema`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import datetime as _dt
 import html
 import io
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -20,218 +21,130 @@ from typing import Any
 
 import numpy as np
 
-from .audit_log import make_private_dir, read_audit_log
+from .audit_log import read_audit_log
+from .logdir import LogDir, load_images, package_versions, private_mkdir, write_private
+from .schema import METRICS, MODES, STAGES, parse_metric_key, upgrade_record
+from .summary import fmt, summarize, verdict
 
-__all__ = [
-    "build_report",
-    "build_comparison",
-    "package_versions",
-    "save_audit_images",
-    "load_audit_images",
-]
+__all__ = ["build_report", "build_comparison", "load_audit_images", "PRIVATE_NOTICE"]
+
+logger = logging.getLogger(__name__)
 
 PRIVATE_NOTICE = (
     "This report contains images of private training data (true training images and their "
     "reconstructions). Keep it where only people allowed to see the training data can read it."
 )
 
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that decide what the audit computed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("opacus-dmaudit", "opacus", "torch", "diffusers", "lpips", "scikit-image"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
-
-
-def save_audit_images(log_dir: str | os.PathLike, step: int, **images) -> Path:
-    """Store an audit's images (``(N, C, H, W)`` in [0, 1]) as uint8 in ``images/step_N.npz``."""
-    folder = make_private_dir(Path(log_dir) / "images")
-    arrays = {}
-    for name, img in images.items():
-        if img is None:
-            continue
-        arr = np.asarray(img.detach().float().clamp(0, 1).cpu().numpy() * 255 + 0.5)
-        arrays[name] = arr.astype(np.uint8)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    path = folder / f"step_{int(step):08d}.npz"
-    _write_private(path, buf.getvalue())
-    return path
-
-
-def load_audit_images(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read an audit's images back (no pickle: object arrays are refused)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
-
-
-# -- summary and verdict ------------------------------------------------------------------------
-def _mean(values):
-    vals = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else None
-
-
-def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run-level numbers: final ε, mean metrics per stage, success rates beside the bounds."""
-    if not records:
-        return {"audits": 0}
-    last = records[-1]
-    keys = sorted({k for r in records for k in (r.get("summary") or {})})
-    means = {k: _mean([(r.get("summary") or {}).get(k) for r in records]) for k in keys}
-    stages = sorted({s for r in records for s in (r.get("success") or {})})
-    success = {s: _mean([(r.get("success") or {}).get(s) for r in records]) for s in stages}
-    return {
-        "audits": len(records),
-        "first_step": records[0]["step"],
-        "last_step": last["step"],
-        "final_epsilon": last.get("epsilon"),
-        "delta": last.get("delta"),
-        "noise_multiplier": last.get("noise_multiplier"),
-        "mu_step": last.get("mu_step"),
-        "sample_rate": last.get("sample_rate"),
-        "kappa": last.get("kappa"),
-        "success_criterion": last.get("success_criterion"),
-        "mean_success_rate": success,
-        "final_bounds": last.get("bounds"),
-        "mean_metrics": means,
-        "found_singletons": sum(r.get("found_singletons") or 0 for r in records),
-        "true_singletons": sum(r.get("true_singletons") or 0 for r in records),
-    }
-
-
-def _fmt(value, spec=".3g") -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) and math.isinf(value):
-        return "∞"
-    return format(value, spec)
-
-
-def verdict(summary: dict[str, Any]) -> str:
-    """One paragraph that says what the audit found, in plain words."""
-    if not summary.get("audits"):
-        return "No audit was recorded, so nothing can be said about this run."
-    crit = summary.get("success_criterion") or {}
-    op = "≥" if crit.get("higher_is_better") else "≤"
-    rule = f"{str(crit.get('metric', '?')).upper()} {op} {crit.get('threshold', '?')}"
-    rates = summary.get("mean_success_rate") or {}
-    raw, dm = rates.get("raw"), rates.get("dm")
-    bound = (summary.get("final_bounds") or {}).get("single_step")
-    eps = summary.get("final_epsilon")
-    parts = [
-        f"Over {summary['audits']} audits (steps {summary['first_step']}–{summary['last_step']}), "
-        f"at noise multiplier σ = {_fmt(summary.get('noise_multiplier'))} "
-        f"(ε = {_fmt(eps)} at δ = {_fmt(summary.get('delta'))}),"
-    ]
-    parts.append(
-        f"the raw readouts reconstructed {_fmt(raw, '.1%') if raw is not None else 'n/a'} of each "
-        f"audited batch to the criterion {rule}"
-    )
-    if dm is not None:
-        parts.append(f"and the diffusion prior {_fmt(dm, '.1%')}.")
-    else:
-        parts[-1] += "."
-    if bound is not None:
-        parts.append(
-            f"For one step of this mechanism, no attack can exceed a success rate of "
-            f"{_fmt(bound, '.3g')} (ReRo bound at baseline κ = {_fmt(summary.get('kappa'))})."
-        )
-    best = max([r for r in (raw, dm) if r is not None], default=None)
-    if best is not None and best > 0.05:
-        parts.append(
-            "Training images are visibly recoverable from single privatised gradients: the noise "
-            "level does not hide individual images from an attacker who controls the model."
-        )
-    elif best is not None:
-        parts.append(
-            "No image was recovered to the criterion: at this noise level the audit shows no "
-            "visible leakage (which is evidence, not proof: the bounds above are the guarantee)."
-        )
-    return " ".join(parts)
+#: Backwards-compatible name of :func:`~opacus_dmaudit.logdir.load_images`.
+load_audit_images = load_images
 
 
 # -- plots and images ---------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _pyplot().close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _series(records, get) -> list[float]:
     out = []
-    steps = [r["step"] for r in records]
-    eps = [r.get("epsilon") for r in records]
-    keys = sorted({k for r in records for k in (r.get("summary") or {})})
-    metrics = sorted({k.rsplit("_", 1)[0] for k in keys})
-    finite_eps = all(isinstance(e, int | float) and math.isfinite(e) for e in eps)
-    for metric in metrics:
-        fig, axes = plt.subplots(1, 2 if finite_eps else 1, figsize=(9 if finite_eps else 4.5, 3))
-        axes = np.atleast_1d(axes)
-        for key in [k for k in keys if k.rsplit("_", 1)[0] == metric]:
-            ys = [(r.get("summary") or {}).get(key) for r in records]
-            ys = [np.nan if y is None else y for y in ys]
-            axes[0].plot(steps, ys, marker="o", label=key.rsplit("_", 1)[1])
-            if finite_eps:
-                axes[1].plot(eps, ys, marker="o", label=key.rsplit("_", 1)[1])
-        axes[0].set_xlabel("step")
-        axes[0].set_ylabel(metric.upper())
-        axes[0].legend()
-        if finite_eps:
-            axes[1].set_xlabel("ε")
-            axes[1].set_ylabel(metric.upper())
-        out.append((f"{metric.upper()} against step and ε", _png(fig)))
-    if any(r.get("success") for r in records):
-        fig, axes = plt.subplots(1, 2 if finite_eps else 1, figsize=(9 if finite_eps else 4.5, 3))
-        axes = np.atleast_1d(axes)
-        for stage in sorted({s for r in records for s in (r.get("success") or {})}):
-            ys = [(r.get("success") or {}).get(stage) for r in records]
-            ys = [np.nan if y is None else y for y in ys]
-            axes[0].plot(steps, ys, marker="o", label=f"{stage} success")
-            if finite_eps:
-                axes[1].plot(eps, ys, marker="o", label=f"{stage} success")
-        for name in sorted({n for r in records for n in (r.get("bounds") or {})}):
-            ys = [(r.get("bounds") or {}).get(name) for r in records]
-            ys = [np.nan if y is None else y for y in ys]
-            axes[0].plot(steps, ys, linestyle="--", label=f"bound: {name}")
-        axes[0].set_xlabel("step")
-        axes[0].set_ylabel("success rate")
-        axes[0].set_ylim(-0.02, 1.02)
-        axes[0].legend(fontsize=7)
-        if finite_eps:
-            axes[1].set_xlabel("ε")
-            axes[1].set_ylim(-0.02, 1.02)
-        out.append(("Reconstruction success rate and ReRo bounds", _png(fig)))
+    for r in records:
+        v = get(r)
+        out.append(float(v) if isinstance(v, int | float) and not isinstance(v, bool) else np.nan)
     return out
 
 
-def _grid_png(columns: list[list[np.ndarray]], row_names: list[str]) -> str:
-    """One PNG of images in a grid (a column per sample, a row per stage), drawn as one mosaic."""
-    import matplotlib
+def _plots(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """``(title, caption, png)`` of every chart of the report."""
+    plt = _pyplot()
+    out = []
+    steps = [r["step"] for r in records]
+    eps = _series(records, lambda r: r.get("epsilon"))
+    finite_eps = all(math.isfinite(e) for e in eps)
+    pairs = {parse_metric_key(k) for r in records for k in (r.get("summary") or {})} - {None}
+    for metric in [m for m in METRICS if any(p[0] == m for p in pairs)]:
+        fig, axes = plt.subplots(1, 2 if finite_eps else 1, figsize=(9 if finite_eps else 4.5, 3))
+        axes = np.atleast_1d(axes)
+        for stage in [s for s in STAGES if (metric, s) in pairs]:
+            ys = _series(records, lambda r, k=f"{metric}_{stage}": (r.get("summary") or {}).get(k))
+            axes[0].plot(steps, ys, marker="o", label=stage)
+            if finite_eps:
+                axes[1].plot(eps, ys, marker="o", label=stage)
+        label = METRICS[metric].label
+        axes[0].set_xlabel("step")
+        axes[0].set_ylabel(label)
+        axes[0].legend()
+        if finite_eps:
+            axes[1].set_xlabel("ε")
+            axes[1].set_ylabel(label)
+        better = "higher" if METRICS[metric].higher_is_better else "lower"
+        out.append(
+            (
+                f"{label} against step and ε",
+                f"Mean over the recovered images; {better} is closer to the real image.",
+                _png(fig),
+            )
+        )
+    if any(r.get("success") for r in records):
+        fig, ax = plt.subplots(figsize=(6, 3))
+        for stage in [s for s in STAGES if any(s in (r.get("success") or {}) for r in records)]:
+            ys = _series(records, lambda r, s=stage: (r.get("success") or {}).get(s))
+            ax.plot(steps, ys, marker="o", label=f"success: {stage}")
+        for name in sorted({n for r in records for n in (r.get("bounds") or {})}):
+            ys = _series(records, lambda r, n=name: (r.get("bounds") or {}).get(n))
+            ax.plot(steps, ys, linestyle="--", label=f"bound: {name}")
+        kappa = _series(records, lambda r: r.get("kappa"))
+        ax.plot(steps, kappa, linestyle=":", color="grey", label="baseline κ")
+        ax.set_xlabel("step")
+        ax.set_ylabel("share of the batch")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+        out.append(
+            (
+                "Reconstruction success per audit and the bound for that step",
+                "Success: the share of an audited batch reconstructed to the criterion, given "
+                "the images were in that step. Bounds: no attack on that one step can exceed "
+                "them (same event, same criterion). κ: what a guess without the gradient gets.",
+                _png(fig),
+            )
+        )
+    if any(r.get("run_bounds") for r in records):
+        fig, ax = plt.subplots(figsize=(6, 3))
+        for name in sorted({n for r in records for n in (r.get("run_bounds") or {})}):
+            ys = _series(records, lambda r, n=name: (r.get("run_bounds") or {}).get(n))
+            style = ":" if "approx" in name or "clt" in name else "-"
+            ax.plot(steps, ys, linestyle=style, marker=".", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("bound")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+        out.append(
+            (
+                "Whole-run reconstruction bounds",
+                "Another event than the per-audit success: an attack on a training image using "
+                "every step so far (subsampled and composed). Dotted: an approximation, not a "
+                "bound.",
+                _png(fig),
+            )
+        )
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _grid_png(
+    columns: list[list[np.ndarray | None]], row_names: list[str], captions: list[str]
+) -> str:
+    """One PNG of images in a grid (a column per sample, a row per stage) with captions."""
+    plt = _pyplot()
     nrow, ncol = len(row_names), len(columns)
     shapes = [img.shape for col in columns for img in col if img is not None]
     h, w = max(shape[1] for shape in shapes), max(shape[2] for shape in shapes)
@@ -245,9 +158,11 @@ def _grid_png(columns: list[list[np.ndarray]], row_names: list[str]) -> str:
             rgb = np.repeat(img, 3, axis=0) if img.shape[0] == 1 else img[:3]
             top, left = pad + r * (h + pad), pad + c * (w + pad)
             mosaic[top : top + img.shape[1], left : left + img.shape[2]] = np.moveaxis(rgb, 0, -1)
-    fig, ax = plt.subplots(figsize=(1.1 * ncol + 0.8, 1.1 * nrow))
+    fig, ax = plt.subplots(figsize=(1.15 * ncol + 0.9, 1.1 * nrow + 0.6))
     ax.imshow(mosaic, interpolation="nearest")
-    ax.set_xticks([])
+    ax.set_xticks(
+        [pad + c * (w + pad) + w / 2 for c in range(ncol)], captions, fontsize=6, linespacing=1.1
+    )
     ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(nrow)], row_names, fontsize=8)
     ax.tick_params(length=0)
     for side in ax.spines.values():
@@ -255,55 +170,87 @@ def _grid_png(columns: list[list[np.ndarray]], row_names: list[str]) -> str:
     return _png(fig)
 
 
-def _best_worst(log_dir: Path, records, *, count: int = 8):
-    """Best and worst scored reconstructions across audits, as image-grid PNGs."""
-    stage = (
-        "dm"
-        if any("lpips_dm" in im or "mse_dm" in im for r in records for im in r["images"])
-        else "raw"
+def _scored_metric(records) -> tuple[str, str] | None:
+    """The (metric, stage) that ranks reconstructions: the success metric, at the DM stage if any."""
+    crit = next(
+        (r.get("success_criterion") for r in reversed(records) if r.get("success_criterion")), {}
     )
-    metric = next(
-        (
-            m
-            for m in ("lpips", "ssim", "mse")
-            if any(f"{m}_{stage}" in im for r in records for im in r["images"])
-        ),
-        None,
-    )
-    if metric is None:
-        return None
-    higher = metric == "ssim"
-    items = []
+    stage = "dm" if any(r.get("denoiser") for r in records) else "raw"
+    candidates = [crit.get("metric")] + [m for m in ("lpips", "ssim", "psnr", "mse")]
+    for metric in candidates:
+        if metric in METRICS and any(
+            f"{metric}_{stage}" in im for r in records for im in r["images"]
+        ):
+            return metric, stage
+    return None
+
+
+def _caption(step: int, im: dict[str, Any], metric: str) -> str:
+    parts = [f"step {step} bin {im.get('bin')}"]
+    for stage in ("raw", "dm"):
+        value = im.get(f"{metric}_{stage}")
+        if value is not None:
+            parts.append(f"{stage} {METRICS[metric].label} {fmt(value, '.3f')}")
+    if im.get("collision") or (im.get("true_count") or 1) > 1:
+        parts.append(f"blend of {im.get('true_count')}")
+    return "\n".join(parts)
+
+
+def _image_grids(logdir: LogDir, records, *, count: int = 8) -> dict[str, Any]:
+    """Best and worst scored reconstructions across audits, and missed lone images, as PNGs."""
+    out: dict[str, Any] = {"skipped": []}
+    cache: dict[int, dict[str, np.ndarray] | None] = {}
+
+    def arrays(step: int):
+        if step not in cache:
+            cache[step] = logdir.load_images(step)
+            if cache[step] is None and logdir.image_file(step).exists():
+                out["skipped"].append(step)
+        return cache[step]
+
+    ranked = _scored_metric(records)
+    if ranked is not None:
+        metric, stage = ranked
+        items = []
+        for r in records:
+            scored = [im for im in r["images"] if f"{metric}_raw" in im]
+            for j, im in enumerate(scored):
+                value = im.get(f"{metric}_{stage}")
+                if value is not None and math.isfinite(value):
+                    items.append((value, r["step"], j, im))
+        items.sort(key=lambda it: it[0], reverse=METRICS[metric].higher_is_better)
+
+        def grid(selection):
+            cols, caps = [], []
+            for _, step, j, im in selection:
+                data = arrays(step)
+                if data is None or "truth" not in data or j >= data["truth"].shape[0]:
+                    continue
+                cols.append([data[k][j] if k in data else None for k in ("truth", "raw", "dm")])
+                caps.append(_caption(step, im, metric))
+            if not cols:
+                return None
+            return _grid_png(cols, ["truth", "raw readout", "DM"], caps)
+
+        if items:
+            out["metric"] = f"{METRICS[metric].label} ({stage})"
+            out["best"] = grid(items[:count])
+            out["worst"] = grid(items[-count:][::-1])
+    missed_cols, missed_caps = [], []
     for r in records:
-        path = log_dir / "images" / f"step_{int(r['step']):08d}.npz"
-        if not path.is_file():
-            continue
-        scored = [im for im in r["images"] if f"{metric}_raw" in im]
-        for j, im in enumerate(scored):
-            items.append((im.get(f"{metric}_{stage}"), path, j, r["step"]))
-    items = [it for it in items if it[0] is not None]
-    if not items:
-        return None
-    items.sort(key=lambda it: it[0], reverse=higher)
-    cache: dict[Path, dict[str, np.ndarray]] = {}
-
-    def columns(selection):
-        cols = []
-        for _, path, j, _ in selection:
-            arrays = cache.setdefault(path, load_audit_images(path))
-            cols.append([arrays[k][j] if k in arrays else None for k in ("truth", "raw", "dm")])
-        return cols
-
-    rows = ["truth", "raw readout", "DM"]
-    best = items[:count]
-    worst = items[-count:][::-1]
-    return {
-        "metric": f"{metric}_{stage}",
-        "best": _grid_png(columns(best), rows),
-        "worst": _grid_png(columns(worst), rows),
-        "best_values": [(it[3], it[0]) for it in best],
-        "worst_values": [(it[3], it[0]) for it in worst],
-    }
+        for j, m in enumerate(r.get("missed") or []):
+            if len(missed_cols) >= count:
+                break
+            data = arrays(r["step"])
+            if data is None or "missed_truth" not in data or j >= data["missed_truth"].shape[0]:
+                continue
+            missed_cols.append([data["missed_truth"][j], data["missed_raw"][j]])
+            missed_caps.append(
+                f"step {r['step']} bin {m.get('bin')}\nnoise std {fmt(m.get('noise_std'), '.2g')}"
+            )
+    if missed_cols:
+        out["missed"] = _grid_png(missed_cols, ["truth", "raw readout"], missed_caps)
+    return out
 
 
 EXPLANATION = """
@@ -313,20 +260,21 @@ layer. From the privatised (clipped and noised) gradient of a step, each singly-
 the image back plus Gaussian noise whose size the noise multiplier σ sets. The <em>raw readout</em>
 is that noisy image; the <em>DM reconstruction</em> denoises it with a diffusion model trained on
 public images of the same kind; the <em>clean</em> stage reads the clipped gradient before noise
-(what an attacker would get without DP).</p>
+(what an attacker would get without DP). In <em>shadow</em> mode the imprint layer is simulated on
+the real batch at this run's clipping bound and noise; the model itself has none.</p>
 <p><strong>What it can show:</strong> whether training images are recognisable from one step's
 privatised gradient, for this model, data and noise level; how this compares with the formal
-reconstruction-robustness (ReRo) bounds.</p>
-<p><strong>What it cannot show:</strong> that a run is private. A failed reconstruction is evidence,
-not proof. And <strong>at high noise the DM output is a plausible sample of the prior, not evidence
-of leakage</strong>: a crisp digit may be a digit the prior invented. Judge reconstructions by their
-agreement with the truth (the metrics), never by how realistic they look.</p>
-<p>The bounds: for a baseline κ (the success rate of guessing without the gradient; 1/N for
-singling out one of N training images by default) no attack can succeed with probability above
-the bound. <em>single_step</em> is the exact bound for one Gaussian step with µ = 1/σ (what this
-audit's attack sees); <em>rdp</em> and <em>profile</em> cover the whole run so far (Rényi DP and the
-PRV privacy profile); <em>clt_gdp</em> is the CLT µ-GDP approximation, which can be optimistic at
-small σ and few steps.</p>
+reconstruction-robustness (ReRo) bounds; whether the DP mechanism matches what the accountant
+assumes (the checks).</p>
+<p><strong>What it cannot show:</strong> that a run is private. A failed reconstruction is evidence
+about this attack, not proof; the bounds are the guarantee. And <strong>at high noise the DM output
+is a plausible sample of the prior, not evidence of leakage</strong>: a crisp digit may be a digit
+the prior invented. Judge reconstructions by their agreement with the truth (the metrics), never by
+how realistic they look.</p>
+<p>The bounds: for a baseline κ (the success rate at the same criterion of the best guess without
+the gradient) no attack can succeed with probability above the bound. The per-audit bounds are
+for the step the audit reads (one Gaussian mechanism), the same event as the per-audit success
+rate; the whole-run bounds cover an attack that may use every step so far, another event.</p>
 """
 
 
@@ -335,85 +283,144 @@ def _head(title: str) -> str:
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+        "<style>body{font-family:sans-serif;max-width:64em;margin:2em auto;padding:0 1em}"
         ".notice{background:#fff3cd;border:2px solid #c90;padding:.8em;font-weight:bold}"
+        ".fail{background:#f8d7da;border:2px solid #b02a37;padding:.8em;color:#58151c}"
+        ".warn{background:#fff8e1;border:1px solid #c90;padding:.5em}"
+        "td.fail,td.warn{padding:2px 6px}"
         "table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #bbb;padding:2px 6px}"
-        "img{max-width:100%}</style></head><body>"
+        "img{max-width:100%}figcaption{font-size:.85em;color:#444}</style></head><body>"
     )
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
+def _table(rows: list[list[str]], header: list[str], classes: list[str] | None = None) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
+    body = []
+    for i, row in enumerate(rows):
+        cls = f" class='{classes[i]}'" if classes and classes[i] else ""
+        body.append(
+            "<tr" + cls + ">" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+        )
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _figure(title: str, png: str | None, caption: str = "") -> str:
+    if png is None:
+        return ""
+    esc = html.escape
+    return (
+        f"<figure><img alt='{esc(title)}' src='data:image/png;base64,{png}'>"
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
     )
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _checks_html(summary: dict[str, Any]) -> str:
+    checks = summary.get("checks") or {}
+    if not checks:
+        return "<p>No checks were recorded (a log written before checks existed).</p>"
+    rows, classes = [], []
+    for name, c in checks.items():
+        rows.append(
+            [name, c["status"], f"{c['pass']}/{c['warn']}/{c['fail']}", c.get("detail") or ""]
+        )
+        classes.append("" if c["status"] == "pass" else c["status"])
+    return _table(rows, ["check", "worst status", "pass/warn/fail", "detail"], classes)
 
 
 def _html(report: dict[str, Any], plots, grids) -> str:
     esc = html.escape
     s = report["summary"]
-    audits_rows = []
-    for r in report["audits"]:
-        succ = r.get("success") or {}
-        b = r.get("bounds") or {}
-        audits_rows.append(
-            [
-                str(r["step"]),
-                _fmt(r.get("epsilon")),
-                f"{r.get('found_singletons')}/{r.get('true_singletons')}",
-                _fmt(succ.get("raw"), ".2f"),
-                _fmt(succ.get("dm"), ".2f"),
-                _fmt(b.get("single_step"), ".3g"),
-                _fmt(b.get("rdp"), ".3g"),
-                _fmt(b.get("profile"), ".3g"),
-            ]
-        )
+    v = report["verdict"]
     parts = [
         _head("opacus-dmaudit report"),
         f"<p class='notice' id='private-notice'>⚠ {esc(PRIVATE_NOTICE)}</p>",
         "<h1>Visual privacy audit</h1>",
-        f"<p id='verdict'>{esc(report['verdict'])}</p>",
-        "<h2>Run</h2>",
-        _table(
+    ]
+    failed = [name for name, c in (s.get("checks") or {}).items() if c["status"] == "fail"]
+    if failed:
+        parts.append(
+            "<div class='fail' id='failed-checks'><strong>Failed checks: "
+            + esc(", ".join(failed))
+            + ".</strong> This audit is invalid; see the checks below.</div>"
+        )
+    parts.append(f"<h2 id='headline'>{esc(v['headline'])}</h2>")
+    parts.append(f"<p id='verdict'>{esc(v['text'])}</p>")
+    parts.append("<h2>Checks</h2>" + _checks_html(s))
+    parts.append("<h2>Run</h2>")
+    mode = s.get("mode") or "imprint"
+    privacy_rows = [["audit mode", MODES.get(mode, mode)]]
+    for key, value in report["privacy"].items():
+        privacy_rows.append([key, fmt(value) if isinstance(value, float) else str(value)])
+    parts.append(_table(privacy_rows, ["privacy parameter", "value"]))
+    if s.get("epsilon_note"):
+        parts.append(f"<p class='warn'>{esc(s['epsilon_note'])}</p>")
+    audit_rows, audit_classes = [], []
+    for r in report["audits"]:
+        succ = r.get("success") or {}
+        bounds = r.get("bounds") or {}
+        statuses = [c["status"] for c in r.get("checks") or []]
+        status = "fail" if "fail" in statuses else "warn" if "warn" in statuses else "pass"
+        audit_rows.append(
             [
-                [esc_k, _fmt(v) if isinstance(v, float) else str(v)]
-                for esc_k, v in report["privacy"].items()
-            ],
-            ["privacy parameter", "value"],
-        ),
-        "<h2>Audits</h2>",
+                str(r["step"]),
+                fmt(r.get("epsilon")),
+                f"{r.get('found_singletons', 'n/a')}/{r.get('true_singletons', 'n/a')}",
+                fmt(succ.get("raw"), ".2f"),
+                fmt(succ.get("dm"), ".2f"),
+                fmt(bounds.get("single_step"), ".3g"),
+                fmt(r.get("kappa"), ".3g"),
+                status if statuses else "n/a",
+            ]
+        )
+        audit_classes.append("" if status == "pass" or not statuses else status)
+    parts.append("<h2>Audits</h2>")
+    parts.append(
         _table(
-            audits_rows,
+            audit_rows,
             [
                 "step",
                 "ε",
-                "found/true singletons",
+                "found/lone images",
                 "success raw",
                 "success DM",
-                "bound 1 step",
-                "bound RDP",
-                "bound profile",
+                "bound, this step",
+                "κ",
+                "checks",
             ],
-        ),
-    ]
-    crit = s.get("success_criterion") or {}
-    parts.append(
-        f"<p>Success criterion: {esc(str(crit.get('metric')))} "
-        f"{'≥' if crit.get('higher_is_better') else '≤'} {esc(str(crit.get('threshold')))}; "
-        f"baseline κ = {esc(_fmt(s.get('kappa')))}.</p>"
+            audit_classes,
+        )
     )
-    for title, png in plots:
+    crit = s.get("success_criterion") or {}
+    if crit:
+        metric = str(crit.get("metric"))
+        label = METRICS[metric].label if metric in METRICS else metric
         parts.append(
-            f"<h3>{esc(title)}</h3><img alt='{esc(title)}' src='data:image/png;base64,{png}'>"
+            f"<p>Success criterion: {esc(label)} {'≥' if crit.get('higher_is_better') else '≤'} "
+            f"{esc(fmt(crit.get('threshold')))}; baseline κ = {esc(fmt(s.get('kappa')))} "
+            f"(measured κ̂ = {esc(fmt(s.get('kappa_baseline')))}, 1/N = "
+            f"{esc(fmt(s.get('kappa_uniform')))}).</p>"
         )
-    if grids:
+    for title, caption, png in plots:
+        parts.append(f"<h3>{esc(title)}</h3>" + _figure(title, png, caption))
+    if grids.get("best") or grids.get("worst"):
         parts.append(f"<h2>Best and worst reconstructions (by {esc(grids['metric'])})</h2>")
+        parts.append(_figure("best reconstructions", grids.get("best"), "Best, left to right."))
+        parts.append(_figure("worst reconstructions", grids.get("worst"), "Worst, left to right."))
+    if grids.get("missed"):
+        parts.append("<h2>Lone images the attack did not detect</h2>")
         parts.append(
-            f"<img alt='best reconstructions' src='data:image/png;base64,{grids['best']}'>"
+            _figure(
+                "missed lone images",
+                grids["missed"],
+                "Each column: a training image that sat alone in its bin, and the raw readout of "
+                "that bin, which did not rise above the noise.",
+            )
         )
+    if grids.get("skipped"):
         parts.append(
-            f"<img alt='worst reconstructions' src='data:image/png;base64,{grids['worst']}'>"
+            "<p class='warn'>Unreadable image files were left out (steps "
+            + esc(", ".join(map(str, grids["skipped"])))
+            + ").</p>"
         )
     parts.append("<h2>What this audit can and cannot show</h2>" + EXPLANATION)
     parts.append(
@@ -428,15 +435,40 @@ def _html(report: dict[str, Any], plots, grids) -> str:
     return "\n".join(parts)
 
 
+def _read_run(logdir: LogDir) -> dict[str, Any]:
+    path = logdir.run_file
+    if not path.is_file():
+        return {}
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        logger.warning(
+            "%s is not valid JSON (%s); the report leaves the configuration out", path, err
+        )
+        return {}
+    if not isinstance(run, dict):
+        logger.warning("%s is not a JSON object; the report leaves the configuration out", path)
+        return {}
+    return run
+
+
 def build_report(log_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.html`` (owner-only) into ``log_dir``; returns both paths."""
-    log_dir = Path(log_dir)
-    log_path = log_dir / "audit.jsonl"
-    if not log_path.is_file():
-        raise FileNotFoundError(f"{log_dir} has no audit.jsonl: is it an auditor's log_dir?")
-    records = read_audit_log(log_path)
-    run_path = log_dir / "run.json"
-    run = json.loads(run_path.read_text()) if run_path.is_file() else {}
+    """Write ``report.json`` and ``report.html`` (owner-only) into ``log_dir``; returns both paths.
+
+    Raises:
+        FileNotFoundError: ``log_dir`` holds no ``audit.jsonl``.
+        AuditLogError: the log is not an audit log (the message names the line).
+        PermissionError: the folder cannot be read or written.
+    """
+    logdir = LogDir(log_dir)
+    if not logdir.path.is_dir():
+        raise FileNotFoundError(f"{logdir.path} is not a folder: give an auditor's log_dir")
+    if not os.access(logdir.path, os.R_OK | os.X_OK):
+        raise PermissionError(f"cannot read {logdir.path}")
+    if not logdir.audit_log.is_file():
+        raise FileNotFoundError(f"{logdir.path} has no audit.jsonl: is it an auditor's log_dir?")
+    records = [upgrade_record(r) for r in read_audit_log(logdir.audit_log)]
+    run = _read_run(logdir)
     summary = summarize(records)
     report = {
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -450,17 +482,19 @@ def build_report(log_dir: str | os.PathLike) -> tuple[Path, Path]:
             "delta": summary.get("delta"),
             "steps_audited_through": summary.get("last_step"),
             "final_epsilon": summary.get("final_epsilon"),
+            "epsilon_accountant": summary.get("epsilon_accountant"),
+            "epsilon_lower (measured)": summary.get("epsilon_lower"),
+            "mu_step_measured": summary.get("mu_step_measured"),
         },
         "summary": summary,
+        "valid": summary.get("valid"),
         "verdict": verdict(summary),
         "audits": records,
     }
-    make_private_dir(log_dir)
-    json_path, html_path = log_dir / "report.json", log_dir / "report.html"
-    _write_private(json_path, json.dumps(report, indent=1, allow_nan=True).encode())
+    json_path = logdir.write_json(logdir.report_json, report)
     plots = _plots(records) if records else []
-    grids = _best_worst(log_dir, records) if records else None
-    _write_private(html_path, _html(report, plots, grids).encode("utf-8"))
+    grids = _image_grids(logdir, records) if records else {}
+    html_path = write_private(logdir.report_html, _html(report, plots, grids).encode("utf-8"))
     return json_path, html_path
 
 
@@ -470,47 +504,44 @@ def build_comparison(out_dir: str | os.PathLike, run_dirs: list[str | os.PathLik
     Each run dir must hold a ``report.json`` (see :func:`build_report`). Writes
     ``out_dir/comparison.html`` (owner-only) and returns its path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = make_private_dir(out_dir)
+    plt = _pyplot()
+    out_dir = private_mkdir(out_dir)
     runs = []
     for run_dir in run_dirs:
         run_dir = Path(run_dir)
         report = json.loads((run_dir / "report.json").read_text())
-        runs.append((run_dir, report["summary"]))
-    rows = []
-    for _, s in runs:
+        runs.append((run_dir, report["summary"], report["verdict"]))
+    rows, classes = [], []
+    for _, s, v in runs:
         rates = s.get("mean_success_rate") or {}
         means = s.get("mean_metrics") or {}
-        bounds = s.get("final_bounds") or {}
+        bounds = s.get("bounds") or {}
         rows.append(
             [
-                _fmt(s.get("noise_multiplier")),
-                _fmt(s.get("final_epsilon")),
+                fmt(s.get("noise_multiplier")),
+                fmt(s.get("final_epsilon")),
                 f"{s.get('found_singletons', 0)}/{s.get('true_singletons', 0)}",
-                _fmt(rates.get("raw"), ".2f"),
-                _fmt(rates.get("dm"), ".2f"),
-                _fmt(bounds.get("single_step"), ".3g"),
-                _fmt(bounds.get("rdp"), ".3g"),
-                _fmt(means.get("lpips_raw"), ".3f"),
-                _fmt(means.get("lpips_dm"), ".3f"),
+                fmt(rates.get("raw"), ".2f"),
+                fmt(rates.get("dm"), ".2f"),
+                fmt(bounds.get("single_step"), ".3g"),
+                fmt(means.get("lpips_raw"), ".3f"),
+                fmt(means.get("lpips_dm"), ".3f"),
+                v["headline"],
             ]
         )
+        classes.append("fail" if v["status"] == "invalid" else "")
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    sig = [s.get("noise_multiplier") or 0 for _, s in runs]
+    sig = [s.get("noise_multiplier") or 0 for _, s, _ in runs]
     for stage in ("raw", "dm"):
         ax.plot(
             sig,
-            [(s.get("mean_success_rate") or {}).get(stage) for _, s in runs],
+            [(s.get("mean_success_rate") or {}).get(stage) for _, s, _ in runs],
             "o-",
             label=f"success {stage}",
         )
     ax.plot(
         sig,
-        [(s.get("final_bounds") or {}).get("single_step") for _, s in runs],
+        [(s.get("bounds") or {}).get("single_step") for _, s, _ in runs],
         "k--",
         label="ReRo bound, one step",
     )
@@ -522,8 +553,8 @@ def build_comparison(out_dir: str | os.PathLike, run_dirs: list[str | os.PathLik
     png = _png(fig)
     links = "".join(
         f"<li><a href='{html.escape(os.path.relpath(d / 'report.html', out_dir))}'>"
-        f"σ = {html.escape(_fmt(s.get('noise_multiplier')))}</a></li>"
-        for d, s in runs
+        f"σ = {html.escape(fmt(s.get('noise_multiplier')))}</a></li>"
+        for d, s, _ in runs
     )
     page = "\n".join(
         [
@@ -535,20 +566,19 @@ def build_comparison(out_dir: str | os.PathLike, run_dirs: list[str | os.PathLik
                 [
                     "σ",
                     "final ε",
-                    "found/true singletons",
+                    "found/lone images",
                     "success raw",
                     "success DM",
-                    "bound 1 step",
-                    "bound RDP",
+                    "bound, one step",
                     "LPIPS raw",
                     "LPIPS DM",
+                    "verdict",
                 ],
+                classes,
             ),
-            f"<img alt='success against noise' src='data:image/png;base64,{png}'>",
+            _figure("success against noise", png, "Mean success per audit against σ."),
             f"<h2>Reports</h2><ul>{links}</ul>",
             "</body></html>",
         ]
     )
-    path = out_dir / "comparison.html"
-    _write_private(path, page.encode("utf-8"))
-    return path
+    return write_private(out_dir / "comparison.html", page.encode("utf-8"))

@@ -1,16 +1,19 @@
 """TensorBoard sink: every audit as scalars and image grids beside the privacy accounting.
 
-Tags (``step`` is the optimizer step of the audit):
+The tags come from :func:`~opacus_dmaudit.schema.record_scalars` (``step`` is the optimizer step):
 
-* ``privacy/epsilon``, ``privacy/mu_step`` (µ = 1/σ); a value of ∞ (σ = 0) is written as text under
-  the same tag, since a scalar chart cannot show it;
-* ``quality/<stage>/<metric>`` (means over the recovered images) and ``quality/<stage>/success_rate``
-  for the stages ``raw`` (privatised readout), ``dm`` (DM reconstruction) and ``clean`` (readout of
-  the clean clipped sum);
-* ``bounds/<name>``: the ReRo bounds of the run so far, next to ``quality/*/success_rate``;
+* ``privacy/epsilon``, ``privacy/mu_step`` (µ = 1/σ) and the measured ``privacy/*`` estimates; a
+  value of ∞ (σ = 0) is written as text under the same tag, since a chart cannot show it;
+* ``quality/<stage>/<metric>`` (means over the recovered images), ``quality/<stage>/success_rate``
+  for the stages ``raw``, ``dm`` and ``clean`` (see :data:`~opacus_dmaudit.schema.STAGES`);
+* ``bounds/*``: ReRo bounds of the audited step itself (the event ``success_rate`` measures);
+  ``run_bounds/*``: bounds of the whole run so far (another event: any step, composed);
+* ``checks/<name>/status`` (0 pass, 1 warn, 2 fail) and ``checks/<name>/value``;
 * ``audit/reconstructions``: one column per recovered image, rows truth | raw | DM;
-* a custom-scalars layout ``dmaudit`` with quality and ε on one chart, and the run's
-  hyper-parameters once, at :meth:`TensorBoardSink.close`.
+* a custom-scalars layout ``dmaudit`` and the run's hyper-parameters at :meth:`close`.
+
+Event files hold reconstructed training images: every event file this sink writes to is made
+owner-only, whoever created the writer.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["TensorBoardSink", "STAGES"]
+from .logdir import EVENTS_GLOB, secure_file
+from .schema import METRICS, STAGES, record_scalars
 
-STAGES = ("raw", "dm", "clean")
+__all__ = ["TensorBoardSink"]
 
 
 def _finite(value: Any) -> bool:
@@ -38,39 +42,66 @@ class TensorBoardSink:
         writer: the user's own writer (the audit lands in the run they already log to); it is
             flushed but not closed by :meth:`close`.
         log_dir: where to create a writer when ``writer`` is ``None``.
+        purge_step: a resumed run: events at this step and later, written before the resume,
+            are hidden (TensorBoard's restart marker), so each audit shows once.
         max_columns: most recovered images in one image grid.
     """
 
     def __init__(
-        self, *, writer=None, log_dir: str | os.PathLike | None = None, max_columns: int = 16
+        self,
+        *,
+        writer=None,
+        log_dir: str | os.PathLike | None = None,
+        purge_step: int | None = None,
+        max_columns: int = 16,
     ) -> None:
         if writer is None:
             if log_dir is None:
                 raise ValueError("give a SummaryWriter or a log_dir")
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(log_dir=str(log_dir))
-            for path in Path(writer.get_logdir()).glob("events.out.tfevents.*"):
-                os.chmod(path, 0o600)  # the images in it are private training data
+            writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
             self._owned = True
         else:
             self._owned = False
+            if purge_step is not None:
+                self._mark_restart(writer, purge_step)
         self.writer = writer
         self.max_columns = max_columns
         self._layout_written = False
         self._last: dict[str, float] = {}
+        self._secure()
 
-    def _layout(self, metrics: list[str]) -> None:
+    @staticmethod
+    def _mark_restart(writer, step: int) -> None:
+        """What ``SummaryWriter(purge_step=step)`` writes: a restart marker at ``step``."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        file_writer = writer._get_file_writer()
+        file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+
+    def _secure(self) -> None:
+        """Make this writer's event files owner-only (they hold training images)."""
+        try:
+            folder = Path(self.writer._get_file_writer().get_logdir())
+        except Exception:  # a writer of another make: nothing to secure here
+            return
+        for path in folder.glob(EVENTS_GLOB):
+            secure_file(path)
+
+    def _layout(self) -> None:
         charts = {}
-        for metric in metrics:
-            charts[f"{metric} and ε"] = [
+        for metric, spec in METRICS.items():
+            charts[f"{spec.label} and ε"] = [
                 "Multiline",
                 [f"quality/{s}/{metric}" for s in STAGES] + ["privacy/epsilon"],
             ]
-        charts["success rate, bounds and ε"] = [
+        charts["success rate and this step's bounds"] = [
             "Multiline",
-            [f"quality/{s}/success_rate" for s in STAGES] + ["bounds/.*", "privacy/epsilon"],
+            [f"quality/{s}/success_rate" for s in STAGES] + ["bounds/.*"],
         ]
+        charts["whole-run bounds and ε"] = ["Multiline", ["run_bounds/.*", "privacy/epsilon.*"]]
+        charts["checks (0 pass, 1 warn, 2 fail)"] = ["Multiline", ["checks/.*/status"]]
         self.writer.add_custom_scalars({"dmaudit": charts})
         self._layout_written = True
 
@@ -86,28 +117,18 @@ class TensorBoardSink:
     def log_audit(self, record: dict[str, Any], result=None) -> None:
         """Log one audit record (and its images, when ``result`` is an :class:`AuditResult`)."""
         step = int(record["step"])
-        metrics = sorted(
-            {
-                k.rsplit("_", 1)[0]
-                for k in record.get("summary", {})
-                if k.rsplit("_", 1)[1] in STAGES
-            }
-        )
         if not self._layout_written:
-            self._layout(metrics)
-        self._scalar("privacy/epsilon", record.get("epsilon"), step)
-        self._scalar("privacy/mu_step", record.get("mu_step"), step)
-        for key, value in (record.get("summary") or {}).items():
-            name, stage = key.rsplit("_", 1)
-            if stage in STAGES:
-                self._scalar(f"quality/{stage}/{name}", value, step)
-        for stage, value in (record.get("success") or {}).items():
-            self._scalar(f"quality/{stage}/success_rate", value, step)
-        for name, value in (record.get("bounds") or {}).items():
-            self._scalar(f"bounds/{name}", value, step)
-        if result is not None and result.truth.shape[0] > 0:
+            self._layout()
+        for tag, value in record_scalars(record).items():
+            self._scalar(tag, value, step)
+        failed = [c for c in record.get("checks") or [] if c["status"] == "fail"]
+        if failed:
+            text = "\n".join(f"* **{c['name']}**: {c['detail']}" for c in failed)
+            self.writer.add_text("checks/failed", text, step)
+        if result is not None and result.truth.dim() == 4 and result.truth.shape[0] > 0:
             self.writer.add_image("audit/reconstructions", self.grid(result), step)
         self.writer.flush()
+        self._secure()
 
     def grid(self, result) -> torch.Tensor:
         """``(C, H, W)`` grid: one column per recovered image, rows truth | raw | DM."""
@@ -130,7 +151,7 @@ class TensorBoardSink:
             k: (v if isinstance(v, int | float | str | bool) else str(v))
             for k, v in hparams.items()
         }
-        metrics = {k: v for k, v in self._last.items()}
+        metrics = dict(self._last)
         if not metrics:
             return
         exp, ssi, sei = hparams_summary(clean, metrics)
@@ -144,5 +165,6 @@ class TensorBoardSink:
         if hparams:
             self.log_hparams(hparams)
         self.writer.flush()
+        self._secure()
         if self._owned:
             self.writer.close()

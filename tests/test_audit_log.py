@@ -70,9 +70,15 @@ def test_torn_last_line_is_skipped_and_appends_continue(tmp_path):
     log.append({"step": 3})
     log.close()
     assert [r["step"] for r in read_audit_log(tmp_path / "audit.jsonl")] == [1, 3]
-    (tmp_path / "bad.jsonl").write_text('{"a": 1}\nnot json\n{"b": 2}\n')
-    with pytest.raises(ValueError, match="line 2"):
+    (tmp_path / "bad.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         read_audit_log(tmp_path / "bad.jsonl")
+    (tmp_path / "list.jsonl").write_text('{"step": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="line 2 is not a JSON object"):
+        read_audit_log(tmp_path / "list.jsonl")
+    (tmp_path / "nostep.jsonl").write_text('{"epsilon": 1.0}\n')
+    with pytest.raises(ValueError, match="line 1 has no integer 'step'"):
+        read_audit_log(tmp_path / "nostep.jsonl")
 
 
 def test_epsilon_is_inf_without_noise_and_nan_when_accountant_fails():

@@ -92,7 +92,8 @@ def test_close_writes_the_report_with_bounds_and_images(mnist5k, tmp_path):
     auditor.close()
     record = auditor.history[-1]
     assert record["kappa"] == 1 / 5000
-    assert set(record["bounds"]) == {"single_step", "rdp", "profile", "clt_gdp"}
+    assert set(record["bounds"]) == {"single_step"}  # the audited step's own event
+    assert set(record["run_bounds"]) == {"rdp", "profile", "clt_gdp"}  # the whole run
     assert record["bounds"]["single_step"] == pytest.approx(1.0, abs=1e-6)  # µ = 50
     assert 0 < record["success"]["dm"] <= 1 and record["success"]["clean"] > 0
     images = load_audit_images(tmp_path / "images" / "step_00000002.npz")

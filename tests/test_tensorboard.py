@@ -23,7 +23,8 @@ def test_every_tag_and_image_is_in_the_event_files(mnist5k, tmp_path):
     auditor.close()
     acc = _events(tmp_path)
     scalars = set(acc.Tags()["scalars"])
-    expected = {"privacy/epsilon", "privacy/mu_step", "bounds/single_step", "bounds/rdp"}
+    expected = {"privacy/epsilon", "privacy/mu_step", "bounds/single_step", "run_bounds/rdp"}
+    expected |= {f"checks/{name}/status" for name in ("value_range", "blind", "bins")}
     for stage in ("raw", "dm", "clean"):
         expected |= {f"quality/{stage}/{m}" for m in ("mse", "ssim", "lpips", "success_rate")}
     assert expected <= scalars, expected - scalars

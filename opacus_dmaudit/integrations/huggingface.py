@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..auditor import DMAuditor
+from ..config import AuditConfig
 from . import checkpoint_state, find_dp_optimizer, is_distributed, restore_state
 
 try:
@@ -73,7 +74,8 @@ class DMAuditTrainerCallback(TrainerCallback):
         self.privacy_engine = privacy_engine
         self.log_dir = log_dir
         self.trainer = trainer
-        self.auditor_kwargs = auditor_kwargs
+        # validated now: a misspelt keyword fails here, not when training starts
+        self.config = AuditConfig.from_kwargs(auditor_kwargs, where="DMAuditTrainerCallback")
         self.auditor: DMAuditor | None = None
 
     def _writer(self):
@@ -95,11 +97,8 @@ class DMAuditTrainerCallback(TrainerCallback):
         base = getattr(args, "logging_dir", None) or args.output_dir
         log_dir = self.log_dir or Path(base) / "dmaudit"
         writer = self._writer() if state.is_world_process_zero else None
-        auditor_kwargs = dict(self.auditor_kwargs)
-        if writer is not None:
-            auditor_kwargs["writer"] = writer
         self.auditor = DMAuditor(
-            privacy_engine=self.privacy_engine, log_dir=log_dir, **auditor_kwargs
+            privacy_engine=self.privacy_engine, log_dir=log_dir, writer=writer, config=self.config
         )
         saved = self._checkpoint_dir(args, state) / STATE_FILE
         if state.global_step > 0 and saved.is_file():  # resuming from that checkpoint

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..auditor import DMAuditor
+from ..config import AuditConfig
 from . import checkpoint_state, find_dp_optimizer, is_distributed, restore_state
 
 try:
@@ -60,7 +61,8 @@ class DMAuditCallback(pl.Callback):
             raise TypeError("the callback logs through the trainer's TensorBoardLogger; no writer=")
         self.log_dir = log_dir
         self.privacy_engine = privacy_engine
-        self.auditor_kwargs = auditor_kwargs
+        # validated now: a misspelt keyword fails here, not when training starts
+        self.config = AuditConfig.from_kwargs(auditor_kwargs, where="DMAuditCallback")
         self.auditor: DMAuditor | None = None
         self._restored: dict[str, Any] | None = None
         self._last_state: dict[str, Any] | None = None
@@ -84,10 +86,9 @@ class DMAuditCallback(pl.Callback):
             logger.warning("no PrivacyEngine given or found as pl_module.privacy_engine: no ε")
         log_dir = self.log_dir or Path(trainer.log_dir or trainer.default_root_dir) / "dmaudit"
         writer = self._writer(trainer) if trainer.is_global_zero else None
-        kwargs = dict(self.auditor_kwargs)
-        if writer is not None:
-            kwargs["writer"] = writer
-        self.auditor = DMAuditor(privacy_engine=engine, log_dir=log_dir, **kwargs)
+        self.auditor = DMAuditor(
+            privacy_engine=engine, log_dir=log_dir, writer=writer, config=self.config
+        )
         if self._restored:
             restore_state(self.auditor, self._restored)
             self._restored = None

@@ -1,0 +1,249 @@
+"""The scoring stage: a captured step's imprint sums -> readout -> match -> prior -> metrics -> success.
+
+:func:`score_step` is pure: it reads the :class:`~opacus_dmaudit.capture.CapturedStep`, the
+configuration, the prior and the metric models, draws randomness only from the generator it is
+given, and returns a :class:`ScoredStep`. The auditor and the benchmarks both call it, so a
+benchmark measures exactly what an audit computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .capture import CapturedStep, ImprintSums
+from .config import AuditConfig
+from .metrics import LPIPS, stage_metrics
+from .readout import Readout, read_imprint
+from .schema import meets, metric_key
+
+__all__ = ["ScoredStep", "score_step", "read_step", "match_readouts", "detection_settings"]
+
+#: Lone samples that the occupancy test missed, kept per audit to show what their readout was.
+MISSED_SHOWN = 8
+
+
+@dataclass
+class ScoredStep:
+    """The scores of one audited step (tensors for the image sinks, numbers for the record).
+
+    Attributes:
+        readout: the privatised readout of every bin.
+        clean_readout: the readout of the clean clipped sums (no noise).
+        found: the rows of ``readout`` decided to hold an image (at most ``max_images``).
+        truth_index: per found row, the index into the step's inputs of the real image behind
+            it (``None`` where the bin held no real sample: a false detection).
+        images: one dict per found row (bin, test statistic, collision flag, predicted noise,
+            metrics ``<metric>_<stage>``), in the order of ``found``.
+        truth, raw, clean, dm: ``(M, C, H, W)`` images in [0, 1] of the found rows with a real
+            sample behind them (``dm`` is ``None`` without a prior).
+        success: per stage, the number of distinct samples reconstructed to the criterion.
+        counts: ``num_bins``, ``occupied_bins``, ``true_singletons``, ``found_singletons``,
+            ``collisions_flagged``.
+        detection: the occupancy test that decided ``found``, its level and its power.
+        missed: up to :data:`MISSED_SHOWN` lone samples the test did not detect, as dicts
+            (bin, predicted noise std), with ``missed_truth`` and ``missed_raw`` images: what
+            the attacker's readout of them looked like (so a report can show *why* nothing was
+            recovered).
+    """
+
+    readout: Readout
+    clean_readout: Readout
+    found: Readout
+    truth_index: list[int | None]
+    images: list[dict[str, Any]]
+    truth: torch.Tensor
+    raw: torch.Tensor
+    clean: torch.Tensor
+    dm: torch.Tensor | None
+    success: dict[str, int]
+    counts: dict[str, int]
+    detection: dict[str, Any] = field(default_factory=dict)
+    missed: list[dict[str, Any]] = field(default_factory=list)
+    missed_truth: torch.Tensor | None = None
+    missed_raw: torch.Tensor | None = None
+
+    def summary(self, metrics: Sequence[str]) -> dict[str, float | None]:
+        """Mean of every metric at every stage over the scored images (finite values only)."""
+        out: dict[str, float | None] = {}
+        keys = sorted({k for im in self.images for k in im if k.partition("_")[0] in metrics})
+        for key in keys:
+            vals = [im[key] for im in self.images if key in im and _finite(im[key])]
+            out[key] = sum(vals) / len(vals) if vals else None
+        return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and value == value and abs(value) != float("inf")
+
+
+def detection_settings(config: AuditConfig) -> dict[str, Any]:
+    """The occupancy test's keyword arguments for :func:`~opacus_dmaudit.readout.read_imprint`."""
+    return {"occupancy_z": 4.0 if config.occupancy_z is None else float(config.occupancy_z)}
+
+
+def read_step(captured: CapturedStep, config: AuditConfig) -> tuple[Readout, Readout]:
+    """The privatised and the clean readout of a captured step's imprint sums."""
+    sums = _sums(captured)
+    geo = sums.geometry
+    common = dict(structure=geo.structure, image_shape=geo.image_shape, value_range=geo.value_range)
+    noised = read_imprint(
+        sums.weight_noised,
+        sums.bias_noised,
+        noise_std=captured.noise_std,
+        clip_norm=captured.max_grad_norm if captured.clipping == "flat" else None,
+        **detection_settings(config),
+        **common,
+    )
+    clean = read_imprint(sums.weight_clean, sums.bias_clean, noise_std=0.0, **common)
+    return noised, clean
+
+
+def _sums(captured: CapturedStep) -> ImprintSums:
+    if captured.imprint is None:
+        raise ValueError(f"step {captured.step} has no imprint sums to score")
+    return captured.imprint
+
+
+def match_readouts(
+    found: Readout, inputs: torch.Tensor, membership: torch.Tensor
+) -> list[int | None]:
+    """Index into ``inputs`` of the real image behind each readout (nearest member on blends)."""
+    out: list[int | None] = []
+    for row in range(len(found)):
+        idx = (membership[int(found.bins[row])] != 0).nonzero().flatten()
+        if idx.numel() == 0:
+            out.append(None)
+        elif idx.numel() == 1:
+            out.append(int(idx[0]))
+        else:
+            cand = inputs[idx].flatten(1).double()
+            err = ((cand - found.images[row].flatten().double()) ** 2).mean(dim=1)
+            out.append(int(idx[err.argmin()]))
+    return out
+
+
+def _singletons(membership: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` bins that hold exactly one sample."""
+    singles = (membership != 0).sum(dim=1) == 1
+    if membership.numel():
+        singles &= membership.max(dim=1).values == 1
+    return singles
+
+
+def score_step(
+    captured: CapturedStep,
+    config: AuditConfig,
+    *,
+    prior=None,
+    lpips: LPIPS | None = None,
+    generator: torch.Generator | None = None,
+) -> ScoredStep:
+    """Read, match and score one captured step (no side effects).
+
+    Args:
+        captured: a step with imprint sums (live or simulated).
+        config: what to compute (metrics, success criterion, detection, sampler).
+        prior: a :class:`~opacus_dmaudit.DiffusionPrior` for the ``dm`` stage, or ``None``.
+        lpips: the LPIPS model (required when ``"lpips"`` is among the metrics).
+        generator: randomness of the prior's sampler (a fresh seeded one if ``None``).
+    """
+    sums = _sums(captured)
+    geo = sums.geometry
+    lo, hi = geo.value_range
+    noised, clean = read_step(captured, config)
+    found = noised.occupied_only()
+    if config.max_images is not None:
+        found = found.select(torch.arange(min(len(found), config.max_images)))
+    members = sums.membership  # (K, B)
+    truth_idx = match_readouts(found, captured.inputs, members)
+    has_truth = [i for i, t in enumerate(truth_idx) if t is not None]
+    images: list[dict[str, Any]] = []
+    for row in range(len(found)):
+        b = int(found.bins[row])
+        images.append(
+            {
+                "bin": b,
+                "occupied": True,
+                "zscore": float(found.zscore[row]),
+                "collision": bool(found.collision[row]),
+                "noise_std": float(found.noise_std[row]) / (hi - lo),
+                "true_count": int((members[b] != 0).sum()),
+            }
+        )
+    stages = ("raw", "clean", "dm") if prior is not None else ("raw", "clean")
+    success: dict[str, int] = dict.fromkeys(stages, 0)
+    empty = torch.zeros((0, *geo.image_shape))
+    truth = raw = clean_img = empty
+    dm = empty if prior is not None else None
+    if has_truth:
+        scale = lambda x: (x - lo) / (hi - lo)  # noqa: E731
+        truth = scale(captured.inputs[[truth_idx[i] for i in has_truth]].float())
+        raw_unclipped = scale(found.images[has_truth])
+        raw = raw_unclipped.clamp(0, 1)
+        clean_img = scale(clean.images[found.bins[has_truth]]).clamp(0, 1)
+        residual = (raw_unclipped - truth).flatten(1).std(dim=1)
+        reconstructions = {"raw": raw_unclipped, "clean": clean_img}
+        if prior is not None:
+            std = found.noise_std[has_truth].double() / (hi - lo)
+            dm = prior.denoise(
+                raw_unclipped,
+                noise_std=torch.nan_to_num(std, posinf=1e6),
+                sampler=config.sampler,
+                steps=config.sampler_steps,
+                min_stride=config.sampler_min_stride,
+                generator=generator,
+            )
+            reconstructions["dm"] = dm
+        scores = stage_metrics(reconstructions, truth, names=config.metrics, lpips=lpips)
+        for j, row in enumerate(has_truth):
+            images[row]["residual_std_raw"] = float(residual[j])
+            for stage, values in scores.items():
+                for name, vals in values.items():
+                    images[row][metric_key(name, stage)] = float(vals[j])
+        for stage, values in scores.items():
+            vals = values[config.success_metric]
+            hits = {
+                truth_idx[row]
+                for j, row in enumerate(has_truth)
+                if meets(config.success_metric, float(vals[j]), config.success_threshold)
+            }
+            success[stage] = len(hits)
+    singles = _singletons(members)
+    missed_bins = (singles & ~noised.occupied).nonzero().flatten()[:MISSED_SHOWN]
+    missed = [
+        {"bin": int(b), "noise_std": float(noised.noise_std[b]) / (hi - lo)} for b in missed_bins
+    ]
+    missed_truth = missed_raw = None
+    if len(missed):
+        idx = [int((members[b] != 0).nonzero()[0, 0]) for b in missed_bins]
+        scale = lambda x: (x - lo) / (hi - lo)  # noqa: E731
+        missed_truth = scale(captured.inputs[idx].float())
+        missed_raw = scale(noised.images[missed_bins]).clamp(0, 1)
+    counts = {
+        "num_bins": int(noised.bins.numel()),
+        "occupied_bins": int(noised.occupied.sum()),
+        "true_singletons": int(singles.sum()),
+        "found_singletons": int((singles & noised.occupied).sum()),
+        "collisions_flagged": int((noised.collision & noised.occupied).sum()),
+    }
+    return ScoredStep(
+        readout=noised,
+        clean_readout=clean,
+        found=found,
+        truth_index=truth_idx,
+        images=images,
+        truth=truth,
+        raw=raw,
+        clean=clean_img,
+        dm=dm,
+        success=success,
+        counts=counts,
+        detection={"test": "bias-z", "occupancy_z": detection_settings(config)["occupancy_z"]},
+        missed=missed,
+        missed_truth=missed_truth,
+        missed_raw=missed_raw,
+    )

@@ -1,0 +1,290 @@
+"""One run summary and one verdict, for every place that tells the reader what an audit found.
+
+The CLI, the demo, ``report.json``, ``report.html`` and ``comparison.html`` all show
+:func:`summarize` and :func:`verdict`; nothing else words a conclusion.
+
+The verdict is a claim and is earned (DESIGN §6):
+
+* any failed check makes the run's audit **invalid**, and the verdict says why instead of
+  drawing a conclusion;
+* reconstructions that meet the success criterion are reported with their counts, and compared
+  with the baseline κ (what a guess without the gradient achieves at the same criterion): a rate
+  at or below κ is not evidence of leakage;
+* "no visible leakage" is said only when every check passed, the occupancy test had high power
+  against a lone image of this data (measured from the clean sums), and no reconstruction beat
+  the baseline. Where nothing rose above the noise with low power, the verdict says the audit
+  could not tell, and gives the power.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .schema import METRICS, STAGES, is_valid, upgrade_record
+
+__all__ = ["summarize", "verdict", "fmt", "POWER_FOR_NEGATIVE", "VERDICT_STATUSES"]
+
+#: A negative verdict needs the occupancy test to detect a lone image with at least this
+#: probability (mean over audits).
+POWER_FOR_NEGATIVE = 0.9
+
+VERDICT_STATUSES = {
+    "no_audits": "no audit recorded",
+    "invalid": "audit invalid",
+    "leakage": "training images recovered",
+    "not_above_baseline": "no reconstruction beyond what a guess achieves",
+    "no_visible_leakage": "no visible leakage to this attack",
+    "undetectable": "nothing detectable; the audit cannot tell",
+}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    vals = [v for v in values if _finite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def fmt(value: Any, spec: str = ".3g") -> str:
+    """A number for people: ``n/a`` for missing, ``∞`` for infinite."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    if isinstance(value, int | float):
+        return format(value, spec)
+    return str(value)
+
+
+def _check_overview(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per check name: how often it passed, warned and failed, and its first non-pass detail."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        for c in r.get("checks") or []:
+            entry = out.setdefault(
+                c["name"], {"pass": 0, "warn": 0, "fail": 0, "detail": None, "first_step": None}
+            )
+            entry[c["status"]] += 1
+            rank = {"pass": 0, "warn": 1, "fail": 2}
+            shown = entry.get("shown_status", "pass")
+            if entry["detail"] is None or rank[c["status"]] > rank[shown]:
+                entry["detail"] = c["detail"]
+                entry["shown_status"] = c["status"]
+                entry["first_step"] = r.get("step")
+    for entry in out.values():
+        entry["status"] = "fail" if entry["fail"] else "warn" if entry["warn"] else "pass"
+        entry.pop("shown_status", None)
+    return out
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Run-level numbers from audit records (any record version)."""
+    records = [upgrade_record(r) for r in records]
+    if not records:
+        return {"audits": 0, "valid": None, "checks": {}}
+    last = records[-1]
+    keys = sorted({k for r in records for k in r["summary"]})
+    means = {k: _mean(r["summary"].get(k) for r in records) for k in keys}
+    stages = [s for s in STAGES if any(s in (r.get("success") or {}) for r in records)]
+    success = {s: _mean((r.get("success") or {}).get(s) for r in records) for s in stages}
+    best = {
+        s: max((v for r in records if _finite(v := (r.get("success") or {}).get(s))), default=None)
+        for s in stages
+    }
+    ident_stages = [s for s in STAGES if any(s in (r.get("identification") or {}) for r in records)]
+    identification = {
+        s: _mean((r.get("identification") or {}).get(s) for r in records) for s in ident_stages
+    }
+    # per stage, the number of audited samples reconstructed to the criterion
+    recovered = {
+        s: sum(
+            round((r.get("success") or {}).get(s) * (r.get("batch_size") or 0))
+            for r in records
+            if _finite((r.get("success") or {}).get(s))
+        )
+        for s in stages
+    }
+    sigmas = sorted(
+        {r.get("noise_multiplier") for r in records if r.get("noise_multiplier") is not None}
+    )
+    checks = _check_overview(records)
+    versions = {r["record_version"] for r in records}
+    valid = None if versions == {1} else all(is_valid(r.get("checks") or []) for r in records)
+    powers = [(r.get("detection") or {}).get("power") for r in records]
+    measured = last.get("privacy_measured") or {}
+    return {
+        "audits": len(records),
+        "first_step": records[0]["step"],
+        "last_step": last["step"],
+        "mode": last.get("mode", "imprint"),
+        "final_epsilon": last.get("epsilon"),
+        "epsilon_accountant": last.get("epsilon_accountant"),
+        "epsilon_note": last.get("epsilon_note"),
+        "delta": last.get("delta"),
+        "noise_multiplier": last.get("noise_multiplier"),
+        "noise_multipliers": sigmas,
+        "mu_step": last.get("mu_step"),
+        "sample_rate": last.get("sample_rate"),
+        "kappa": last.get("kappa"),
+        "kappa_baseline": last.get("kappa_baseline"),
+        "kappa_uniform": last.get("kappa_uniform"),
+        "success_criterion": last.get("success_criterion"),
+        "mean_success_rate": success,
+        "max_success_rate": best,
+        "recovered": recovered,
+        "mean_identification_rate": identification,
+        "bounds": last.get("bounds"),
+        "final_run_bounds": last.get("run_bounds"),
+        "mean_metrics": means,
+        "found_singletons": sum(r.get("found_singletons") or 0 for r in records),
+        "true_singletons": sum(r.get("true_singletons") or 0 for r in records),
+        "occupied_bins": sum(r.get("occupied_bins") or 0 for r in records),
+        "detection_power": _mean(powers),
+        "detection_test": (last.get("detection") or {}).get("test"),
+        "epsilon_lower": measured.get("epsilon_lower"),
+        "mu_step_measured": measured.get("mu_step_measured"),
+        "checks": checks,
+        "valid": valid,
+    }
+
+
+def _criterion_text(summary: Mapping[str, Any]) -> str:
+    crit = summary.get("success_criterion") or {}
+    metric = str(crit.get("metric", "?"))
+    label = METRICS[metric].label if metric in METRICS else metric.upper()
+    op = "≥" if crit.get("higher_is_better") else "≤"
+    return f"{label} {op} {fmt(crit.get('threshold'))}"
+
+
+def verdict(summary: Mapping[str, Any]) -> dict[str, str]:
+    """What the audit found, as ``{"status", "headline", "text"}`` (see :data:`VERDICT_STATUSES`)."""
+    if not summary.get("audits"):
+        return {
+            "status": "no_audits",
+            "headline": "No audit was recorded.",
+            "text": "No audit was recorded, so nothing can be said about this run.",
+        }
+    n = summary["audits"]
+    sigma = fmt(summary.get("noise_multiplier"))
+    context = (
+        f"Over {n} audit{'s' if n != 1 else ''} (steps {summary['first_step']}–"
+        f"{summary['last_step']}) at noise multiplier σ = {sigma} (ε = "
+        f"{fmt(summary.get('final_epsilon'))} at δ = {fmt(summary.get('delta'))})"
+    )
+    note = summary.get("epsilon_note")
+    tail = [note] if note else []
+    bound = (summary.get("bounds") or {}).get("single_step")
+    if bound is not None:
+        tail.append(
+            f"For the step an audit reads, no attack can reach a success rate above "
+            f"{fmt(bound)} at this criterion (ReRo bound of one Gaussian step, baseline κ = "
+            f"{fmt(summary.get('kappa'))})."
+        )
+    checks = summary.get("checks") or {}
+    failed = {name: c for name, c in checks.items() if c["status"] == "fail"}
+    if failed:
+        reasons = "; ".join(
+            f"{name} failed in {c['fail']} of {n} audits (first at step {c['first_step']}): "
+            f"{c['detail']}"
+            for name, c in failed.items()
+        )
+        return {
+            "status": "invalid",
+            "headline": "This audit is invalid: " + ", ".join(failed) + " failed.",
+            "text": f"This audit is invalid: {reasons}. Nothing in this report can be read as "
+            "'no leakage'." + _seen(summary),
+        }
+    rates = summary.get("mean_success_rate") or {}
+    recovered = summary.get("recovered") or {}
+    kappa = summary.get("kappa")
+    rule = _criterion_text(summary)
+    attack = {s: recovered.get(s, 0) for s in ("raw", "dm") if s in rates}
+    best_stage = max(attack, key=lambda s: rates.get(s) or 0.0, default=None)
+    if best_stage is not None and attack[best_stage] > 0:
+        parts = [
+            f"{stage_name(s)}: {fmt(rates.get(s), '.1%')} of each audited batch on average "
+            f"({attack[s]} images)"
+            for s in attack
+        ]
+        above = kappa is None or (rates.get(best_stage) or 0.0) > kappa
+        if above:
+            visible = "raw" in attack and attack["raw"] > 0
+            return {
+                "status": "leakage",
+                "headline": "Training images were reconstructed from single privatised gradients"
+                + ("." if visible else " (only with the diffusion prior)."),
+                "text": f"{context}, reconstructions met the criterion {rule}: "
+                + "; ".join(parts)
+                + ". Training images are recoverable from one privatised step by an attacker "
+                "who controls the model"
+                + ("" if visible else " and has a prior for this kind of image")
+                + ". "
+                + " ".join(tail),
+            }
+        return {
+            "status": "not_above_baseline",
+            "headline": "Some reconstructions met the criterion, but no more than a guess would.",
+            "text": f"{context}, reconstructions met the criterion {rule}: "
+            + "; ".join(parts)
+            + f". That is no more than the baseline κ = {fmt(kappa)}, the success of the best "
+            "guess without the gradient at the same criterion, so it is not evidence of leakage. "
+            + " ".join(tail),
+        }
+    power = summary.get("detection_power")
+    found = summary.get("found_singletons") or 0
+    true = summary.get("true_singletons") or 0
+    power_text = (
+        f"the occupancy test detects a lone image of this data at this σ with probability "
+        f"{fmt(power, '.0%')} (measured from the clean gradient sums)"
+        if power is not None
+        else "the occupancy test's power at this σ is unknown"
+    )
+    if found == 0:
+        head = f"{context}, no lone image rose above the noise ({true} lone images were in the audited batches); {power_text}"
+    else:
+        head = (
+            f"{context}, {found} of {true} lone images rose above the noise, but none was "
+            f"reconstructed to the criterion {rule}; {power_text}"
+        )
+    if power is not None and power >= POWER_FOR_NEGATIVE:
+        return {
+            "status": "no_visible_leakage",
+            "headline": "No visible leakage to this attack at this noise level.",
+            "text": f"{head}. Every check passed, so at this noise level the audit shows no "
+            "visible leakage: evidence about this attack with this prior, not a proof. "
+            + " ".join(tail),
+        }
+    return {
+        "status": "undetectable",
+        "headline": "Nothing rose above the noise; the audit cannot tell whether images leak.",
+        "text": f"{head}. The test was too weak at this σ to find a lone image, so this is not "
+        "evidence of privacy: it shows only that single images are buried in noise for this "
+        "attacker. " + " ".join(tail),
+    }
+
+
+def stage_name(stage: str) -> str:
+    return {"raw": "raw readout", "dm": "diffusion prior", "clean": "without noise"}.get(
+        stage, stage
+    )
+
+
+def _seen(summary: Mapping[str, Any]) -> str:
+    rates = summary.get("mean_success_rate") or {}
+    recovered = summary.get("recovered") or {}
+    seen = [
+        f"{stage_name(s)} {fmt(rates.get(s), '.1%')} ({recovered.get(s, 0)} images)"
+        for s in ("raw", "dm")
+        if s in rates
+    ]
+    if not seen:
+        return ""
+    return (
+        " What was measured all the same: reconstructions to the criterion " + ", ".join(seen) + "."
+    )
