@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .logdir import private_mkdir, secure_file
+from .logdir import private_mkdir, secure_file, write_private
 
 __all__ = ["AuditLog", "read_audit_log", "AuditLogError"]
 
@@ -68,22 +68,17 @@ class AuditLog:
     def keep_through_step(self, step: int) -> int:
         """Drop records of steps after ``step`` (audits redone after a resume); returns how many.
 
-        The file is rewritten to a temporary file and renamed over the log, so a crash leaves
-        either the old or the new log, never a mix.
+        The log is rewritten atomically, so a crash leaves the old or the new log, never a mix.
         """
         records = read_audit_log(self.path)
         keep = [r for r in records if int(r.get("step", 0)) <= step]
         dropped = len(records) - len(keep)
         if dropped:
             self._file.close()
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for r in keep:
-                    f.write(json.dumps(r, allow_nan=True, separators=(",", ":")) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            lines = "".join(
+                json.dumps(r, allow_nan=True, separators=(",", ":")) + "\n" for r in keep
+            )
+            write_private(self.path, lines.encode("utf-8"))  # old log or new, never a mix
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             self._file = os.fdopen(fd, "a", encoding="utf-8")
             logger.info(

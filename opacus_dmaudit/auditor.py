@@ -204,28 +204,47 @@ class DMAuditor:
             self._capture = capture
             return self
         resume = self._resume is not None
-        self.logdir.prepare(existing=self.config.existing, resume=resume)
-        if self._log is None or self._log.closed:
-            self._log = AuditLog(self.logdir.audit_log)
-        if resume:
-            # audits recorded after the checkpoint will be redone: drop them, keep the rest
-            self._log.keep_through_step(self._resume["step"])
-            self.history = [
-                r for r in read_audit_log(self._log.path) if r["step"] <= self._resume["step"]
-            ]
-        self._capture = capture  # the run file describes the capture
-        self._write_run_file()
-        if (self.config.tensorboard or self._writer is not None) and self._tb is None:
-            from .tensorboard import TensorBoardSink
+        existed, had_audit = self.logdir.path.exists(), self.logdir.holds_audit()
+        try:
+            self.logdir.prepare(existing=self.config.existing, resume=resume)
+            if self._log is None or self._log.closed:
+                self._log = AuditLog(self.logdir.audit_log)
+            if resume:
+                # audits recorded after the checkpoint will be redone: drop them, keep the rest
+                self._log.keep_through_step(self._resume["step"])
+                self.history = [
+                    r for r in read_audit_log(self._log.path) if r["step"] <= self._resume["step"]
+                ]
+            self._capture = capture  # the run file describes the capture
+            self._write_run_file()
+            if (self.config.tensorboard or self._writer is not None) and self._tb is None:
+                from .tensorboard import TensorBoardSink
 
-            self._tb = TensorBoardSink(
-                writer=self._writer,
-                log_dir=self.logdir.path,
-                purge_step=self._resume["step"] + 1 if resume else None,
-            )
+                self._tb = TensorBoardSink(
+                    writer=self._writer,
+                    log_dir=self.logdir.path,
+                    purge_step=self._resume["step"] + 1 if resume else None,
+                )
+            capture.attach()
+        except BaseException:
+            self._undo_attach(existed=existed, had_audit=had_audit)
+            raise
         self._resume = None
-        capture.attach()
         return self
+
+    def _undo_attach(self, *, existed: bool, had_audit: bool) -> None:
+        """A failed attach leaves nothing behind that it created."""
+        self._capture = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if not had_audit and self.logdir.path.is_dir():
+            self.logdir.remove_audit_files()
+            if not existed and not any(self.logdir.path.iterdir()):
+                self.logdir.path.rmdir()
 
     def _mode_text(self) -> str:
         if self.config.shadow:

@@ -145,6 +145,8 @@ class GradientCapture:
                 f"expected an Opacus DPOptimizer, got {type(optimizer).__name__}: attach the "
                 "auditor to the optimizer returned by PrivacyEngine.make_private(...)"
             )
+        if getattr(optimizer, "_dmaudit_capture", None) is not None:
+            raise RuntimeError("another auditor is attached to this optimizer; detach it first")
         params = list(optimizer.params)
         if block is None and model is None:
             block = find_imprint_block(params)

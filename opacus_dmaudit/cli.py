@@ -1,10 +1,11 @@
-"""The ``dmaudit`` command line."""
+"""dmaudit: visual privacy auditing of Opacus DP-SGD training (demo, reports, prior training)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,10 +14,41 @@ from .config import SAMPLER_NAMES
 __all__ = ["main"]
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _noise_multiplier(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _quiet_known_warnings() -> None:
+    """Silence the warnings the demo causes and understands; explain the one that matters once."""
+    # the ImprintBlock is the model's first layer, whose input needs no gradient: Opacus's backward
+    # hook on it makes torch say so at every step; harmless.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
+    print(
+        "Note: the demo trains with Opacus's default fast RNG (secure_mode=False), fine for an "
+        "audit; train a model you release with secure_mode=True.",
+        file=sys.stderr,
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .prior import check_prior_name
     from .summary import VERDICT_STATUSES, fmt
 
+    if args.prior != "none":
+        check_prior_name(args.prior)  # a missing local prior fails before any run
+    _quiet_known_warnings()
     runs = run_demo(
         out_dir=args.out,
         noise_multipliers=args.noise_multipliers,
@@ -99,26 +131,37 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dmaudit", description=__doc__)
+    from . import __version__
+
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="dmaudit", description=__doc__, formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"dmaudit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="offline demo: audited DP-SGD on real digits")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo",
+        help="offline demo: audited DP-SGD on real digits",
+        description="Train a small CNN with an ImprintBlock on 1000 real MNIST digits with DP-SGD "
+        "at several noise multipliers, audit it, denoise with the embedded prior, and write "
+        "TensorBoard logs and reports (offline, about a minute on 2 cores).",
+        formatter_class=formatter,
+    )
     demo.add_argument("--out", default="dmaudit-demo", help="output directory")
     demo.add_argument(
         "--noise-multipliers",
-        type=float,
+        type=_noise_multiplier,
         nargs="+",
         default=[0.005, 0.02, 0.05, 1.0],
         metavar="SIGMA",
         help="one run per noise multiplier",
     )
-    demo.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    demo.add_argument("--every", type=int, default=20, help="audit every N steps")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=_positive_int, default=60, help="optimizer steps per run")
+    demo.add_argument("--every", type=_positive_int, default=20, help="audit every N steps")
+    demo.add_argument("--seed", type=int, default=0, help="seed of data order, model and noise")
     demo.add_argument(
         "--prior",
         default="embedded:mnist",
-        help="diffusion prior: embedded:mnist (default), a local diffusers directory, a hub id, "
+        help="diffusion prior: embedded:mnist, a local diffusers directory, a hub id, "
         "or 'none'",
     )
     demo.add_argument("--sampler", default="ddim", choices=list(SAMPLER_NAMES), help="DM sampler")
@@ -128,11 +171,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep = sub.add_parser(
         "report",
         help="build report.json and report.html from an audit log dir (even a crashed one)",
+        description="Build report.json and report.html from what an auditor's log dir holds "
+        "(audit.jsonl, run.json, images/), also after a crash.",
+        formatter_class=formatter,
     )
-    rep.add_argument("log_dirs", nargs="+", metavar="LOGDIR")
+    rep.add_argument("log_dirs", nargs="+", metavar="LOGDIR", help="an auditor's log_dir")
     rep.set_defaults(func=_report)
 
-    tp = sub.add_parser("train-prior", help="train a small diffusion prior on offline images")
+    tp = sub.add_parser(
+        "train-prior",
+        help="train a small diffusion prior on offline images",
+        description="Train a diffusers UNet2DModel prior (the embedded priors were made this way).",
+        formatter_class=formatter,
+    )
     tp.add_argument("--out", required=True, help="output directory (diffusers layout)")
     tp.add_argument(
         "--data",
@@ -140,21 +191,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="mnist5k-prior (default: the MNIST-5k digits the demo never audits) or an .npz "
         "with an 'images' array (N, H, W[, C])",
     )
-    tp.add_argument("--steps", type=int, default=3000)
-    tp.add_argument("--batch-size", type=int, default=64)
-    tp.add_argument("--lr", type=float, default=1e-3)
-    tp.add_argument("--sample-size", type=int, default=32, help="images are zero-padded to this")
-    tp.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64], metavar="C")
-    tp.add_argument("--layers-per-block", type=int, default=1)
+    tp.add_argument("--steps", type=_positive_int, default=3000, help="training steps")
+    tp.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
+    tp.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    tp.add_argument(
+        "--sample-size", type=_positive_int, default=32, help="images are zero-padded to this"
+    )
+    tp.add_argument(
+        "--channels",
+        type=_positive_int,
+        nargs="+",
+        default=[32, 64, 64],
+        metavar="C",
+        help="UNet channels per level",
+    )
+    tp.add_argument("--layers-per-block", type=_positive_int, default=1, help="UNet depth")
     tp.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--seed", type=int, default=0, help="seed of the training run")
     tp.add_argument("--quiet", action="store_true", help="no progress bar")
     tp.set_defaults(func=_train_prior)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError, PermissionError) as err:
         parser.error(str(err))
     return 1
 

