@@ -1,7 +1,14 @@
-"""Shared parts of the benchmarks: real data, readouts through a real Opacus step, denoisers."""
+"""Shared parts of the benchmarks: real data, readouts through a real Opacus step, denoisers.
+
+Readouts come from the auditor's own scoring stage (:func:`opacus_dmaudit.scoring.read_step`
+with the auditor's default configuration, :func:`~opacus_dmaudit.scoring.match_readouts`), so a
+benchmark measures what an audit computes: the same readout, the same occupancy test, the same
+predicted noise std, the same matching of readouts to real images.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,15 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from opacus_dmaudit.bounds import gdp_epsilon  # noqa: E402
 from opacus_dmaudit.capture import GradientCapture  # noqa: E402
 from opacus_dmaudit.classical import classical_denoise, tune_classical  # noqa: E402
+from opacus_dmaudit.config import AuditConfig  # noqa: E402
 from opacus_dmaudit.data import (  # noqa: E402
     load_cifar10_test,
     load_mnist_idx,
     mnist_5k_split,
     natural_patches,
-    shared_data_dir,
 )
 from opacus_dmaudit.imprint import ImprintBlock  # noqa: E402
-from opacus_dmaudit.readout import read_imprint  # noqa: E402
+from opacus_dmaudit.scoring import match_readouts, read_step  # noqa: E402
 
 DELTA = 1e-5
 #: Noise multipliers from "near-perfect" to "nothing visible" (readout std ≈ σ·‖(x, 1)‖).
@@ -29,6 +36,16 @@ GRIDS = {
     "cifar10": (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1),
 }
 PRIORS = {"mnist": "embedded:mnist", "cifar10": "embedded:natural"}
+
+
+def shared_data_dir() -> Path | None:
+    """The project's evaluation data, ``../shared/data`` beside the checkout (or
+    ``$DMAUDIT_SHARED_DATA``), if present. Development only: never part of the package."""
+    env = os.environ.get("DMAUDIT_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    candidates.append(Path.cwd().parent / "shared" / "data")
+    return next((c for c in candidates if c.is_dir()), None)
 
 
 def load_dataset(name: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +67,8 @@ def load_dataset(name: str, n: int | None = None) -> tuple[torch.Tensor, torch.T
     return (images if n is None else images[:n]), public.float()
 
 
-def _cnn(channels: int, size: int) -> nn.Module:
+def small_cnn(channels: int, size: int) -> nn.Module:
+    """The benchmarks' small GroupNorm CNN behind the imprint block (any grad-sample mode)."""
     flat = 16 * (((size - 4) // 2 - 4) // 2) ** 2
     return nn.Sequential(
         nn.Conv2d(channels, 8, 5, 2),
@@ -73,19 +91,25 @@ def opacus_readouts(
     batch_size: int = 64,
     max_grad_norm: float = 1.0,
     seed: int = 0,
+    config: AuditConfig | None = None,
 ) -> dict:
     """Every image goes through one real DP-SGD step of an imprint model (fixed batches).
 
-    Returns the images that fell alone in their bin: ``truth``, the raw readout ``raw`` (not
-    clipped), its predicted per-pixel noise std ``std``, and ``found`` (the auditor's occupancy
-    decision, z > 4), plus ``total`` images and the per-step privacy of σ.
+    Each step is captured as the auditor captures it and read by the auditor's scoring stage
+    (``read_step`` with ``config``, default: the auditor's defaults). Returns the images that
+    fell alone in their bin: ``truth``, the raw readout ``raw`` (not clipped), its predicted
+    per-pixel noise std ``std`` (in [0, 1] units), ``found`` (the auditor's occupancy decision),
+    ``batch`` (which step) and ``own`` (the image's index in that step's batch); ``batches``,
+    each step's real images in [0, 1] (the identification criterion's candidates); ``total``
+    images, the per-step privacy of σ and the occupancy test's name.
     """
     from opacus import PrivacyEngine
 
+    config = config or AuditConfig()
     torch.manual_seed(seed)
     shape = tuple(images.shape[1:])
     block = ImprintBlock(image_shape=shape, num_bins=num_bins).calibrate(public)
-    model = nn.Sequential(block, _cnn(shape[0], shape[-1]))
+    model = nn.Sequential(block, small_cnn(shape[0], shape[-1]))
     data = torch.utils.data.TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
     model, opt, loader = PrivacyEngine(accountant="rdp").make_private(
         module=model,
@@ -105,30 +129,32 @@ def opacus_readouts(
         nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
     capture.detach()
-    truth, raw, std, found = [], [], [], []
-    for c in steps:
-        sums = c.imprint
-        ro = read_imprint(
-            sums.weight_noised,
-            sums.bias_noised,
-            structure=capture.block.structure,
-            image_shape=shape,
-            noise_std=c.noise_std,
-            clip_norm=c.max_grad_norm,
-            value_range=capture.block.value_range,
-        )
-        counts = (sums.membership != 0).sum(dim=1)
-        for b in (counts == 1).nonzero().flatten().tolist():
-            truth.append(c.inputs[(sums.membership[b] != 0).nonzero()[0, 0]])
-            raw.append(ro.images[b])
-            std.append(float(ro.noise_std[b]))
-            found.append(bool(ro.occupied[b]))
+    lo, hi = block.value_range
+    truth, raw, std, found, batch, own, batches = [], [], [], [], [], [], []
+    for k, c in enumerate(steps):
+        noised, _ = read_step(c, config)
+        members = c.imprint.membership
+        counts = (members != 0).sum(dim=1)
+        lone = (counts == 1) & (members.max(dim=1).values == 1)
+        rows = noised.select(lone.nonzero().flatten())
+        index = match_readouts(rows, c.inputs, members)
+        batches.append((c.inputs.float() - lo) / (hi - lo))
+        for r, i in enumerate(index):
+            truth.append(batches[-1][i])
+            raw.append((rows.images[r].float() - lo) / (hi - lo))
+            std.append(float(rows.noise_std[r]) / (hi - lo))
+            found.append(bool(rows.occupied[r]))
+            batch.append(k)
+            own.append(i)
     mu = 1.0 / sigma if sigma > 0 else float("inf")
     return {
         "truth": torch.stack(truth).float(),
         "raw": torch.stack(raw).float(),
         "std": torch.tensor(std, dtype=torch.float64),
         "found": torch.tensor(found),
+        "batch": torch.tensor(batch),
+        "own": torch.tensor(own),
+        "batches": batches,
         "total": len(images),
         "sigma": sigma,
         "mu": mu,
@@ -145,20 +171,19 @@ def best_classical(truth, raw, std, tune_truth, tune_raw, tune_std, *, score, me
     """Tune each classical denoiser on the tuning readouts; apply the best one to each image.
 
     The tuning readouts are other images through the same kind of step at the same σ. Each image
-    is then denoised at its own predicted noise std. Returns ``(label, denoised)``.
+    is then denoised at its own predicted noise std. The denoisers get the readouts as the prior
+    gets them: not clipped. Returns ``(label, denoised)``.
     """
     methods = methods or ("tv", "wavelet", "nlm")
     level = min(float(finite_std(tune_std).median()), 1.0)
-    knobs = tune_classical(
-        tune_truth, tune_raw.clamp(0, 1), noise_std=level, score=score, methods=methods
-    )
+    knobs = tune_classical(tune_truth, tune_raw, noise_std=level, score=score, methods=methods)
     scored = []
     for method, knob in knobs.items():
-        den = classical_denoise(tune_raw.clamp(0, 1), method=method, noise_std=level, knob=knob)
+        den = classical_denoise(tune_raw, method=method, noise_std=level, knob=knob)
         scored.append((float(score(den, tune_truth).mean()), method, knob))
     _, method, knob = min(scored, key=lambda r: r[0])
     out = [
-        classical_denoise(r[None].clamp(0, 1), method=method, noise_std=min(s, 1.0), knob=knob)
+        classical_denoise(r[None], method=method, noise_std=min(s, 1.0), knob=knob)
         for r, s in zip(raw, finite_std(std).tolist())
     ]
     return method, torch.cat(out)

@@ -61,6 +61,17 @@ def check_value_range(captured: CapturedStep) -> dict[str, Any]:
         return check("value_range", "pass", "no inputs at this step (empty batch)", value=0.0)
     tol = RANGE_TOLERANCE * (hi - lo)
     x = x.float()
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        images = int(bad.flatten(1).any(dim=1).sum())
+        return check(
+            "value_range",
+            "fail",
+            f"{images} of {x.shape[0]} audited images hold NaN or infinite pixels: their "
+            "gradients, and so every readout and mechanism statistic of this step, are not "
+            "numbers. Find and remove those images from the training data.",
+            value=float(bad.float().mean()),
+        )
     outside = (x < lo - tol) | (x > hi + tol)
     share = float(outside.float().mean())
     if share == 0.0:

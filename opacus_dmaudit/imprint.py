@@ -39,7 +39,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -77,13 +77,24 @@ def _dct_direction(image_shape: tuple[int, int, int], mode: tuple[int, int]) -> 
 
 @dataclass(frozen=True)
 class ImprintGeometry:
-    """What the readout needs to know about an imprint layer (real or simulated)."""
+    """What the readout needs to know about an imprint layer (real or simulated).
+
+    Attributes:
+        measurement: the measurement direction ``h`` (``(d,)``, float64), or ``None``.
+        bin_edges: ``K + 1`` edges in units of ``h·x``: readout bin ``i`` holds the samples with
+            ``bin_edges[i] <= h·x < bin_edges[i + 1]``, the outer edges clipped to the values
+            ``h·x`` can take for inputs in ``value_range``; ``None`` if unknown. With
+            ``measurement`` they let the readout use the projection the bin pins (see
+            :func:`~opacus_dmaudit.readout.read_imprint`).
+    """
 
     structure: str
     image_shape: tuple[int, int, int]
     value_range: tuple[float, float]
     num_bins: int
     calibrated: bool
+    measurement: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    bin_edges: tuple[float, ...] | None = None
 
 
 class ImprintBlock(nn.Module):
@@ -299,12 +310,21 @@ class ImprintBlock(nn.Module):
 
     def geometry(self) -> ImprintGeometry:
         """The block's readout geometry (structure, image shape, value range, bins)."""
+        h = self.measurement.detach().double().cpu().clone()
+        lo, hi = self.value_range
+        reach = (
+            float(torch.minimum(lo * h, hi * h).sum()),
+            float(torch.maximum(lo * h, hi * h).sum()),
+        )
+        edges = self.edges.detach().double().cpu().clamp(*reach)
         return ImprintGeometry(
             structure=self.structure,
             image_shape=self.image_shape,
             value_range=self.value_range,
             num_bins=self.num_bins,
             calibrated=self.calibrated,
+            measurement=h,
+            bin_edges=tuple(float(e) for e in edges),
         )
 
     # ------------------------------------------------------------------------------------------

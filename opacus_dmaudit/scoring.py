@@ -17,10 +17,17 @@ import torch
 from .capture import CapturedStep, ImprintSums
 from .config import AuditConfig
 from .metrics import LPIPS, stage_metrics
-from .readout import Readout, read_imprint
+from .readout import Readout, detection_power, occupancy_test, read_imprint
 from .schema import meets, metric_key
 
-__all__ = ["ScoredStep", "score_step", "read_step", "match_readouts", "detection_settings"]
+__all__ = [
+    "ScoredStep",
+    "score_step",
+    "read_step",
+    "match_readouts",
+    "detection_settings",
+    "detection_summary",
+]
 
 #: Lone samples that the occupancy test missed, kept per audit to show what their readout was.
 MISSED_SHOWN = 8
@@ -80,9 +87,28 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and value == value and abs(value) != float("inf")
 
 
-def detection_settings(config: AuditConfig) -> dict[str, Any]:
-    """The occupancy test's keyword arguments for :func:`~opacus_dmaudit.readout.read_imprint`."""
-    return {"occupancy_z": 4.0 if config.occupancy_z is None else float(config.occupancy_z)}
+def _pinned(geometry: Any) -> dict[str, Any]:
+    """The projection the bins pin (measurement and bin edges), where the geometry has it."""
+    measurement = getattr(geometry, "measurement", None)
+    edges = getattr(geometry, "bin_edges", None)
+    if measurement is None or edges is None:
+        return {}
+    return {"measurement": measurement, "bin_edges": edges}
+
+
+def detection_settings(config: AuditConfig, geometry: Any = None) -> dict[str, Any]:
+    """The occupancy test's keyword arguments for :func:`~opacus_dmaudit.readout.read_imprint`.
+
+    ``config.occupancy_z`` set: the older bias-only test at that z. Otherwise the whole-row
+    test at ``config.false_bins_per_audit`` expected false bins per audit: ``"row-fisher"``
+    where the geometry gives the projection each bin pins, else ``"row-chi2"``.
+    """
+    if config.occupancy_z is not None:
+        return {"test": "bias-z", "occupancy_z": float(config.occupancy_z)}
+    return {
+        "test": "row-fisher" if _pinned(geometry) else "row-chi2",
+        "false_bins_per_audit": float(config.false_bins_per_audit),
+    }
 
 
 def read_step(captured: CapturedStep, config: AuditConfig) -> tuple[Readout, Readout]:
@@ -95,7 +121,8 @@ def read_step(captured: CapturedStep, config: AuditConfig) -> tuple[Readout, Rea
         sums.bias_noised,
         noise_std=captured.noise_std,
         clip_norm=captured.max_grad_norm if captured.clipping == "flat" else None,
-        **detection_settings(config),
+        **detection_settings(config, geo),
+        **_pinned(geo),
         **common,
     )
     clean = read_imprint(sums.weight_clean, sums.bias_clean, noise_std=0.0, **common)
@@ -132,6 +159,45 @@ def _singletons(membership: torch.Tensor) -> torch.Tensor:
     if membership.numel():
         singles &= membership.max(dim=1).values == 1
     return singles
+
+
+def detection_summary(
+    captured: CapturedStep, config: AuditConfig, lone_bins: torch.Tensor
+) -> dict[str, Any]:
+    """The ``detection`` record: the occupancy test, its level and budget, and its power.
+
+    ``power`` is the mean, over the bins that truly hold one sample, of the probability that the
+    test detects that bin at this step's noise (exact, from the clean clipped sums); ``None``
+    when no sample sits alone in a bin, 1 without noise.
+    """
+    sums = _sums(captured)
+    geo = sums.geometry
+    settings = detection_settings(config, geo)
+    name = settings.pop("test")
+    test = occupancy_test(
+        name,
+        num_bins=int(sums.bias_clean.numel()),
+        dim=int(sums.weight_clean.shape[1]),
+        **settings,
+    )
+    power = None
+    if lone_bins.numel():
+        per_bin = detection_power(
+            sums.weight_clean,
+            sums.bias_clean,
+            structure=geo.structure,
+            noise_std=captured.noise_std,
+            bins=lone_bins,
+            test=test,
+            **_pinned(geo),
+        )
+        power = float(per_bin.mean())
+    out: dict[str, Any] = test.describe()
+    out["normaliser"] = "pinned" if _pinned(geo) else "bias"
+    if captured.noise_std == 0:  # no noise: a bin is occupied exactly when it is non-empty
+        out.update(threshold=None, level=0.0, false_bins_per_audit=0.0, normaliser="bias")
+    out.update(power=power, lone_bins=int(lone_bins.numel()))
+    return out
 
 
 def score_step(
@@ -242,7 +308,7 @@ def score_step(
         dm=dm,
         success=success,
         counts=counts,
-        detection={"test": "bias-z", "occupancy_z": detection_settings(config)["occupancy_z"]},
+        detection=detection_summary(captured, config, singles.nonzero().flatten()),
         missed=missed,
         missed_truth=missed_truth,
         missed_raw=missed_raw,

@@ -87,8 +87,32 @@ def test_noise_prediction_and_occupancy_under_gaussian_noise(mnist5k):
         assert out.occupied[k]
         ratios.append(float((out.images[k] - x[n]).std() / out.noise_std[k]))
     assert 0.85 < sum(ratios) / len(ratios) < 1.15
-    # no false positives among empty bins at z = 4 (their |Δb| is pure noise)
+    # no false positives among empty bins (0.01 expected false bins per readout)
     assert not out.occupied[(members != 0).sum(1) == 0].any()
+    # the older bias-only test is still there for comparison: exactly |Δb|/σC > z
+    old = read_imprint(
+        w, b, structure="sparse", image_shape=(1, 28, 28), noise_std=sigma_c, occupancy_z=4.0
+    )
+    assert torch.equal(old.occupied, b.abs() / sigma_c > 4.0)
+    assert torch.equal(old.images, out.images)  # same normaliser (Δb) without the bins' geometry
+
+
+def test_cancelling_blend_is_flagged_under_noise():
+    """Two samples with opposite weights that nearly cancel: ``ŵ`` is near zero, so the
+    readout's pixels exceed anything one sample of the value range can give."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 64, generator=gen, dtype=torch.float64) * 0.5 + 0.25
+    w = torch.zeros(4, 64, dtype=torch.float64)
+    b = torch.zeros(4, dtype=torch.float64)
+    for xn, g in zip(x, (0.5, -0.45)):
+        w[1] += g * xn
+        b[1] += g
+    sigma_c = 0.01
+    w += sigma_c * torch.randn(w.shape, generator=gen, dtype=torch.float64)
+    b += sigma_c * torch.randn(b.shape, generator=gen, dtype=torch.float64)
+    out = read_imprint(w, b, structure="sparse", image_shape=(1, 8, 8), noise_std=sigma_c)
+    assert out.occupied[1] and out.collision[1]
+    assert not out.occupied[[0, 2, 3]].any()
 
 
 def test_bad_inputs():

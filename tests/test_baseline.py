@@ -1,0 +1,131 @@
+"""κ at the audit's own criterion, the identification criterion, and the pairwise metrics they use."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import audited_run
+from opacus_dmaudit.baseline import estimate_kappa
+from opacus_dmaudit.bounds import rero_gaussian
+from opacus_dmaudit.metrics import LPIPS, identified, image_metrics, pairwise
+from opacus_dmaudit.summary import verdict
+
+
+def _astronaut_patches(n: int) -> torch.Tensor:
+    from skimage.data import astronaut
+
+    img = torch.from_numpy(astronaut()).permute(2, 0, 1).float() / 255
+    return torch.stack([img[:, 40 * i : 40 * i + 32, 60 + 13 * i : 92 + 13 * i] for i in range(n)])
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_pairwise_equals_the_loop_over_pairs(mnist5k, colour):
+    """Every metric's (P, T) matrix equals scoring each pair on its own (real images)."""
+    if colour:
+        targets = _astronaut_patches(6)
+    else:
+        targets = mnist5k["prior"][0][:6].float()
+    gen = torch.Generator().manual_seed(0)
+    # noisy versions (values outside [0, 1] included), and two exact copies
+    preds = torch.cat(
+        [targets[:3] + 0.2 * torch.randn(targets[:3].shape, generator=gen), targets[3:5]]
+    )
+    lpips = LPIPS(batch_size=4)  # several chunks of predictions and targets
+    for metric in ("mse", "psnr", "ssim", "lpips"):
+        got = pairwise(metric, preds, targets, lpips=lpips)
+        assert got.shape == (5, 6) and got.dtype == torch.float64
+        for i in range(5):
+            loop = image_metrics(
+                preds[i : i + 1].expand(6, -1, -1, -1), targets, names=(metric,), lpips=lpips
+            )[metric]
+            finite = torch.isfinite(loop)
+            assert torch.equal(finite, torch.isfinite(got[i]))
+            tol = 1e-6 if metric == "lpips" else 1e-10  # LPIPS's own path is float32
+            assert torch.allclose(got[i][finite], loop[finite], rtol=0, atol=tol), metric
+    # the exact copies: distance 0 (PSNR ∞, SSIM 1) to their own image
+    assert pairwise("lpips", preds[3:5], targets[3:5], lpips=lpips).diagonal().abs().max() < 1e-6
+    assert pairwise("ssim", preds[3:5], targets[3:5]).diagonal() == pytest.approx([1.0, 1.0])
+
+
+def test_identified_needs_strictly_the_nearest_own_image():
+    d = torch.tensor([[0.1, 0.3, 0.2], [0.4, 0.2, 0.2], [0.5, 0.6, 0.1], [float("nan"), 1.0, 1.0]])
+    assert identified(d, [0, 1, 0, 0]).tolist() == [True, False, False, False]  # a tie is no win
+    # SSIM-like scores: higher is nearer
+    assert identified(d, [1, 0, 1, 1], higher_is_better=True).tolist() == [True, True, True, False]
+    assert identified(torch.zeros((0, 3)), []).numel() == 0
+    assert identified(torch.tensor([[math.inf, 20.0]]), [0], higher_is_better=True).item()  # PSNR
+    with pytest.raises(ValueError, match="own columns"):
+        identified(d, [0, 1])
+
+
+@pytest.mark.slow
+def test_a_fixed_guess_beats_one_over_n_and_kappa_hat_sees_it(mnist5k, shared_data):
+    """κ̂ from public digits only; its best guess, never shown a test digit, meets LPIPS ≤ 0.1
+    for far more held-out MNIST *test* digits than 1/N, and about as many as κ̂ says."""
+    from opacus_dmaudit.data import load_mnist_idx
+
+    lpips = LPIPS()
+    digits = mnist5k["prior"][0]  # sorted by class: take a random sample of every class
+    public = digits[torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))[:400]]
+    base = estimate_kappa(public, metric="lpips", threshold=0.1, lpips=lpips)
+    assert base is not None and base.targets == 384 and base.candidates == 385  # + the mean
+    test_digits = load_mnist_idx(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz")[:200]
+    rate = float((pairwise("lpips", base.guess, test_digits, lpips=lpips) <= 0.1).double().mean())
+    n = 60000  # MNIST's training set: κ = 1/N
+    assert rate > 100 / n  # a constant output beats κ = 1/N by orders of magnitude
+    assert base.kappa > 1 / n and abs(rate - base.kappa) < 0.15
+    # the bound with κ = max(κ̂, 1/N) is not beaten by that guess at µ → 0
+    kappa = max(base.kappa, 1 / n)
+    assert rero_gaussian(0.0, kappa) == pytest.approx(kappa)
+    # same images, same criterion: cached; too few images: no estimate
+    assert estimate_kappa(public, metric="lpips", threshold=0.1, lpips=lpips) is base
+    assert estimate_kappa(public[:12], metric="mse", threshold=0.01) is None
+    with pytest.raises(ValueError, match="NaN"):
+        estimate_kappa(public.clone().fill_(math.nan), metric="mse", threshold=0.01)
+
+
+@pytest.mark.slow
+def test_records_carry_kappa_at_the_criterion_and_identification(mnist5k, tmp_path):
+    auditor, engine = audited_run(
+        mnist5k, tmp_path, sigma=0.02, steps=1, metrics=("mse", "lpips"), public=600
+    )
+    auditor.close()
+    r = auditor.history[-1]
+    n = round(1 / r["kappa_uniform"])  # expected batch / q: about the 1000 private digits
+    assert 900 < n <= 1000
+    assert r["kappa_baseline"] is not None and r["kappa_baseline"] > r["kappa_uniform"]
+    assert r["kappa"] == max(r["kappa_baseline"], r["kappa_uniform"])
+    batch = r["batch_size"]
+    assert r["bounds"]["single_step_identification"] == pytest.approx(
+        rero_gaussian(1 / 0.02, 1 / batch)
+    )
+    ident = r["identification"]
+    assert set(ident) == {"raw", "clean"}
+    # at σ = 0.02 the clean readout of a lone digit is that digit: nearest to it in LPIPS
+    lone = sum("mse_raw" in im and im["true_count"] == 1 for im in r["images"])
+    matched = sum("mse_raw" in im for im in r["images"])
+    assert lone > 0 and lone / batch <= ident["clean"] <= matched / batch
+    assert 0 < ident["raw"] <= ident["clean"] + 1e-9
+
+
+def test_verdict_states_no_bound_a_fixed_guess_may_beat():
+    base = {
+        "audits": 1,
+        "first_step": 1,
+        "last_step": 1,
+        "noise_multiplier": 1.0,
+        "checks": {},
+        "mean_success_rate": {"raw": 0.0},
+        "recovered": {"raw": 0},
+        "detection_power": 0.95,
+        "bounds": {"single_step": 0.025, "single_step_identification": 0.12},
+        "kappa_uniform": 1e-3,
+    }
+    uniform_only = verdict({**base, "kappa": 1e-3, "kappa_baseline": None})["text"]
+    assert "no attack can reach a success rate above 0.025" not in uniform_only
+    assert "may be beaten by a fixed guess" in uniform_only
+    measured = verdict({**base, "kappa": 0.05, "kappa_baseline": 0.05})["text"]
+    assert "no attack can reach a success rate above 0.025" in measured
+    assert "κ̂ = 0.05" in measured
+    assert "above 0.12 (κ = 1/N exact)" in measured
