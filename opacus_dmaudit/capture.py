@@ -19,6 +19,14 @@ clean clipped sum to rank 0 (two collectives); only rank 0 audits.
 Without an ``ImprintBlock`` (mechanism checks, shadow audits) the capture hooks the model's own
 forward for its inputs instead, and records no imprint sums.
 
+With ``mechanism=True`` an audited step also records statistics of the DP mechanism itself over
+*all* parameters (:mod:`.mechanism`): the noise (noised − clean sums), whether the clean sum is the
+per-sample gradients clipped to C, the batch sizes of every step (counted at every step: one
+integer each), and the accountant's history. Under ``BatchMemoryManager`` the clean sums are
+copied at each physical batch's forward of an audited step, so that the last physical batch's own
+clipped sum is known; under DDP every rank sends its batch sizes and clipping statistics to rank
+0 (one small collective each), and rank 0 measures the noise, which only it adds.
+
 Nothing here writes to a tensor that training reads, draws random numbers, or runs the model.
 """
 
@@ -33,6 +41,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 
 from .imprint import ImprintBlock, ImprintGeometry, find_imprint_block
+from .mechanism import clean_sums_before, snapshot_clipping, snapshot_noise
 
 __all__ = ["CapturedStep", "ImprintSums", "GradientCapture", "clipping_mode"]
 
@@ -73,9 +82,10 @@ class CapturedStep:
         inputs: the step's real inputs (of the ``ImprintBlock``, or of the hooked model).
         imprint: the imprint layer's sums, or ``None`` without an imprint layer.
         batch_sizes: the number of real samples of every step since the previous capture
-            (this one last), for the sampling check.
-        mechanism: statistics of the noise and clipping over all parameters (see
-            :mod:`.mechanism`), or ``None``.
+            (this one last), for the sampling check; ``-1`` where it is unknown.
+        mechanism: statistics of the DP mechanism at this step (``"noise"``, ``"clipping"``,
+            ``"sampling"``, ``"accountant"``; see :mod:`.mechanism`), or ``None`` when the
+            capture does not record them.
     """
 
     step: int
@@ -110,6 +120,50 @@ def clipping_mode(optimizer: DPOptimizer) -> str:
     return "flat"
 
 
+#: Keyword names under which models take their batch (the first found is the batch).
+_INPUT_NAMES = ("pixel_values", "input", "inputs", "x", "images", "input_ids")
+
+
+def _accountant_history(accountant) -> list[tuple[float, float, int]]:
+    return [
+        (float(s), float(q), int(n)) for s, q, n in (getattr(accountant, "history", None) or [])
+    ]
+
+
+def _accountant_steps(accountant) -> int:
+    return sum(n for _, _, n in _accountant_history(accountant))
+
+
+def _count_from_gradients(optimizer: DPOptimizer) -> int:
+    """This step's batch size from the per-sample gradients, ``-1`` when they cannot tell."""
+    if getattr(optimizer, "_is_last_step_skipped", False):
+        return -1  # several physical batches; the earlier ones' gradients are gone
+    for p in optimizer.params:
+        samples = getattr(p, "grad_sample", None)
+        if isinstance(samples, list):
+            return sum(len(s) for s in samples)
+        if samples is not None:
+            return len(samples)
+        norms = getattr(p, "_norm_sample", None)
+        if norms is not None:
+            return len(norms)
+    return -1
+
+
+def _combine_clipping(stats: list) -> dict | None:
+    """One clipping record from every rank's (largest ratios, summed sample counts)."""
+    stats = [s for s in stats if s]
+    if not stats:
+        return None
+    out = dict(stats[0])
+    out["samples"] = sum(s.get("samples", 0) for s in stats)
+    out["partial"] = any(s.get("partial") for s in stats)
+    for key in ("residual", "max_clipped", "max_norm", "unclipped_residual", "effective_max"):
+        values = [s[key] for s in stats if s.get(key) is not None]
+        out[key] = max(values) if values else None
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _denominator(optimizer: DPOptimizer) -> float:
     if optimizer.loss_reduction == "mean":
         return float(optimizer.expected_batch_size * optimizer.accumulated_iterations)
@@ -128,6 +182,9 @@ class GradientCapture:
         should_capture: called with the 1-based index of the upcoming step; ``True`` to capture it.
         on_capture: receives each :class:`CapturedStep` right after the parameter update.
         start_step: steps already taken (so step numbers continue across resumes).
+        mechanism: also record the DP mechanism's statistics on captured steps (see
+            :mod:`.mechanism`).
+        accountant: the privacy accountant, whose history the mechanism statistics record.
     """
 
     def __init__(
@@ -139,6 +196,8 @@ class GradientCapture:
         should_capture: Callable[[int], bool],
         on_capture: Callable[[CapturedStep], None],
         start_step: int = 0,
+        mechanism: bool = False,
+        accountant=None,
     ) -> None:
         if not isinstance(optimizer, DPOptimizer):
             raise TypeError(
@@ -179,6 +238,18 @@ class GradientCapture:
         self._previous_hook = None
         self._handles: list = []
         self._attached = False
+        self.mechanism = bool(mechanism)
+        self.accountant = accountant
+        self._counted_seen = False  # the forward hook saw this step's inputs
+        self._before: list | None = None  # clean sums before the last physical batch (BMM)
+        self._size_counts: dict[int, int] = {}  # batch size -> steps, since attach
+        self._start = (0, 0)  # (steps taken, steps the accountant counted) at attach
+        names = {}
+        if model is not None:
+            names = {id(p): name for name, p in model.named_parameters()}
+        elif block is not None:
+            names = {id(p): f"imprint.{name}" for name, p in block.imprint.named_parameters()}
+        self._names = names
 
     # -- attach / detach -------------------------------------------------------------------------
     @property
@@ -197,17 +268,21 @@ class GradientCapture:
             raise RuntimeError("another auditor is attached to this optimizer; detach it first")
         self._previous_hook = self.optimizer.step_hook
         self.optimizer.attach_step_hook(self._step_hook)
-        watched = self.block if self.block is not None else self.model
         self._handles = [
             self.optimizer.original_optimizer.register_step_post_hook(self._post_step_hook)
         ]
-        if watched is not None:
-            self._handles.append(watched.register_forward_hook(self._forward_hook))
+        if self.block is not None:
+            self._handles.append(self.block.register_forward_hook(self._forward_hook))
+        elif self.model is not None:  # models called with keyword inputs (pixel_values=...) too
+            self._handles.append(
+                self.model.register_forward_hook(self._model_forward_hook, with_kwargs=True)
+            )
         if self.distributed and self.rank == 0:
             self._handles.append(
                 self.optimizer.original_optimizer.register_step_pre_hook(self._reduced_hook)
             )
         self.optimizer._dmaudit_capture = self
+        self._start = (self.step, _accountant_steps(self.accountant))
         self._attached = True
 
     def detach(self) -> None:
@@ -224,6 +299,7 @@ class GradientCapture:
         self.optimizer._dmaudit_capture = None
         self._inputs = []
         self._batch_sizes = []
+        self._before = None
         self._pending = None
         self._attached = False
 
@@ -232,6 +308,15 @@ class GradientCapture:
         return self._attached
 
     # -- hooks -----------------------------------------------------------------------------------
+    def _model_forward_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output):
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor):
+            named = [kwargs.get(k) for k in _INPUT_NAMES]
+            tensors = [v for v in named + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+            x = tensors[0] if tensors else None
+        if x is not None:
+            self._forward_hook(module, (x,), output)
+
     def _forward_hook(self, module: torch.nn.Module, args: tuple, output) -> None:
         if not (module.training and torch.is_grad_enabled()) or not args:
             return
@@ -239,24 +324,101 @@ class GradientCapture:
         if not isinstance(x, torch.Tensor):
             return
         self._seen += int(x.shape[0]) if x.dim() else 1
+        self._counted_seen = True
         if self._should_capture(self.step + 1):
             self._inputs.append(x.detach().to("cpu", copy=True))
+            if self.mechanism and getattr(self.optimizer, "_is_last_step_skipped", False):
+                # BatchMemoryManager: what the earlier physical batches summed to so far
+                self._before = clean_sums_before(self.optimizer)
 
     def _step_hook(self, optimizer: DPOptimizer) -> None:
         if self._previous_hook is not None:
             self._previous_hook(optimizer)  # the accountant first: never break ε
         self.step += 1
-        self._batch_sizes.append(self._seen)
+        seen = self._seen if self._counted_seen else _count_from_gradients(optimizer)
+        self._batch_sizes.append(seen)
         self._seen = 0
+        self._counted_seen = False
         if self._should_capture(self.step):
             if self.distributed:
                 self._pending = self._snapshot_distributed(optimizer)
             else:
                 self._pending = self._snapshot(optimizer)
+                if self.mechanism:
+                    clean = [getattr(p, "summed_grad", None) for p in optimizer.params]
+                    self._pending.mechanism = self._mechanism_snapshot(optimizer, clean)
             if self._pending is not None:
                 self._pending.batch_sizes = self._batch_sizes
+                if self.mechanism:
+                    self._record_sampling(optimizer, self._pending)
             self._batch_sizes = []
+            self._before = None
         self._inputs = []
+
+    def _mechanism_snapshot(self, optimizer: DPOptimizer, clean: list) -> dict:
+        """Noise and clipping statistics of this process (see :mod:`.mechanism`)."""
+        skipped = bool(getattr(optimizer, "_is_last_step_skipped", False))
+        out = {
+            "clipping": snapshot_clipping(
+                optimizer,
+                clean=clean,
+                before=self._before if skipped else None,
+                partial=skipped and self._before is None,
+                module=self.model,
+            )
+        }
+        if not self.distributed or self.rank == 0:  # only rank 0 adds noise under DDP
+            out["noise"] = snapshot_noise(
+                optimizer, denominator=_denominator(optimizer), names=self._names
+            )
+        return out
+
+    def _record_sampling(self, optimizer: DPOptimizer, captured: CapturedStep) -> None:
+        """Add the run's batch sizes so far and the accountant's view to the mechanism record."""
+        for size in captured.batch_sizes:
+            size = -1 if size < 0 else int(size)
+            self._size_counts[size] = self._size_counts.get(size, 0) + 1
+        history = _accountant_history(self.accountant)
+        try:
+            accumulated = int(optimizer.accumulated_iterations)
+        except Exception:  # per-sample gradients already gone: the common case is one
+            accumulated = 1
+        expected = getattr(optimizer, "expected_batch_size", None)
+        world = int(getattr(optimizer, "world_size", 1) or 1)
+        mech = captured.mechanism if captured.mechanism is not None else {}
+        mech["sampling"] = {
+            "counts": dict(self._size_counts),
+            "sample_rate": history[-1][1] if history else None,
+            "expected_batch_size": float(expected) * world * accumulated if expected else None,
+            "slack": float(accumulated),
+        }
+        mech["accountant"] = (
+            None
+            if self.accountant is None
+            else {
+                "history": history[-1:],
+                "counted": _accountant_steps(self.accountant) - self._start[1],
+                "taken": self.step - self._start[0],
+            }
+        )
+        captured.mechanism = mech
+
+    def _gather_mechanism(self, optimizer: DPOptimizer, clean: list) -> dict | None:
+        """Collectives on every rank: global batch sizes and every rank's clipping statistics."""
+        import torch.distributed as dist
+
+        sizes = torch.tensor(
+            [s if s >= 0 else -(10**9) for s in self._batch_sizes], dtype=torch.long
+        )
+        dist.all_reduce(sizes, op=dist.ReduceOp.SUM)
+        self._batch_sizes = [int(s) if s >= 0 else -1 for s in sizes.tolist()]
+        local = self._mechanism_snapshot(optimizer, clean)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local["clipping"])
+        if self.rank != 0:
+            return None
+        local["clipping"] = _combine_clipping(gathered)
+        return local
 
     def _reduced_hook(self, *_args) -> None:
         """Rank 0 under DDP: the global privatised sum, after ``reduce_gradients``."""
@@ -305,12 +467,21 @@ class GradientCapture:
                 w_clean = flat[: weight.numel()].float().cpu().reshape(weight.shape)
                 clean = (w_clean, flat[weight.numel() :].float().cpu())
             inputs = self._gather_inputs()
+            mechanism = None
+            if self.mechanism:  # this rank's clean sums: see the comment above
+                sums = [
+                    p.summed_grad if self.rank == 0 or p.grad is None else p.grad * denom
+                    for p in optimizer.params
+                ]
+                mechanism = self._gather_mechanism(optimizer, sums)
         if self.rank != 0:
             return None
         noised = None
         if clean is not None:  # the noised sums are filled after the all-reduce
             noised = (torch.zeros_like(clean[0]), torch.zeros_like(clean[1]))
-        return self._captured(optimizer, noised, clean, inputs, denom)
+        captured = self._captured(optimizer, noised, clean, inputs, denom)
+        captured.mechanism = mechanism
+        return captured
 
     def _input_shape(self) -> tuple[int, ...]:
         if self.block is not None:

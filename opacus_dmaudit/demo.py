@@ -5,10 +5,16 @@ imprint bins are calibrated on the disjoint public part. Each noise multiplier g
 directory (``sigma_<σ>``: audit log, TensorBoard events, report); every recovered image is also
 denoised with the diffusion prior (the embedded ``embedded:mnist`` by default, which never saw these
 digits). A rerun into the same ``out_dir`` replaces the demo's earlier runs there.
+
+Every audit also checks the DP mechanism (noise, clipping, sampling, accountant; see
+:mod:`.mechanism`). ``broken_noise=True`` (``dmaudit demo --broken-noise``) adds one run at the
+last noise multiplier whose optimizer adds only half the noise it reports (``sigma_<σ>_broken``):
+its checks fail and its report says the audit is invalid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -55,11 +61,17 @@ def run_demo(
     prior: str | DiffusionPrior | None = "embedded:mnist",
     sampler: str = "ddim",
     progress: bool = True,
+    broken_noise: bool = False,
 ) -> list[dict]:
     """Train and audit one run per noise multiplier.
 
+    Args:
+        broken_noise: add a run at the last noise multiplier whose optimizer secretly adds half
+            the noise (a deliberately broken mechanism the checks must catch).
+
     Returns:
-        One dict per run: ``noise_multiplier``, ``log`` and ``report`` paths, the run's
+        One dict per run: ``noise_multiplier``, ``broken`` (the broken-noise run), ``log`` and
+        ``report`` paths, the run's
         :func:`~opacus_dmaudit.summary.summarize` as ``summary`` and its ``verdict``.
     """
     if steps < 1 or every_n_steps < 1:
@@ -73,7 +85,10 @@ def run_demo(
     x, y = split["private"]
     public = split["prior"][0]
     summaries = []
-    for sigma in noise_multipliers:
+    runs = [(sigma, False) for sigma in noise_multipliers]
+    if broken_noise:
+        runs.append((noise_multipliers[-1] if noise_multipliers else 1.0, True))
+    for sigma, broken in runs:
         torch.manual_seed(seed)
         block = ImprintBlock(image_shape=(1, 28, 28), num_bins=128).calibrate(public)
         model = nn.Sequential(block, digit_cnn())
@@ -91,7 +106,7 @@ def run_demo(
             max_grad_norm=1.0,
             poisson_sampling=True,
         )
-        run_dir = Path(out_dir) / f"sigma_{sigma:g}"
+        run_dir = Path(out_dir) / (f"sigma_{sigma:g}" + ("_broken" if broken else ""))
         auditor = DMAuditor(
             privacy_engine=engine,
             log_dir=run_dir,
@@ -100,9 +115,17 @@ def run_demo(
             sampler=sampler,
             existing="overwrite",  # the demo's own earlier run of this σ
         )
-        bar = tqdm(total=steps, desc=f"σ={sigma:g}", disable=not progress, unit="step")
-        with auditor:
+        bar = tqdm(
+            total=steps,
+            desc=f"σ={sigma:g}" + (" broken" if broken else ""),
+            disable=not progress,
+            unit="step",
+        )
+        with auditor, _half_noise() if broken else contextlib.nullcontext():
+            # once per run (κ̂ is cached across runs): the baseline and the prior's fit
+            bar.set_postfix_str("measuring the baseline and the prior's fit on public digits")
             auditor.attach(optimizer)
+            bar.set_postfix_str("")
             done = 0
             while done < steps:
                 for xb, yb in loader:
@@ -124,6 +147,7 @@ def run_demo(
         summaries.append(
             {
                 "noise_multiplier": sigma,
+                "broken": broken,
                 "log": str(run_dir / "audit.jsonl"),
                 "report": str(run_dir / "report.html"),
                 "summary": summary,
@@ -135,3 +159,20 @@ def run_demo(
 
         build_comparison(out_dir, [Path(s["log"]).parent for s in summaries])
     return summaries
+
+
+@contextlib.contextmanager
+def _half_noise():
+    """A deliberately broken mechanism: Opacus adds half the noise the optimizer reports."""
+    from opacus.optimizers import optimizer as opacus_optimizer
+
+    original = opacus_optimizer._generate_noise
+
+    def half(std, reference, generator=None, secure_mode=False):
+        return original(std / 2, reference, generator, secure_mode)
+
+    opacus_optimizer._generate_noise = half
+    try:
+        yield
+    finally:
+        opacus_optimizer._generate_noise = original

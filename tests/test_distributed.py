@@ -70,6 +70,7 @@ def _run(tmp_path, sigma, steps):
 def test_rank0_recovers_the_singletons_of_both_ranks_exactly(tmp_path):
     r0, r1 = _run(tmp_path, sigma=0.0, steps=2)
     assert r1["history"] == [] and not (tmp_path / "log" / "rank1").exists()
+    _no_failed_checks(r0["history"])
     assert [r["step"] for r in r0["history"]] == [1, 2]
     for step, record in enumerate(r0["history"]):
         assert record["batch_size"] == r0["seen"][step].shape[0] + r1["seen"][step].shape[0]
@@ -86,8 +87,17 @@ def test_rank0_recovers_the_singletons_of_both_ranks_exactly(tmp_path):
     assert json.loads((tmp_path / "log" / "audit.jsonl").read_text().splitlines()[0])["step"] == 1
 
 
+def _no_failed_checks(history):
+    """Every audit ran the mechanism checks on the global batch, and none failed."""
+    for record in history:
+        statuses = {c["name"]: c["status"] for c in record["checks"]}
+        assert {"noise_scale", "noise_shape", "clipping", "sampling", "accountant"} <= set(statuses)
+        assert "fail" not in statuses.values(), record["checks"]
+
+
 def test_measured_noise_matches_the_prediction_under_ddp(tmp_path):
     r0, _ = _run(tmp_path, sigma=0.005, steps=3)
+    _no_failed_checks(r0["history"])
     ratios = [
         im["residual_std_raw"] / im["noise_std"]
         for r in r0["history"]

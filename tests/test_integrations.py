@@ -133,8 +133,9 @@ def test_lightning_callback_exact_audit_tensorboard_and_resume(tmp_path):
     )
     records = read_audit_log(audit_dir / "audit.jsonl")
     assert [r["step"] for r in records] == [2, 4, 6, 8]  # step 6 redone once, not twice
-    # TensorBoard too: the first run's step-6 audit is purged, the redone one shows once
-    assert _scalar_steps(trainer.log_dir, "quality/raw/mse") == [2, 4, 6, 8]
+    # TensorBoard too: the first run's step-6 audit is purged, the redone one shows once (at
+    # σ = 0.5 nothing is found, so no per-image metric: the success rate is logged at every audit)
+    assert _scalar_steps(trainer.log_dir, "quality/raw/success_rate") == [2, 4, 6, 8]
     q = 1 / 16  # Opacus: 1 / len(loader), 1000 digits in batches of 64
     for r in records:  # ε continues across the resume: the accountant came back too
         assert math.isclose(r["epsilon"], _rdp_epsilon(0.5, q, r["step"]), rel_tol=1e-9)
@@ -170,3 +171,72 @@ def test_huggingface_callback_exact_audit_tensorboard_and_resume(tmp_path):
     q = 1 / 16  # Opacus: 1 / len(loader), 1000 digits in batches of 64
     for r in records:
         assert math.isclose(r["epsilon"], _rdp_epsilon(0.5, q, r["step"]), rel_tol=1e-9)
+
+
+@pytest.mark.slow
+def test_huggingface_callback_runs_shadow_and_mechanism_modes(mnist5k, tmp_path):
+    """The HF callback on a model without an ImprintBlock: shadow audits read the batch from
+    the model's ``pixel_values`` input, and the mechanism checks run on every parameter."""
+    _framework("transformers")
+    from opacus import PrivacyEngine
+    from torch import nn
+    from transformers import TrainingArguments
+
+    from opacus_dmaudit.demo import digit_cnn
+    from opacus_dmaudit.integrations.huggingface import DMAuditTrainerCallback
+
+    ex = runpy.run_path(str(ROOT / "examples" / "huggingface_mnist.py"))
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cnn = digit_cnn()
+
+        def forward(self, pixel_values, labels=None):
+            logits = self.cnn(pixel_values)
+            if labels is None:
+                return (logits,)
+            return (nn.functional.cross_entropy(logits, labels), logits)
+
+    data = torch.utils.data.TensorDataset(*mnist5k["private"])
+    shadow = {"shadow": True, "public": mnist5k["prior"][0][:1000]}
+    for mode, extra in (("shadow", shadow), ("mechanism", {})):
+        torch.manual_seed(0)
+        engine = PrivacyEngine(accountant="rdp")
+        model = Plain()
+        model, opt, loader = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+            data_loader=torch.utils.data.DataLoader(data, 64, collate_fn=ex["as_dict"]),
+            noise_multiplier=0.5,
+            max_grad_norm=1.0,
+        )
+        args = TrainingArguments(
+            output_dir=str(tmp_path / mode), max_steps=4, learning_rate=0.5,
+            lr_scheduler_type="constant", max_grad_norm=0.0, save_strategy="no",
+            report_to=["tensorboard"], use_cpu=True, disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        trainer = ex["DPTrainer"](model=model, args=args, optimizers=(opt, None), dp_loader=loader)
+        trainer.add_callback(ex["ClearDPOptimizer"](opt))
+        trainer.add_callback(
+            DMAuditTrainerCallback(
+                privacy_engine=engine,
+                trainer=trainer,
+                every_n_steps=2,
+                prior=None,
+                metrics=("mse",),
+                **extra,
+            )  # fmt: skip
+        )
+        trainer.train()
+        records = read_audit_log(tmp_path / mode / "dmaudit" / "audit.jsonl")
+        assert [r["step"] for r in records] == [2, 4]
+        for r in records:
+            assert r["mode"] == mode and r["valid"], r["checks"]
+            statuses = {c["name"]: c["status"] for c in r["checks"]}
+            assert {"noise_scale", "clipping", "sampling", "accountant"} <= set(statuses)
+            assert r["batch_size"] > 0  # counted from the model's pixel_values
+            if mode == "shadow":
+                assert r["true_singletons"] > 0 and "value_range" in statuses
+            else:
+                assert "value_range" not in statuses and not r["images"]

@@ -3,8 +3,10 @@
 * :mod:`opacus_dmaudit.integrations.lightning`: ``DMAuditCallback`` for PyTorch Lightning.
 * :mod:`opacus_dmaudit.integrations.huggingface`: ``DMAuditTrainerCallback`` for HF ``Trainer``.
 
-Both find the ``DPOptimizer`` inside the framework's optimizer wrappers, attach the same
-:class:`~opacus_dmaudit.DMAuditor` (capture inside ``optimizer.step``, where noise has been added),
+Both find the ``DPOptimizer`` inside the framework's optimizer wrappers and the model
+``make_private`` returned inside the framework's module, attach the same
+:class:`~opacus_dmaudit.DMAuditor` (capture inside ``optimizer.step``, where noise has been added)
+in any of its three modes (live imprint, shadow, mechanism checks),
 score in the framework's after-step callback, act on rank zero only and keep audit state across
 resume.
 """
@@ -16,7 +18,7 @@ from collections.abc import Iterable
 
 from opacus.optimizers import DPOptimizer
 
-__all__ = ["find_dp_optimizer", "checkpoint_state", "restore_state"]
+__all__ = ["find_dp_optimizer", "find_private_model", "checkpoint_state", "restore_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,26 @@ def find_dp_optimizer(optimizers) -> DPOptimizer:
     if len(found) > 1:
         raise ValueError(f"found {len(found)} DPOptimizers; the auditor reads exactly one")
     return found[0]
+
+
+def find_private_model(module):
+    """The module ``make_private`` returned (Opacus's ``GradSampleModule``) inside ``module``.
+
+    The auditor hooks its forward for the batch (shadow audits, batch sizes). Falls back to
+    ``module`` itself when no ``GradSampleModule`` is found, and to ``None`` without a module.
+    """
+    if module is None:
+        return None
+    from opacus.grad_sample import GradSampleModule
+    from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+
+    kinds = (GradSampleModule, AbstractGradSampleModule)
+    if isinstance(module, kinds):
+        return module
+    for sub in getattr(module, "modules", lambda: [])():
+        if isinstance(sub, kinds):
+            return sub
+    return module
 
 
 def is_distributed(optimizer: DPOptimizer) -> bool:

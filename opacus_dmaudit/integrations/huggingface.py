@@ -30,7 +30,13 @@ from typing import Any
 from ..auditor import DMAuditor
 from ..config import AuditConfig
 from ..logdir import write_private
-from . import checkpoint_state, find_dp_optimizer, is_distributed, restore_state
+from . import (
+    checkpoint_state,
+    find_dp_optimizer,
+    find_private_model,
+    is_distributed,
+    restore_state,
+)
 
 try:
     from transformers import TrainerCallback
@@ -54,7 +60,11 @@ class DMAuditTrainerCallback(TrainerCallback):
         privacy_engine: the ``PrivacyEngine`` that made the optimizer private (for ε).
         log_dir: where audit artifacts go (default: ``<args.logging_dir or output_dir>/dmaudit``).
         trainer: the ``Trainer``, so the callback can log through its TensorBoard writer.
-        **auditor_kwargs: keyword arguments of :class:`~opacus_dmaudit.DMAuditor`.
+        model: the module whose forward receives each batch (default: the ``GradSampleModule``
+            in the Trainer's model, else that model).
+        **auditor_kwargs: keyword arguments of :class:`~opacus_dmaudit.DMAuditor`
+            (``shadow=True`` for a shadow audit of a model without an ``ImprintBlock``; without
+            a block and without ``shadow`` the mechanism checks run alone).
 
     Only the world's process zero audits and writes; under Opacus's DDP the other processes
     attach a capture that feeds it.
@@ -66,6 +76,7 @@ class DMAuditTrainerCallback(TrainerCallback):
         privacy_engine=None,
         log_dir: str | os.PathLike | None = None,
         trainer=None,
+        model: Any = None,
         **auditor_kwargs: Any,
     ) -> None:
         if "writer" in auditor_kwargs:
@@ -75,6 +86,7 @@ class DMAuditTrainerCallback(TrainerCallback):
         self.privacy_engine = privacy_engine
         self.log_dir = log_dir
         self.trainer = trainer
+        self.model = model
         # validated now: a misspelt keyword fails here, not when training starts
         self.config = AuditConfig.from_kwargs(auditor_kwargs, where="DMAuditTrainerCallback")
         self.auditor: DMAuditor | None = None
@@ -91,7 +103,7 @@ class DMAuditTrainerCallback(TrainerCallback):
     def _checkpoint_dir(args, state) -> Path:
         return Path(args.output_dir) / f"checkpoint-{state.global_step}"
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
         dp_optimizer = find_dp_optimizer(optimizer)
         if not state.is_world_process_zero and not is_distributed(dp_optimizer):
             return
@@ -109,7 +121,9 @@ class DMAuditTrainerCallback(TrainerCallback):
             logger.warning(
                 "resuming at step %d without %s: audit restarts", state.global_step, saved
             )
-        self.auditor.attach(dp_optimizer, defer=True)
+        # the model: its inputs for shadow audits and batch sizes when there is no ImprintBlock
+        model = self.model if self.model is not None else find_private_model(model)
+        self.auditor.attach(dp_optimizer, model=model, defer=True)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.auditor is not None:

@@ -20,7 +20,13 @@ from typing import Any
 
 from ..auditor import DMAuditor
 from ..config import AuditConfig
-from . import checkpoint_state, find_dp_optimizer, is_distributed, restore_state
+from . import (
+    checkpoint_state,
+    find_dp_optimizer,
+    find_private_model,
+    is_distributed,
+    restore_state,
+)
 
 try:
     import lightning.pytorch as pl
@@ -41,8 +47,13 @@ class DMAuditCallback(pl.Callback):
     Args:
         log_dir: where audit artifacts go (default: ``<trainer.log_dir>/dmaudit``).
         privacy_engine: the ``PrivacyEngine`` (default: the module's ``privacy_engine``).
+        model: the module whose forward receives each batch (default: the ``GradSampleModule``
+            inside the ``LightningModule``, else the ``LightningModule`` itself).
         **auditor_kwargs: keyword arguments of :class:`~opacus_dmaudit.DMAuditor`
-            (``every_n_steps``, ``prior``, ``delta``, ...).
+            (``every_n_steps``, ``prior``, ``delta``, ``shadow``, ...). With an
+            ``ImprintBlock`` in the model the audit is live; without one, ``shadow=True``
+            simulates the worst-case imprint adversary on the module's real batches, and
+            otherwise the mechanism checks run alone.
 
     Only global rank zero audits and writes. Under Opacus's DDP every rank attaches a capture
     that feeds rank zero; otherwise the other ranks do nothing. The audit state (step, generator)
@@ -55,12 +66,14 @@ class DMAuditCallback(pl.Callback):
         *,
         log_dir: str | os.PathLike | None = None,
         privacy_engine=None,
+        model: Any = None,
         **auditor_kwargs: Any,
     ) -> None:
         if "writer" in auditor_kwargs:
             raise TypeError("the callback logs through the trainer's TensorBoardLogger; no writer=")
         self.log_dir = log_dir
         self.privacy_engine = privacy_engine
+        self.model = model
         # validated now: a misspelt keyword fails here, not when training starts
         self.config = AuditConfig.from_kwargs(auditor_kwargs, where="DMAuditCallback")
         self.auditor: DMAuditor | None = None
@@ -92,7 +105,9 @@ class DMAuditCallback(pl.Callback):
         if self._restored:
             restore_state(self.auditor, self._restored)
             self._restored = None
-        self.auditor.attach(optimizer, defer=True)
+        # the model: its inputs for shadow audits and batch sizes when there is no ImprintBlock
+        model = self.model if self.model is not None else find_private_model(pl_module)
+        self.auditor.attach(optimizer, model=model, defer=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.auditor is not None:

@@ -1,0 +1,731 @@
+"""The DP mechanism, checked at every audit: noise, its shape, clipping, sampling, the accountant.
+
+Every ε an accountant prints rests on four assumptions: the noise on every coordinate of the
+summed gradient is N(0, σ²C²); every sample's contribution was clipped to norm C; batches are
+Poisson samples at the rate q the accountant was told; and σ (and q) at every step are the ones in
+the accountant's history. At an audited step the capture holds, for every parameter, the noised
+sum *and* the clean clipped sum, and in most grad-sample modes the per-sample gradients: their
+difference is the noise itself, and the per-sample gradients say what clipping should have
+produced. This module measures both, cheaply, on audit steps only (:func:`snapshot_noise`,
+:func:`snapshot_clipping`, called from the capture's step hook), and turns the measurements into
+:func:`~opacus_dmaudit.schema.check` entries (:func:`mechanism_checks`, pure functions of a
+:class:`~opacus_dmaudit.capture.CapturedStep`):
+
+* ``noise_scale``: the RMS of (noised − clean) over all captured coordinates against the
+  predicted std σC, with a χ² interval (millions of coordinates: a ±0.1 %-level measurement), its
+  mean, and each parameter on its own (noise missing on one re-created parameter shows there);
+* ``noise_shape``: a Kolmogorov–Smirnov test of a fixed-size subsample of the noise against a
+  Gaussian of the measured std (non-Gaussian noise of the right variance, e.g. uniform, voids the
+  Gaussian accounting);
+* ``clipping``: the clean sum equals the sum of the per-sample gradients clipped to C (so every
+  contribution had norm ≤ C), where Opacus keeps per-sample gradients; with an imprint layer also
+  directly from the lone bins' clean rows (one sample each, norm ≤ C), which works in ghost mode;
+* ``sampling``: the batch sizes counted at every step against Poisson sampling at the
+  accountant's rate q (mean: ``fail``; fixed-size or shuffled batches under Poisson accounting,
+  visible as far too regular sizes: ``warn``);
+* ``accountant``: the accountant's σ for the step is the optimizer's, and it counted every step.
+
+Thresholds come from the statistics, not from any data set: every test fails at a per-check
+false-alarm probability of at most :data:`FALSE_ALARM` (10⁻⁶) when the mechanism is correct, so
+thousands of audits with five checks each give no false failure by design. Rounding is accounted
+for exactly: float32 sums carry a relative error of about 10⁻⁷ per coordinate, bounded and added
+to the interval rather than hidden in a tolerance.
+
+What these checks cannot see: bugs that leave the noise, the clipped sum and the batch sizes as
+the accountant assumes (e.g. the same noise reused across steps, or noise from a predictable
+seed); anything between audited steps (batch sizes excepted, which are counted at every step);
+and, without per-sample gradients or an imprint layer (ghost mode in the mechanism-only mode),
+whether the summed gradient was really clipped (the check then reports the module's clipping
+bound only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .schema import check
+
+if TYPE_CHECKING:
+    from .capture import CapturedStep
+
+__all__ = [
+    "CHECK_NAMES",
+    "FALSE_ALARM",
+    "NOISE_SAMPLE",
+    "mechanism_checks",
+    "check_noise_scale",
+    "check_noise_shape",
+    "check_clipping",
+    "check_sampling",
+    "check_accountant",
+    "noise_std_of",
+    "snapshot_noise",
+    "snapshot_clipping",
+    "clean_sums_before",
+]
+
+#: The mechanism checks, in the order they run.
+CHECK_NAMES = ("noise_scale", "noise_shape", "clipping", "sampling", "accountant")
+
+#: Per-check probability of a false ``fail`` (or sampling ``warn``) on a correct mechanism.
+FALSE_ALARM = 1e-6
+
+#: Coordinates of the noise kept per audit for the shape test.
+NOISE_SAMPLE = 4096
+
+#: A contribution may exceed C by this relative amount (float32 round-off of norms and factors).
+CLIP_TOLERANCE = 1e-3
+
+#: The clean sum may differ from the recomputed clipped sum by this relative amount.
+SUM_TOLERANCE = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# snapshots (called inside the optimizer's step hook, on audit steps only; no tensor training
+# reads is written, no random numbers are drawn from the global generator)
+def noise_std_of(optimizer) -> float:
+    """The std of the noise the optimizer adds per coordinate of the summed gradient.
+
+    ``σ·C`` for flat and per-layer clipping (``C`` the norm of the per-layer bounds); Opacus's
+    adaptive clipping adds noise at the larger ``σ_eff = (σ⁻² − (2σ_u)⁻²)^(−1/2)`` (its accountant
+    is told σ).
+    """
+    sigma = float(optimizer.noise_multiplier)
+    clip = float(optimizer.max_grad_norm)
+    adjusted = getattr(optimizer, "_adjusted_noise_multiplier", None)
+    if adjusted is not None:
+        sigma = float(adjusted)
+    elif hasattr(optimizer, "unclipped_num_std") and sigma > 0:
+        sigma = (sigma**-2 - (2 * float(optimizer.unclipped_num_std)) ** -2) ** -0.5
+    return sigma * clip
+
+
+def _param_label(index: int, p: torch.Tensor, names: Mapping[int, str] | None) -> str:
+    name = (names or {}).get(id(p))
+    shape = "×".join(str(s) for s in p.shape) or "scalar"
+    return f"{name} ({shape})" if name else f"parameter {index} ({shape})"
+
+
+@torch.no_grad()
+def snapshot_noise(
+    optimizer,
+    *,
+    denominator: float,
+    names: Mapping[int, str] | None = None,
+    sample_size: int = NOISE_SAMPLE,
+) -> dict[str, Any] | None:
+    """Statistics of the noise ``p.grad·denominator − p.summed_grad`` over every parameter.
+
+    Called where ``p.grad`` is the noised, scaled sum and ``p.summed_grad`` the clean clipped sum
+    (the step hook; under DDP on rank 0, before the all-reduce, where rank 0 holds all the noise).
+
+    Returns:
+        ``{"sum_sq", "sum", "count", "rounding_sq", "expected_std", "params", "sample"}``:
+        ``rounding_sq`` bounds the squared norm of the float round-off in the measured noise;
+        ``params`` holds ``[label, sum_sq, count]`` per parameter; ``sample`` up to
+        ``sample_size`` distinct coordinates, evenly spaced over all parameters (under a correct
+        mechanism every coordinate's noise is independent, so any fixed choice is a fair
+        sample). ``None`` when no parameter has both sums.
+    """
+    params = [p for p in optimizer.params if p.grad is not None and p.summed_grad is not None]
+    if not params:
+        return None
+    total = sum(p.numel() for p in params)
+    if total > sample_size:  # evenly spaced, all distinct, over every parameter
+        picks = torch.div(torch.arange(sample_size) * total, sample_size, rounding_mode="floor")
+    else:
+        picks = torch.arange(total)
+    out = {"sum_sq": 0.0, "sum": 0.0, "count": 0, "rounding_sq": 0.0, "params": []}
+    pieces = []
+    offset = 0
+    for index, p in enumerate(optimizer.params):
+        if p.grad is None or p.summed_grad is None:
+            continue
+        noised = p.grad.detach().reshape(-1).double() * denominator
+        noise = noised - p.summed_grad.detach().reshape(-1).double()
+        sq = float(noise.square().sum())
+        eps = torch.finfo(p.grad.dtype).eps if p.grad.is_floating_point() else 0.0
+        out["sum_sq"] += sq
+        out["sum"] += float(noise.sum())
+        out["count"] += noise.numel()
+        out["rounding_sq"] += float((noised * eps).square().sum())
+        out["params"].append([_param_label(index, p, names), sq, noise.numel()])
+        lo = int(torch.searchsorted(picks, offset))
+        hi = int(torch.searchsorted(picks, offset + noise.numel()))
+        if hi > lo:
+            pieces.append(noise[(picks[lo:hi] - offset).to(noise.device)].cpu())
+        offset += noise.numel()
+    out["sample"] = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64)
+    out["expected_std"] = noise_std_of(optimizer)
+    return out
+
+
+@torch.no_grad()
+def clean_sums_before(optimizer) -> list[torch.Tensor | None] | None:
+    """Copies of the clean sums accumulated so far, or ``None`` when nothing is accumulated.
+
+    Under ``BatchMemoryManager`` the per-sample gradients at the step hold only the last physical
+    batch while ``summed_grad`` holds them all; the capture calls this at each physical batch's
+    forward of an audit step, so that the last batch's own clipped sum is the difference.
+    """
+    sums = [getattr(p, "summed_grad", None) for p in optimizer.params]
+    if all(s is None for s in sums):
+        return None
+    return [None if s is None else s.detach().clone() for s in sums]
+
+
+def _per_sample(optimizer, p) -> torch.Tensor | None:
+    gs = getattr(p, "grad_sample", None)
+    if gs is None:
+        return None
+    if isinstance(gs, list):
+        return torch.cat(gs, dim=0) if gs else None
+    return gs
+
+
+@torch.no_grad()
+def snapshot_clipping(
+    optimizer,
+    *,
+    clean: Sequence[torch.Tensor | None],
+    before: Sequence[torch.Tensor | None] | None = None,
+    partial: bool = False,
+    module=None,
+) -> dict[str, Any] | None:
+    """Whether the clean clipped sum is what clipping every sample to C gives.
+
+    Args:
+        optimizer: the ``DPOptimizer`` at its step hook.
+        clean: per parameter, this process's clean clipped sum (``p.summed_grad``; under DDP on
+            ranks other than 0, ``p.grad·denominator``).
+        before: the clean sums before the last physical batch (:func:`clean_sums_before`), or
+            ``None`` when the per-sample gradients cover the whole step.
+        partial: the per-sample gradients cover only part of the step and ``before`` is unknown
+            (nothing can be compared).
+        module: the model ``make_private`` returned (ghost mode: its clipping bound).
+
+    Returns:
+        ``{"source", "bound", "samples", ...}`` with ``source`` ``"per_sample"`` (``residual``:
+        relative distance between the clean sum and the recomputed clipped sum,
+        ``max_clipped``: largest clipped contribution norm over C, ``max_norm``: largest
+        unclipped norm over C, and when the sums disagree ``unclipped_residual`` and
+        ``effective_max``: the largest contribution norm over C that fits the clean sum) or
+        ``"ghost"`` (``module_bound``, ``max_clipped``), or ``None`` when neither exists.
+    """
+    params = list(optimizer.params)
+    bound = float(optimizer.max_grad_norm)
+    per_layer = getattr(optimizer, "max_grad_norms", None)
+    samples = [_per_sample(optimizer, p) for p in params]
+    if any(s is not None for s in samples):
+        if partial:
+            return {"source": "per_sample", "bound": bound, "partial": True, "samples": 0}
+        return _per_sample_stats(params, samples, clean, before, bound, per_layer)
+    norms = [getattr(p, "_norm_sample", None) for p in params]
+    norms = [n for n in norms if isinstance(n, torch.Tensor)]
+    if norms:  # ghost clipping: per-sample norms only, the clean sum cannot be recomputed
+        n = torch.stack([t.double().reshape(-1) for t in norms], dim=0).norm(dim=0)
+        module_bound = getattr(module, "max_grad_norm", None)
+        applied = float(module_bound) if module_bound is not None else bound
+        clipped = torch.clamp(applied / (n + 1e-6), max=1.0) * n if n.numel() else n
+        return {
+            "source": "ghost",
+            "bound": bound,
+            "module_bound": None if module_bound is None else float(module_bound),
+            "samples": int(n.numel()),
+            "max_norm": float(n.max()) / bound if n.numel() else 0.0,
+            "max_clipped": float(clipped.max()) / bound if n.numel() else 0.0,
+        }
+    return None
+
+
+def _per_sample_stats(params, samples, clean, before, bound, per_layer) -> dict[str, Any]:
+    live = [(i, g) for i, g in enumerate(samples) if g is not None and clean[i] is not None]
+    batch = int(live[0][1].shape[0]) if live else 0
+    out: dict[str, Any] = {"source": "per_sample", "bound": bound, "samples": batch}
+    if batch == 0:
+        out.update(residual=0.0, max_clipped=0.0, max_norm=0.0)
+        return out
+    flat = [g.reshape(batch, -1) for _, g in live]
+    layer_norms = torch.stack([f.norm(2, dim=1) for f in flat], dim=1)  # (B, P)
+    norms = layer_norms.norm(2, dim=1)
+    if per_layer is not None:
+        limits = torch.tensor([float(per_layer[i]) for i, _ in live], dtype=layer_norms.dtype)
+        limits = limits.to(layer_norms.device)
+        factors = (limits / (layer_norms + 1e-6)).clamp(max=1.0)  # (B, P)
+        clipped = (factors * layer_norms).norm(2, dim=1)
+    else:
+        factor = (bound / (norms + 1e-6)).clamp(max=1.0)
+        factors = factor[:, None].expand(-1, len(live))
+        clipped = factor * norms
+    diff_sq = ref_sq = raw_sq = 0.0
+    for j, (i, g) in enumerate(live):
+        target = clean[i].detach().double()
+        if before is not None and before[i] is not None:
+            target = target - before[i].double()
+        target = target.reshape(-1)
+        f = factors[:, j].to(g.dtype)
+        expected = torch.einsum("i,i...", f, g).reshape(-1).double()
+        diff_sq += float((target - expected).square().sum())
+        ref_sq += float(expected.square().sum())
+        raw_sq += float((target - g.sum(dim=0).reshape(-1).double()).square().sum())
+    scale = math.sqrt(ref_sq) if ref_sq > 0 else 1.0
+    out.update(
+        residual=math.sqrt(diff_sq) / scale,
+        max_clipped=float(clipped.max()) / bound,
+        max_norm=float(norms.max()) / bound,
+    )
+    if out["residual"] > SUM_TOLERANCE:
+        out["unclipped_residual"] = math.sqrt(raw_sq) / scale
+        out["effective_max"] = _effective_max(live, flat, clean, before, norms, bound)
+    return out
+
+
+def _effective_max(live, flat, clean, before, norms, bound) -> float | None:
+    """Largest ``|c_i|·‖g_i‖ / C`` for the per-sample factors ``c`` that best fit the clean sum."""
+    batch = flat[0].shape[0]
+    if batch > 512:
+        return None
+    gram = torch.zeros(batch, batch, dtype=torch.float64)
+    rhs = torch.zeros(batch, dtype=torch.float64)
+    for (i, _), f in zip(live, flat):
+        g = f.double().cpu()
+        target = clean[i].detach().double().cpu()
+        if before is not None and before[i] is not None:
+            target = target - before[i].double().cpu()
+        gram += g @ g.T
+        rhs += g @ target.reshape(-1)
+    coef = torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0]
+    return float((coef.abs() * norms.double().cpu()).max()) / bound
+
+
+# ---------------------------------------------------------------------------------------------
+# checks (pure functions of a captured step)
+def _chi2_interval(count: int, level: float) -> tuple[float, float]:
+    from scipy import stats
+
+    return float(stats.chi2.ppf(level / 2, count)), float(stats.chi2.isf(level / 2, count))
+
+
+def check_noise_scale(captured: CapturedStep) -> dict[str, Any] | None:
+    """``fail`` when the measured noise is smaller than σC (or biased), ``warn`` when larger.
+
+    Under a correct mechanism ``‖noise‖²/(σC)²`` is χ²(n) over the n captured coordinates; the
+    test allows the bounded float round-off on top. A third of :data:`FALSE_ALARM` each goes to
+    the whole-vector test, the mean, and the per-parameter tests (Bonferroni over parameters).
+    """
+    stats = (captured.mechanism or {}).get("noise")
+    if not stats or not stats["count"]:
+        return None
+    n, sum_sq, expected = stats["count"], stats["sum_sq"], stats["expected_std"]
+    rounding = math.sqrt(stats["rounding_sq"])
+    measured = math.sqrt(sum_sq / n)
+    norm = math.sqrt(sum_sq)
+    if expected <= 0:
+        if norm <= 1.01 * rounding + 1e-30:
+            return check("noise_scale", "pass", "σ = 0 and no noise was added (ε = ∞)", value=0.0)
+        return check(
+            "noise_scale",
+            "warn",
+            f"σ = 0, yet noise of RMS {measured:.4g} was added to the gradient sums: the run is "
+            "more private than its accountant says (ε = ∞)",
+            value=math.inf,
+            measured_std=measured,
+        )
+    alpha = FALSE_ALARM / 3
+    q_lo, q_hi = _chi2_interval(n, alpha)
+    lo_ok = norm >= math.sqrt(q_lo) * expected - rounding
+    hi_ok = norm <= math.sqrt(q_hi) * expected + rounding
+    c_lo, c_hi = _chi2_interval(n, 0.05)
+    ratio = measured / expected
+    ci = [math.sqrt(sum_sq / c_hi) / expected, math.sqrt(sum_sq / c_lo) / expected]
+    base = (
+        f"measured noise std / predicted σC = {ratio:.4f} (95% CI {ci[0]:.4f}–{ci[1]:.4f}) over "
+        f"{n:,} coordinates of all parameters (predicted σC = {expected:.4g})"
+    )
+    values = {"value": ratio, "ci": ci, "coordinates": n, "predicted_std": expected}
+    # the mean: sum of n iid N(0, s²) is N(0, n s²); |z| beyond the two-sided quantile fails
+    from scipy import stats as st
+
+    z = stats["sum"] / (math.sqrt(n) * expected)
+    z_limit = float(st.norm.isf(alpha / 2))
+    # round-off moves the sum by at most √n·‖round-off‖ (Cauchy–Schwarz)
+    biased = abs(stats["sum"]) > z_limit * math.sqrt(n) * expected + math.sqrt(n) * rounding
+    if not lo_ok:
+        return check(
+            "noise_scale",
+            "fail",
+            base + f": the gradient carries {1 - ratio:.0%} less noise than the accountant "
+            "assumes, so the reported ε understates the privacy loss (check the noise "
+            "multiplier, a custom optimizer's add_noise, or noise generated on some parameters "
+            "only)",
+            **values,
+        )
+    missing = _parameters_short_of_noise(stats["params"], expected, alpha)
+    if missing:
+        label, share = missing[0]
+        return check(
+            "noise_scale",
+            "fail",
+            base + f", but {len(missing)} parameter(s) carry too little noise, e.g. {label} at "
+            f"{share:.3f}× σC: noise is missing where the accountant assumes it (a parameter "
+            "re-created or excluded from the noised ones?)",
+            **values,
+        )
+    if biased:
+        return check(
+            "noise_scale",
+            "fail",
+            base + f", but the noise has a non-zero mean (z = {z:.1f}): it is not the "
+            "zero-mean Gaussian the accountant assumes",
+            **values,
+        )
+    if not hi_ok:
+        return check(
+            "noise_scale",
+            "warn",
+            base + ": more noise than the accountant assumes; ε is conservative (is the noise "
+            "generated with a larger σ or C than the optimizer reports?)",
+            **values,
+        )
+    return check("noise_scale", "pass", base, **values)
+
+
+def _parameters_short_of_noise(params, expected: float, alpha: float) -> list[tuple[str, float]]:
+    from scipy import stats
+
+    level = alpha / max(len(params), 1)
+    out = []
+    for label, sq, count in params:
+        if count == 0:
+            continue
+        if sq / expected**2 < float(stats.chi2.ppf(level, count)):
+            out.append((label, math.sqrt(sq / count) / expected))
+    return sorted(out, key=lambda item: item[1])
+
+
+def check_noise_shape(captured: CapturedStep) -> dict[str, Any] | None:
+    """``fail`` when a subsample of the noise is not Gaussian (Kolmogorov–Smirnov, p < 10⁻⁶).
+
+    The sample is compared with N(0, ŝ²), ŝ the RMS over *all* coordinates: estimating the scale
+    from the data only makes the test conservative, so the false-alarm rate stays below
+    :data:`FALSE_ALARM` (the scale itself is ``noise_scale``'s job).
+    """
+    stats = (captured.mechanism or {}).get("noise")
+    if not stats or not stats["count"]:
+        return None
+    sample = stats["sample"].double()
+    scale = math.sqrt(stats["sum_sq"] / stats["count"])
+    if stats["expected_std"] <= 0 or scale == 0 or sample.numel() < 20:
+        return check("noise_shape", "pass", "no noise to test (σ = 0 or too few coordinates)")
+    if stats["rounding_sq"] > 1e-4 * stats["sum_sq"]:
+        return check(
+            "noise_shape",
+            "pass",
+            "not tested: the noise is too small against the float round-off of the sums",
+        )
+    from scipy import stats as st
+
+    result = st.kstest(sample.numpy() / scale, "norm")
+    detail = (
+        f"Kolmogorov–Smirnov distance {result.statistic:.4f} of {sample.numel()} noise "
+        f"coordinates from a Gaussian (p = {result.pvalue:.2g})"
+    )
+    if result.pvalue < FALSE_ALARM:
+        return check(
+            "noise_shape",
+            "fail",
+            detail + ": the noise is not Gaussian, which the accountant assumes (a different "
+            "noise distribution, or noise on only part of the coordinates)",
+            value=float(result.statistic),
+            p_value=float(result.pvalue),
+        )
+    return check(
+        "noise_shape", "pass", detail, value=float(result.statistic), p_value=float(result.pvalue)
+    )
+
+
+def _lone_rows(captured: CapturedStep) -> tuple[float, int] | None:
+    """Largest clean-row norm of a bin holding exactly one sample, over C, and how many bins."""
+    sums = captured.imprint
+    if sums is None or sums.simulated or sums.membership.numel() == 0:
+        return None
+    from .readout import bin_rows
+
+    members = sums.membership
+    lone = ((members != 0).sum(dim=1) == 1) & (members.max(dim=1).values == 1)
+    if not bool(lone.any()):
+        return None
+    dw, db, _ = bin_rows(sums.weight_clean, sums.bias_clean, structure=sums.geometry.structure)
+    rows = torch.cat([dw, db[:, None]], dim=1)[lone].norm(dim=1)
+    return float(rows.max()) / captured.max_grad_norm, int(lone.sum())
+
+
+def check_clipping(captured: CapturedStep) -> dict[str, Any] | None:
+    """``fail`` when a sample contributed more than C to the clean sum.
+
+    Evidence, strongest first: the per-sample gradients (the clean sum must equal their sum, each
+    clipped to C); the imprint layer's lone bins (a bin with one sample holds part of that one
+    sample's clipped gradient, so its clean row's norm is at most C; works in ghost mode); in
+    ghost mode without an imprint layer, only the clipping bound of the module (the summed
+    gradient cannot be recomputed there). ``None`` when there is no evidence at all.
+    """
+    stats = (captured.mechanism or {}).get("clipping")
+    lone = _lone_rows(captured) if captured.max_grad_norm > 0 else None
+    bound = captured.max_grad_norm
+    if lone is not None and lone[0] > 1 + CLIP_TOLERANCE:
+        return check(
+            "clipping",
+            "fail",
+            f"a bin holding a single sample carries a clean gradient of norm {lone[0]:.3g}× C "
+            f"(C = {bound:.4g}; at most 1× when every sample is clipped to C): per-sample "
+            "clipping is not applied as the accountant assumes, so the noise does not cover one "
+            "sample's influence",
+            value=lone[0],
+        )
+    if stats and stats["source"] == "per_sample" and stats.get("partial"):
+        stats = None  # the per-sample gradients cover part of the step only
+    if stats and stats["source"] == "per_sample":
+        if stats["samples"] == 0:
+            if lone is None:
+                return check("clipping", "pass", "no samples at this step", value=0.0)
+        elif stats["residual"] > SUM_TOLERANCE:
+            eff = stats.get("effective_max")
+            unclipped = stats.get("unclipped_residual", math.inf)
+            what = (
+                "it equals the sum of the *unclipped* per-sample gradients"
+                if unclipped <= SUM_TOLERANCE
+                else "it is not the sum of the per-sample gradients clipped to C"
+            )
+            eff_text = (
+                f"; the per-sample factors that fit it give contributions up to {eff:.3g}× C"
+                if eff is not None
+                else ""
+            )
+            return check(
+                "clipping",
+                "fail",
+                f"the clean clipped sum differs from the per-sample gradients clipped to C "
+                f"(relative difference {stats['residual']:.3g}): {what}{eff_text} (largest "
+                f"per-sample norm {stats['max_norm']:.3g}× C). The noise σC covers one sample's "
+                "influence only when every sample is clipped to C.",
+                value=eff if eff is not None else stats["max_norm"],
+                residual=stats["residual"],
+            )
+        else:
+            text = (
+                f"the clean sum is the sum of {stats['samples']} per-sample gradients clipped to "
+                f"C = {bound:.4g} (relative difference {stats['residual']:.1e}); largest "
+                f"contribution {stats['max_clipped']:.4f}× C, largest unclipped norm "
+                f"{stats['max_norm']:.3g}× C"
+            )
+            if lone is not None:
+                text += f"; {lone[1]} lone imprint bins at most {lone[0]:.4f}× C"
+            return check(
+                "clipping", "pass", text, value=stats["max_clipped"], residual=stats["residual"]
+            )
+    if lone is not None:
+        return check(
+            "clipping",
+            "pass",
+            f"{lone[1]} imprint bins holding a single sample carry clean gradients of norm at most "
+            f"{lone[0]:.4f}× C (C = {bound:.4g})",
+            value=lone[0],
+        )
+    if stats and stats["source"] == "ghost":
+        module_bound = stats.get("module_bound")
+        if module_bound is not None and module_bound > bound * (1 + CLIP_TOLERANCE):
+            return check(
+                "clipping",
+                "fail",
+                f"the model clips per-sample gradients at {module_bound:.4g} while the "
+                f"optimizer's noise is calibrated to C = {bound:.4g}",
+                value=module_bound / bound,
+            )
+        where = (
+            f"the model's ghost clipping bound {module_bound:.4g}"
+            if module_bound is not None
+            else "the optimizer's C"
+        )
+        return check(
+            "clipping",
+            "pass",
+            f"ghost clipping: per-sample norms (largest {stats['max_norm']:.3g}× C) are scaled "
+            f"to {where}; the summed gradient itself cannot be recomputed without per-sample "
+            "gradients (an imprint layer checks it through its lone bins)",
+            value=stats["max_clipped"],
+        )
+    return None
+
+
+def _binomial_trials(lam: float, q: float) -> int:
+    return max(1, round(lam / q)) if q > 0 else 1
+
+
+def _most_regular(
+    counts: dict[int, int], steps: int, lams: tuple[float, float], q: float
+) -> tuple[float, int | None]:
+    """``(p, value)``: a p-value of the most over-represented batch size under Binomial(N, q).
+
+    For each observed size v, ``t_v = P[Bin(steps, p_v) ≥ count_v]`` with ``p_v`` the largest
+    probability of v over the admissible N. The smallest ``t`` is turned into a p-value by a
+    union bound over *every* size that could have been observed:
+    ``Σ_v min(t, P[size v occurs at all]) ≤ Σ_v min(t, steps·p_v)``.
+    """
+    from scipy import stats
+
+    n_lo, n_hi = (_binomial_trials(x, q) for x in lams)
+    top = int(n_hi * q + 40 * math.sqrt(n_hi * q + 1) + 40)
+    values = np.arange(0, max(top, max(counts) + 1) + 1)
+    mode_n = np.clip(np.round(values / q), n_lo, n_hi)
+    p_v = np.max(
+        [stats.binom.pmf(values, n, q) for n in (n_lo, n_hi)]
+        + [stats.binom.pmf(values, mode_n, q)],
+        axis=0,
+    )
+    worst, worst_value = 1.0, None
+    for size, c in counts.items():
+        tail = float(stats.binom.sf(c - 1, steps, p_v[size]))
+        if tail < worst:
+            worst, worst_value = tail, size
+    bound = float(np.minimum(worst, steps * p_v).sum()) + steps * float(
+        stats.binom.sf(values[-1], n_hi, q)
+    )
+    return min(bound, 1.0), worst_value
+
+
+def check_sampling(captured: CapturedStep) -> dict[str, Any] | None:
+    """Batch sizes against Poisson sampling at the accountant's rate q.
+
+    Under Poisson sampling of N examples at rate q, each step's batch size is Binomial(N, q),
+    independently. N·q is taken as the optimizer's expected batch size (Opacus sets it to
+    ⌊N·q⌋, so N·q lies within one of it; both ends are tried). ``fail`` when the total over all
+    counted steps is impossible under that law (q is not the rate the batches were drawn at);
+    ``warn`` when some batch size recurs far more often than Binomial(N, q) allows (fixed-size or
+    shuffled batches accounted as Poisson: a common practice whose ε is not the one printed).
+    """
+    mech = captured.mechanism or {}
+    sampling = mech.get("sampling")
+    if not sampling:
+        return None
+    counts = {int(k): int(v) for k, v in sampling["counts"].items()}
+    unknown = counts.pop(-1, 0)
+    q = sampling.get("sample_rate")
+    lam = sampling.get("expected_batch_size")
+    if unknown:
+        return check(
+            "sampling",
+            "warn",
+            f"the batch size of {unknown} step(s) is unknown (several physical batches per step "
+            "and no model to count inputs): pass model= to attach() to check the sampling",
+        )
+    steps = sum(counts.values())
+    if not steps or not q or not lam:
+        return None
+    from scipy import stats
+
+    total = sum(size * c for size, c in counts.items())
+    mean = total / steps
+    lams = (lam, lam + sampling.get("slack", 1.0))
+    # the total over `steps` independent Binomial(N, q) is Binomial(steps·N, q)
+    p_low = max(float(stats.binom.cdf(total, steps * _binomial_trials(x, q), q)) for x in lams)
+    p_high = max(float(stats.binom.sf(total - 1, steps * _binomial_trials(x, q), q)) for x in lams)
+    detail = (
+        f"{steps} steps, mean batch size {mean:.2f} against N·q ≈ {lam:g} at the accountant's "
+        f"q = {q:.4g}"
+    )
+    values = {"value": mean / lam, "steps": steps}
+    if min(p_low, p_high) < FALSE_ALARM / 3:
+        return check(
+            "sampling",
+            "fail",
+            detail + f": batches are {'smaller' if p_low < p_high else 'larger'} than Poisson "
+            "sampling at the accountant's rate allows, so the accountant's q (and ε) is not "
+            "this run's",
+            **values,
+        )
+    # too regular: a value that recurs more often than Binomial(N, q) could make it
+    worst, worst_value = _most_regular(counts, steps, lams, q)
+    if worst < FALSE_ALARM / 3:
+        share = counts[worst_value] / steps
+        return check(
+            "sampling",
+            "warn",
+            detail + f": {share:.0%} of the batches have exactly {worst_value} samples, far "
+            "more regular than Poisson sampling (fixed-size or shuffled batches?). The "
+            "accountant's ε assumes Poisson sampling; for shuffled fixed-size batches it is not "
+            "a valid bound (use poisson_sampling=True)",
+            **values,
+        )
+    return check("sampling", "pass", detail + ": consistent with Poisson sampling", **values)
+
+
+def check_accountant(captured: CapturedStep) -> dict[str, Any] | None:
+    """``fail`` when the accountant's σ is not the optimizer's at this step, or it missed steps.
+
+    Opacus accountants record ``(σ, q, steps)``; C is not part of their history, so C is checked
+    through the noise (σC) and clipping checks. ``warn`` when there is no accountant.
+    """
+    mech = captured.mechanism or {}
+    if "accountant" not in mech:
+        return None
+    acc = mech["accountant"]
+    if acc is None:
+        return check(
+            "accountant",
+            "warn",
+            "no accountant to compare with (pass privacy_engine= to the auditor)",
+        )
+    sigma = captured.noise_multiplier
+    if not acc.get("history"):
+        return check(
+            "accountant",
+            "fail",
+            "the accountant has recorded no step although the optimizer took one: its step "
+            "hook is not running, so ε is not accounted (was the optimizer's step_hook "
+            "replaced?)",
+        )
+    acc_sigma, acc_q, _ = acc["history"][-1]
+    counted, taken = acc.get("counted"), acc.get("taken")
+    if acc_sigma != sigma:
+        return check(
+            "accountant",
+            "fail",
+            f"the accountant recorded σ = {acc_sigma:.6g} for this step but the optimizer used "
+            f"σ = {sigma:.6g}: ε is computed for another mechanism than the one that ran",
+            value=acc_sigma / sigma if sigma else math.inf,
+        )
+    if counted is not None and taken is not None and counted != taken:
+        return check(
+            "accountant",
+            "fail",
+            f"the accountant counted {counted} steps since the audit started, the optimizer "
+            f"took {taken}: ε misses steps (was its step hook replaced or detached?)",
+            value=float(counted - taken),
+        )
+    return check(
+        "accountant",
+        "pass",
+        f"σ = {sigma:.6g} and q = {acc_q:.4g} as the accountant recorded; it counted every step "
+        f"({taken} since the audit started)",
+        value=0.0,
+    )
+
+
+def mechanism_checks(captured: CapturedStep) -> list[dict[str, Any]]:
+    """Every mechanism check that has something to check at this step (see the module doc)."""
+    if captured.mechanism is None:
+        return []
+    out = []
+    for fn in (check_noise_scale, check_noise_shape, check_clipping, check_sampling):
+        entry = fn(captured)
+        if entry is not None:
+            out.append(entry)
+    entry = check_accountant(captured)
+    if entry is not None:
+        out.append(entry)
+    return out
