@@ -214,7 +214,8 @@ class LogDir:
         for name, img in images.items():
             if img is None:
                 continue
-            arr = np.asarray(img.detach().float().clamp(0, 1).cpu().numpy() * 255 + 0.5)
+            pixels = np.nan_to_num(img.detach().float().cpu().numpy(), nan=0.0)  # NaN: black
+            arr = pixels.clip(0, 1) * 255 + 0.5
             arrays[name] = arr.astype(np.uint8)
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)

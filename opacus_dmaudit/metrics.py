@@ -3,22 +3,51 @@
 All functions take batches ``(N, C, H, W)`` in [0, 1] (predictions are clipped to [0, 1] first, as
 an image viewer would show them) and return one value per image as a float64 tensor. LPIPS uses the
 VGG backbone, the paper's choice, through the ``lpips`` package (see :mod:`.lpips_weights`).
+
+:func:`pairwise` gives every metric between every prediction and every target (a ``(P, T)``
+matrix, equal to scoring each pair on its own) without a loop over pairs: MSE/PSNR by an inner
+product, SSIM by local statistics computed once per image and one filter per pair, LPIPS by
+computing each image's features once and expanding the learned distance into an inner product.
+:func:`identified` turns such a matrix into the identification criterion: a reconstruction is
+identified when it is nearer to its own image than to every other candidate.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 
 import lpips as lpips_lib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
 from .lpips_weights import load_lpips
 from .schema import HIGHER_IS_BETTER
 
-__all__ = ["mse", "psnr", "ssim", "LPIPS", "HIGHER_IS_BETTER", "image_metrics", "stage_metrics"]
+__all__ = [
+    "mse",
+    "psnr",
+    "ssim",
+    "LPIPS",
+    "HIGHER_IS_BETTER",
+    "image_metrics",
+    "stage_metrics",
+    "pairwise",
+    "identified",
+]
+
+
+def _prepare_pair(preds: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and targets of the same image shape (any counts), as :func:`_prepare` makes."""
+    if preds.dim() != 4 or targets.dim() != 4 or preds.shape[1:] != targets.shape[1:]:
+        raise ValueError(
+            f"preds and targets must both be (N, C, H, W) of one image shape, got "
+            f"{tuple(preds.shape)} and {tuple(targets.shape)}"
+        )
+    return preds.detach().double().clamp(0.0, 1.0).cpu(), targets.detach().double().cpu()
 
 
 def _prepare(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,19 +74,32 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Structural similarity per image (scikit-image, Gaussian-free 7×7 windows, data range 1)."""
     pred, target = _prepare(pred, target)
-    size = min(pred.shape[-2:])
-    win = min(7, size if size % 2 else size - 1)
-    if win < 3:
-        raise ValueError(f"SSIM needs images of at least 3x3 pixels, got {tuple(pred.shape[-2:])}")
+    win = _ssim_window(pred.shape[-2:])
     out = []
     for p, t in zip(pred.numpy(), target.numpy()):
         out.append(structural_similarity(p, t, data_range=1.0, channel_axis=0, win_size=win))
     return torch.tensor(np.asarray(out, dtype=np.float64))
 
 
+def _ssim_window(size: Sequence[int]) -> int:
+    """The window :func:`ssim` uses: 7, or the largest odd size that fits a small image."""
+    side = min(int(s) for s in size)
+    win = min(7, side if side % 2 else side - 1)
+    if win < 3:
+        raise ValueError(f"SSIM needs images of at least 3x3 pixels, got {tuple(size)}")
+    return win
+
+
 @functools.lru_cache(maxsize=2)
 def _lpips_model(net: str) -> torch.nn.Module:
     return load_lpips(net)
+
+
+#: Backbone activations per input pixel (VGG-16's five LPIPS layers: 64 + 128/4 + 256/16 + 512/64
+#: + 512/256 channels at their resolutions).
+FEATURES_PER_PIXEL = 122
+#: Memory budget of the LPIPS features held at once (per chunk of images), in bytes.
+FEATURE_BYTES = 512 * 2**20
 
 
 class LPIPS:
@@ -94,13 +136,83 @@ class LPIPS:
         if min(target.shape[-2:]) < 16:
             raise ValueError("LPIPS needs images of at least 16x16 pixels")
         out: list[list[torch.Tensor]] = [[] for _ in preds]
-        for i in range(0, target.shape[0], self.batch_size):
-            ref = self._features(target[i : i + self.batch_size])
+        bs = self._chunk(target, bytes_per_value=4)
+        for i in range(0, target.shape[0], bs):
+            ref = self._features(target[i : i + bs])
             for k, (pred, _) in enumerate(pairs):
-                out[k].append(self._distance(self._features(pred[i : i + self.batch_size]), ref))
+                out[k].append(self._distance(self._features(pred[i : i + bs]), ref))
         return [
             torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64) for chunks in out
         ]
+
+    @torch.no_grad()
+    def pairwise(self, preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """LPIPS between every prediction and every target: ``(P, T)``, float64.
+
+        Each image's features are computed once (targets once per chunk of predictions), and the
+        learned distance ``Σ_l mean_hw Σ_c w_c (a − b)²`` is expanded into
+        ``|a|²_w + |b|²_w − 2⟨a, b⟩_w``, so the pairs cost one matrix product per layer instead
+        of a backbone pass each. Equal to ``self(p, t)`` of every pair up to float round-off.
+        """
+        preds, targets = _prepare_pair(preds, targets)
+        if min(targets.shape[-2:]) < 16:
+            raise ValueError("LPIPS needs images of at least 16x16 pixels")
+        out = torch.zeros((preds.shape[0], targets.shape[0]), dtype=torch.float64)
+        if not out.numel():
+            return out
+        weights = [self._lin_weight(layer) for layer in range(len(self.model.lins))]
+        bs = self._chunk(targets, bytes_per_value=16)  # float64 features and weighted features
+        pred_chunks = range(0, preds.shape[0], bs)
+        target_chunks = range(0, targets.shape[0], bs)
+        # target chunk features, kept when predictions need them again and they fit the budget
+        keep = len(pred_chunks) > 1 and bs * len(target_chunks) <= self._chunk(
+            targets, bytes_per_value=16, budget=2 * FEATURE_BYTES
+        )
+        cache: dict[int, tuple] = {}
+        for i in pred_chunks:
+            fp = self._weighted(self._features(preds[i : i + bs]), weights)
+            for j in target_chunks:
+                ft = cache.get(j)
+                if ft is None:
+                    ft = self._weighted(self._features(targets[j : j + bs]), weights)
+                    if keep:
+                        cache[j] = ft
+                block = 0
+                for (_, wa, na), (b, _, nb) in zip(fp, ft):
+                    block = block + na[:, None] + nb[None, :] - 2 * (wa @ b.T)
+                out[i : i + bs, j : j + bs] = block.clamp(min=0)
+        return out
+
+    def _chunk(
+        self, images: torch.Tensor, *, bytes_per_value: int, budget: int | None = None
+    ) -> int:
+        """Images per backbone pass so that their features stay within ``budget`` bytes.
+
+        The backbones' activations hold about :data:`FEATURES_PER_PIXEL` values per input pixel
+        (VGG; AlexNet far fewer): at 256×256 a float64 copy is ~64 MB per image, so a fixed batch
+        of 64 would need GBs.
+        """
+        per_image = FEATURES_PER_PIXEL * images.shape[-2] * images.shape[-1] * bytes_per_value
+        limit = (budget or FEATURE_BYTES) // max(per_image, 1)
+        if budget is not None:
+            return max(int(limit), 1)
+        return max(1, min(self.batch_size, int(limit)))
+
+    def _lin_weight(self, layer: int) -> torch.Tensor:
+        """The (nonnegative) channel weights of one learned linear head, ``(C,)``."""
+        convs = [m for m in self.model.lins[layer].modules() if isinstance(m, torch.nn.Conv2d)]
+        return convs[-1].weight.detach().flatten().double()
+
+    @staticmethod
+    def _weighted(feats: list[torch.Tensor], weights: list[torch.Tensor]):
+        """Per layer: flattened features ``a``, ``a·w/HW`` and the weighted norm ``Σ w a²/HW``."""
+        out = []
+        for f, w in zip(feats, weights):
+            f = f.double()
+            scale = (w / (f.shape[2] * f.shape[3])).view(1, -1, 1, 1)
+            weighted = f * scale
+            out.append((f.flatten(1), weighted.flatten(1), (weighted * f).flatten(1).sum(dim=1)))
+        return out
 
     def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Unit-normalised backbone activations per layer of images in [0, 1]."""
@@ -159,3 +271,93 @@ def stage_metrics(
             out[stage]["lpips"] = values
         out = {stage: {name: out[stage][name] for name in names} for stage in out}
     return out
+
+
+def _pairwise_mse(preds: torch.Tensor, targets: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Direct differences (no expansion), so an exact copy scores exactly 0 (PSNR ∞)."""
+    p, t = preds.flatten(1), targets.flatten(1)
+    out = torch.zeros((p.shape[0], t.shape[0]), dtype=torch.float64)
+    for i in range(0, p.shape[0], chunk):
+        out[i : i + chunk] = ((p[i : i + chunk, None] - t[None]) ** 2).mean(dim=2)
+    return out
+
+
+def _pairwise_ssim(preds: torch.Tensor, targets: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """scikit-image's SSIM (uniform window, sample covariance, data range 1) for every pair.
+
+    The mean SSIM map is taken over the positions whose window lies inside the image, exactly
+    where scikit-image averages it, so no border handling is involved: a valid convolution.
+    """
+    win = _ssim_window(preds.shape[-2:])
+    filt = lambda x: F.avg_pool2d(x, win, stride=1)  # noqa: E731  (the uniform window)
+    cov_norm = win**2 / (win**2 - 1)
+    c1, c2 = 0.01**2, 0.03**2
+    mp, mt = filt(preds), filt(targets)
+    vp = cov_norm * (filt(preds * preds) - mp * mp)
+    vt = cov_norm * (filt(targets * targets) - mt * mt)
+    out = torch.zeros((preds.shape[0], targets.shape[0]), dtype=torch.float64)
+    for i in range(0, preds.shape[0], chunk):
+        p, m1, v1 = preds[i : i + chunk, None], mp[i : i + chunk, None], vp[i : i + chunk, None]
+        n, t = p.shape[0], targets.shape[0]
+        cross = filt((p * targets[None]).flatten(0, 1)).view(n, t, *mt.shape[1:])
+        cov = cov_norm * (cross - m1 * mt[None])
+        num = (2 * m1 * mt[None] + c1) * (2 * cov + c2)
+        den = (m1 * m1 + mt[None] * mt[None] + c1) * (v1 + vt[None] + c2)
+        # per channel mean, then the mean over channels (scikit-image's channel_axis)
+        out[i : i + chunk] = (num / den).mean(dim=(3, 4)).mean(dim=2)
+    return out
+
+
+def pairwise(
+    metric: str,
+    preds: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    lpips: LPIPS | None = None,
+) -> torch.Tensor:
+    """``metric`` between every prediction and every target, as a ``(P, T)`` float64 matrix.
+
+    Predictions are clipped to [0, 1] as in :func:`image_metrics`; entry ``[i, j]`` equals
+    ``image_metrics(preds[i:i+1], targets[j:j+1])[metric]`` up to float round-off.
+    """
+    if metric not in HIGHER_IS_BETTER:
+        raise ValueError(f"unknown metric {metric!r}; choose from {sorted(HIGHER_IS_BETTER)}")
+    if metric == "lpips":
+        return (lpips or LPIPS()).pairwise(preds, targets)
+    preds, targets = _prepare_pair(preds, targets)
+    if metric == "ssim":
+        return _pairwise_ssim(preds, targets)
+    err = _pairwise_mse(preds, targets)
+    if metric == "mse":
+        return err
+    return torch.where(err > 0, -10.0 * torch.log10(err), torch.full_like(err, math.inf))
+
+
+def identified(
+    distances: torch.Tensor, own: Sequence[int], *, higher_is_better: bool = False
+) -> torch.Tensor:
+    """Which rows single out their own column: strictly better than every other column.
+
+    Args:
+        distances: ``(P, T)`` scores of P reconstructions against T candidates (from
+            :func:`pairwise`).
+        own: per row, the column of its own image.
+        higher_is_better: the metric's direction (``True`` for SSIM/PSNR).
+
+    Returns:
+        ``(P,)`` bool. With T candidates, a guess made without the gradient is identified with
+        probability at most 1/T (the candidates are exchangeable), so κ = 1/T is exact.
+    """
+    d = torch.as_tensor(distances, dtype=torch.float64)
+    own_t = torch.as_tensor(list(own), dtype=torch.long)
+    if d.dim() != 2 or own_t.numel() != d.shape[0]:
+        raise ValueError(f"need a (P, T) matrix and P own columns, got {tuple(d.shape)}")
+    worst = -math.inf if higher_is_better else math.inf
+    d = torch.where(torch.isnan(d), torch.full_like(d, worst), d)  # NaN: never nearest
+    rows = torch.arange(d.shape[0])
+    mine = d[rows, own_t]
+    others = d.clone()
+    others[rows, own_t] = worst
+    if higher_is_better:  # PSNR ∞ or SSIM 1 of an exact copy: nearest
+        return mine > others.max(dim=1).values
+    return mine < others.min(dim=1).values

@@ -17,6 +17,7 @@ Each image may have its own noise level; the samplers run the batch with per-ima
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import importlib.util
 import json
@@ -95,6 +96,24 @@ def check_prior_name(name_or_path: str | os.PathLike) -> None:
         )
 
 
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resizing, antialiased when shrinking (the one resampler of ``resize=True``)."""
+    shrink = size[0] < x.shape[2] or size[1] < x.shape[3]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_gain(n_in: int, n_out: int) -> float:
+    """Root-mean-square row norm of the 1-D operator of :func:`_resize` from ``n_in`` to ``n_out``
+    pixels: what resizing does to the std of independent per-pixel noise along one axis."""
+    if n_in == n_out:
+        return 1.0
+    # one unit pixel per image, along H; W is 2 wide and kept (a 1-wide W takes another path)
+    basis = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, n_in, 1).expand(-1, -1, -1, 2)
+    rows = _resize(basis.contiguous(), (n_out, 2))[:, 0, :, 0]  # rows[k, i] = R[i, k]
+    return float(rows.pow(2).sum(dim=0).mean().sqrt())
+
+
 #: Priors shipped inside the package (``"embedded:<name>"``), trained by ``dmaudit train-prior``.
 EMBEDDED_PRIORS = ("mnist", "natural")
 
@@ -157,8 +176,10 @@ class DiffusionPrior:
             ``"auto"``: bf16 where the device computes it natively (see :func:`native_bf16`),
             else fp32; on the benchmark's real digits bf16 matched fp32's quality at 2.3x the
             throughput (``benchmarks/README.md``).
-        resize: allow images whose channels or size do not fit the prior (bilinear resizing,
-            grey <-> RGB); otherwise such images raise ``ValueError``.
+        resize: allow images whose size does not fit the prior (bilinear resizing to the
+            model's grid and back, the noise level rescaled to match) and colour images through
+            a grey prior; otherwise such images raise ``ValueError``. Grey images through a
+            colour prior need no resizing: they stay grey (see :meth:`fit_plan`).
         source: where the prior came from (for reports).
     """
 
@@ -285,43 +306,96 @@ class DiffusionPrior:
 
     # -- shapes ----------------------------------------------------------------------------------
     def check_fits(self, image_shape: Sequence[int]) -> None:
-        """Raise ``ValueError`` unless images of ``(C, H, W)`` fit the prior (or resizing is on)."""
-        shape = tuple(int(s) for s in image_shape)
-        if shape in (self.model_shape, self.content_shape) or self.resize:
-            if self.resize and shape[0] not in (1, 3, self.model_shape[0]):
-                raise ValueError(f"cannot map {shape[0]}-channel images to the prior's channels")
-            return
-        raise ValueError(
-            f"the prior {self.source or ''} models {self.model_shape[0]}x{self.model_shape[1]}x"
-            f"{self.model_shape[2]} images (content {'x'.join(map(str, self.content_shape))}), "
-            f"but the images are {'x'.join(map(str, shape))}. Use a prior trained on such images "
-            "(dmaudit train-prior), or pass resize=True to resize them (this changes what the "
-            "prior sees)."
-        )
+        """Raise ``ValueError`` unless images of ``(C, H, W)`` fit the prior (see :meth:`fit_plan`)."""
+        self.fit_plan(image_shape)
 
-    def _to_model(self, x: torch.Tensor) -> torch.Tensor:
-        c, h, w = x.shape[1:]
+    def fit_plan(self, image_shape: Sequence[int]) -> tuple[str | None, str | None]:
+        """How images of ``(C, H, W)`` reach the model: ``(channel map, spatial map)``.
+
+        Channels: ``None`` (they match), ``"grey->rgb"`` (grey images through a colour prior:
+        the grey channel is replicated in and the three output channels are averaged out, so
+        grey stays grey; always allowed, nothing is lost) or ``"rgb->grey"`` (colour images
+        through a grey prior: their colour is lost; only with ``resize=True``).
+        Space: ``None`` (the model's size), ``"pad"`` (the prior's content size, zero-padded to
+        the model's and cropped back exactly) or ``"resize"`` (bilinear, antialiased when
+        shrinking; only with ``resize=True``).
+
+        Raises:
+            ValueError: the images do not fit and ``resize`` is off, or no channel map exists.
+        """
+        c, h, w = (int(s) for s in image_shape)
         mc, mh, mw = self.model_shape
-        if (c, h, w) == self.model_shape:
-            return x
-        if (c, h, w) == self.content_shape and c == mc:
+        if c == mc:
+            channels = None
+        elif c == 1 and mc == 3:
+            channels = "grey->rgb"
+        elif c == 3 and mc == 1:
+            channels = "rgb->grey"
+        else:
+            raise ValueError(
+                f"cannot map {c}-channel images to the prior's {mc} channels; use a prior "
+                f"trained on {c}-channel images (dmaudit train-prior)"
+            )
+        if (h, w) == (mh, mw):
+            spatial = None
+        elif (h, w) == tuple(self.content_shape[1:]):
+            spatial = "pad"
+        else:
+            spatial = "resize"
+        if (spatial == "resize" or channels == "rgb->grey") and not self.resize:
+            what = "colour" if channels == "rgb->grey" else f"{h}x{w}"
+            raise ValueError(
+                f"the prior {self.source or ''} models {mc}x{mh}x{mw} images (content "
+                f"{'x'.join(map(str, self.content_shape))}), but the images are {c}x{h}x{w}. "
+                "Use a prior trained on such images (dmaudit train-prior), or pass resize=True "
+                f"to map {what} images onto the prior (this changes what the prior sees"
+                + (": their colour is lost)." if channels == "rgb->grey" else ").")
+            )
+        return channels, spatial
+
+    def _to_model(
+        self, x: torch.Tensor, noise_std: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images on the model's grid and their per-pixel noise std there (``[0, 1]`` units).
+
+        Replicating a grey channel copies its noise into all three channels: luminance noise of
+        std ``s`` is what independent noise of std ``s·√3`` per channel leaves after the
+        channel average, so the model is asked to remove ``s·√3`` (measured better than ``s``
+        on grey CIFAR-10 through ``embedded:natural``: ``benchmarks/README.md``). Averaging three
+        channels divides independent noise by ``√3``. Resizing scales the noise std by the
+        resampling operator's root-mean-square row norm (exact for independent noise;
+        upsampled noise is also spatially correlated, which the prior was not trained for).
+        """
+        channels, spatial = self.fit_plan(x.shape[1:])
+        mc, mh, mw = self.model_shape
+        s = noise_std.double()
+        if channels == "grey->rgb":
+            x, s = x.expand(-1, 3, -1, -1), s * math.sqrt(3.0)
+        elif channels == "rgb->grey":
+            x, s = x.mean(dim=1, keepdim=True), s / math.sqrt(3.0)
+        h, w = x.shape[2:]
+        if spatial == "pad":
             top, left = (mh - h) // 2, (mw - w) // 2
-            return F.pad(x, (left, mw - w - left, top, mh - h - top))
-        if c != mc:
-            x = x.mean(dim=1, keepdim=True).expand(-1, mc, -1, -1) if mc in (1, 3) else x
-        return F.interpolate(x, size=(mh, mw), mode="bilinear", align_corners=False)
+            x = F.pad(x, (left, mw - w - left, top, mh - h - top))
+        elif spatial == "resize":
+            x = _resize(x, (mh, mw))
+            s = s * _resize_gain(h, mh) * _resize_gain(w, mw)
+        return x.contiguous(), s
 
     def _from_model(self, x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The inverse of :meth:`_to_model`: crop or resize back, then map the channels back."""
+        channels, spatial = self.fit_plan(shape)
         c, h, w = shape
-        if x.shape[1:] == shape:
-            return x
-        if shape == self.content_shape and c == x.shape[1]:
+        if spatial == "pad":
             top, left = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
-            return x[:, :, top : top + h, left : left + w]
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-        if x.shape[1] != c:
-            x = x.mean(dim=1, keepdim=True).expand(-1, c, -1, -1).contiguous()
-        return x
+            x = x[:, :, top : top + h, left : left + w]
+        elif spatial == "resize":
+            x = _resize(x, (h, w))
+        if channels == "grey->rgb":
+            x = x.mean(dim=1, keepdim=True)
+        elif channels == "rgb->grey":
+            x = x.expand(-1, 3, -1, -1)
+        return x.contiguous()
 
     # -- the model -------------------------------------------------------------------------------
     def _predict(self, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,15 +485,16 @@ class DiffusionPrior:
             generator = torch.Generator().manual_seed(0)
         out = []
         for start in range(0, n, batch_size):
-            chunk = images[start : start + batch_size].float()
-            y = self._to_model(chunk).to(self.device) * 2 - 1
-            t_star = self.timesteps_for(s[start : start + batch_size])
+            chunk = images[start : start + batch_size].to(self.device, torch.float32)
+            model_in, s_model = self._to_model(chunk, s[start : start + batch_size])
+            y = model_in * 2 - 1
+            t_star = self.timesteps_for(s_model)
             if sampler == "ddim-every-step":  # t*, t*−1, …, 1: t* model calls (one at t* = 0)
                 n_steps = t_star.clamp(min=1)
             else:
                 n_steps = ((t_star + 1 + min_stride - 1) // min_stride).clamp(max=steps)
             x0 = self._reverse(y, t_star, sampler=sampler, steps=n_steps, generator=generator)
-            out.append(self._from_model(((x0 + 1) / 2).clamp(0, 1).cpu(), shape))
+            out.append(self._from_model(((x0 + 1) / 2).clamp(0, 1), shape).cpu())
         return torch.cat(out)
 
     def _reverse(self, y, t_star, *, sampler, steps, generator) -> torch.Tensor:

@@ -86,12 +86,41 @@ def test_samplers_evaluate_the_model_at_the_right_timesteps(tiny_prior, mnist5k)
         tiny_prior.denoise(x[:1], noise_std=0.25, sampler="ddim", steps=20, min_stride=1)
         assert len(calls) == 20
         calls.clear()
-        tiny_prior.denoise(x[:2], noise_std=[0.0, 0.25], sampler="ddpm")
+        tiny_prior.denoise(x[:2], noise_std=[0.0, 0.25], sampler="ancestral")
         # every step from t* = 144 down to 0; the σ = 0 image joins at t = 0
         assert len(calls) == 145
         assert [c.numel() for c in calls[:-1]] == [1] * 144 and calls[-1].tolist() == [0, 0]
     finally:
         handle.remove()
+
+
+@pytest.mark.slow
+def test_ddim_every_step_is_algorithm_1(tiny_prior, mnist5k):
+    """The paper's loop: deterministic DDIM (η = 0) at every timestep t*, t*−1, …, 1."""
+    x = mnist5k["private"][0][:2]
+    t_star = int(tiny_prior.timesteps_for(0.1)[0])
+    calls, handle = _count_calls(tiny_prior)
+    try:
+        out = tiny_prior.denoise(x[:1], noise_std=0.1, sampler="ddim-every-step")
+        assert [int(c) for c in calls] == list(range(t_star, 0, -1))  # t* = 57 down to 1
+        calls.clear()
+        tiny_prior.denoise(x, noise_std=[0.0, 0.05], sampler="ddim-every-step", steps=3)
+        # steps/min_stride do not apply; t* = 0 takes its one model call at t = 0
+        t_small = int(tiny_prior.timesteps_for(0.05)[0])
+        assert calls[0].tolist() == [0, t_small]
+        assert [c.tolist() for c in calls[1:]] == [[t] for t in range(t_small - 1, 0, -1)]
+    finally:
+        handle.remove()
+    again = tiny_prior.denoise(
+        x[:1], noise_std=0.1, sampler="ddim-every-step", generator=torch.Generator().manual_seed(9)
+    )
+    assert torch.equal(out, again)  # η = 0: no randomness
+    # the same as DDIM on a grid of t* steps of one timestep each
+    grid = tiny_prior.denoise(x[:1], noise_std=0.1, sampler="ddim", steps=t_star, min_stride=1)
+    assert torch.allclose(out, grid, atol=1e-6)
+    with pytest.warns(DeprecationWarning, match="ancestral"):
+        old = tiny_prior.denoise(x[:1], noise_std=0.02, sampler="ddpm")
+    assert torch.equal(old, tiny_prior.denoise(x[:1], noise_std=0.02, sampler="ancestral"))
 
 
 def test_ddim_matches_diffusers_ddim_scheduler(tiny_prior, mnist5k):
@@ -117,14 +146,14 @@ def test_ddim_matches_diffusers_ddim_scheduler(tiny_prior, mnist5k):
     assert torch.allclose(ours, ref, atol=2e-5)
 
 
-def test_ddpm_matches_diffusers_ddpm_scheduler(tiny_prior, mnist5k):
+def test_ancestral_matches_diffusers_ddpm_scheduler(tiny_prior, mnist5k):
     s = 0.1
     t_star = int(tiny_prior.timesteps_for(s)[0])
     y = mnist5k["private"][0][:2] + s * torch.randn(
         2, 1, 28, 28, generator=torch.Generator().manual_seed(1)
     )
     ours = tiny_prior.denoise(
-        y, noise_std=s, sampler="ddpm", generator=torch.Generator().manual_seed(5)
+        y, noise_std=s, sampler="ancestral", generator=torch.Generator().manual_seed(5)
     )
     sched = linear_schedule()
     sched.set_timesteps(1000)
@@ -160,15 +189,15 @@ def test_deterministic_and_never_touches_the_global_rng(tiny_prior, mnist5k):
     y = mnist5k["private"][0][:2] + 0.05
     state = torch.random.get_rng_state()
     a = tiny_prior.denoise(
-        y, noise_std=0.05, sampler="ddpm", generator=torch.Generator().manual_seed(3)
+        y, noise_std=0.05, sampler="ancestral", generator=torch.Generator().manual_seed(3)
     )
     b = tiny_prior.denoise(
-        y, noise_std=0.05, sampler="ddpm", generator=torch.Generator().manual_seed(3)
+        y, noise_std=0.05, sampler="ancestral", generator=torch.Generator().manual_seed(3)
     )
     c = tiny_prior.denoise(
-        y, noise_std=0.05, sampler="ddpm", generator=torch.Generator().manual_seed(4)
+        y, noise_std=0.05, sampler="ancestral", generator=torch.Generator().manual_seed(4)
     )
-    tiny_prior.denoise(y, noise_std=0.05, sampler="ddpm")  # no generator: a fresh seeded one
+    tiny_prior.denoise(y, noise_std=0.05, sampler="ancestral")  # no generator: a fresh seeded one
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
@@ -373,3 +402,79 @@ def test_embedded_natural_prior_learned_photo_patches_never_cifar(shared_data):
     out = prior.denoise(y, noise_std=0.1, sampler="ddim", steps=20)
     assert mse(out, x).mean() < mse(y.clamp(0, 1), x).mean()
     assert LPIPS()(out, x).mean() < LPIPS()(y.clamp(0, 1), x).mean()
+
+
+# -- grey images, other sizes -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def colour_prior():
+    """A random-weight 3-channel prior (plumbing only, not quality)."""
+    torch.manual_seed(0)
+    unet = build_unet(channels=3, sample_size=32, block_out_channels=(16, 32, 32))
+    return DiffusionPrior(unet, linear_schedule().alphas_cumprod, dtype=torch.float32)
+
+
+def test_grey_images_through_a_colour_prior_stay_grey(colour_prior, mnist5k):
+    """Replicated in (three equal channels), averaged out, at the luminance noise level s·√3."""
+    grey = torch.nn.functional.pad(mnist5k["private"][0][:2], (2, 2, 2, 2))  # 1x32x32
+    assert colour_prior.fit_plan((1, 32, 32)) == ("grey->rgb", None)  # no resize=True needed
+    seen = []
+    handle = colour_prior.unet.register_forward_hook(lambda m, a, o: seen.append(a))
+    try:
+        out = colour_prior.denoise(grey, noise_std=0.1, sampler="posterior-mean")
+    finally:
+        handle.remove()
+    assert out.shape == (2, 1, 32, 32)
+    x_in, t_in = seen[0]
+    assert x_in.shape[1] == 3 and torch.equal(x_in[:, 0], x_in[:, 1])
+    assert torch.equal(x_in[:, 0], x_in[:, 2])
+    assert t_in.tolist() == colour_prior.timesteps_for([0.1 * 3**0.5] * 2).tolist()
+    # the output is the channel average of the model's reconstruction
+    direct = colour_prior.denoise(
+        grey.expand(-1, 3, -1, -1), noise_std=0.1 * 3**0.5, sampler="posterior-mean"
+    )
+    assert torch.allclose(out, direct.mean(dim=1, keepdim=True), atol=1e-6)
+
+
+def test_grey_photos_through_the_natural_prior_are_denoised_at_the_luminance_level(shared_data):
+    """Real grey CIFAR-10 images through ``embedded:natural``: s·√3 beats the naive s."""
+    from opacus_dmaudit.data import load_cifar10_test
+
+    cifar, _ = load_cifar10_test(shared_data / "cifar10" / "cifar10_test_first1017.npz")
+    x = cifar[100:116]
+    grey = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
+    prior = DiffusionPrior.from_pretrained("embedded:natural")
+    y = grey + 0.2 * torch.randn(grey.shape, generator=torch.Generator().manual_seed(0))
+    ours = prior.denoise(y, noise_std=0.2)
+    naive = prior.denoise(y.expand(-1, 3, -1, -1), noise_std=0.2).mean(dim=1, keepdim=True)
+    assert ours.shape == grey.shape
+    assert mse(ours, grey).mean() < mse(naive, grey).mean() < mse(y.clamp(0, 1), grey).mean()
+
+
+def test_other_sizes_only_through_resize_with_the_noise_level_rescaled(tiny_prior_dir, mnist5k):
+    strict = DiffusionPrior.from_pretrained(tiny_prior_dir, dtype=torch.float32)
+    with pytest.raises(ValueError, match="resize=True"):
+        strict.check_fits((1, 64, 64))
+    with pytest.raises(ValueError, match="colour is lost"):
+        strict.check_fits((3, 32, 32))
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, dtype=torch.float32, resize=True)
+    assert prior.fit_plan((1, 64, 64)) == (None, "resize")
+    assert prior.fit_plan((1, 28, 28)) == (None, "pad")  # its content size: exact, no resizing
+    # the noise std the model is told is the std of the resized noise (measured here)
+    from opacus_dmaudit.prior import _resize, _resize_gain
+
+    noise = torch.randn(256, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    measured = float(_resize(noise, (32, 32)).std())
+    assert _resize_gain(64, 32) ** 2 == pytest.approx(measured, rel=0.02)
+    big = torch.nn.functional.interpolate(mnist5k["private"][0][:2], size=(64, 64))
+    seen = []
+    handle = prior.unet.register_forward_hook(lambda m, a, o: seen.append(a[1]))
+    try:
+        out = prior.denoise(big, noise_std=0.4, sampler="posterior-mean")
+    finally:
+        handle.remove()
+    assert out.shape == (2, 1, 64, 64)
+    expected = prior.timesteps_for(0.4 * _resize_gain(64, 32) ** 2)
+    assert seen[0].tolist() == expected.expand(2).tolist()
+    assert seen[0][0] < prior.timesteps_for(0.4)[0]  # shrinking averages the noise down
+    colour = prior.denoise(torch.rand(1, 3, 64, 64), noise_std=0.1, sampler="posterior-mean")
+    assert colour.shape == (1, 3, 64, 64) and torch.equal(colour[:, 0], colour[:, 2])
