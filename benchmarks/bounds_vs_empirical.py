@@ -203,7 +203,7 @@ def reading(raw: float, dm: float, bound: float, fixed=None, bound_n=None) -> st
     parts = []
     if max(raw, dm) > bound + 1e-9:
         parts.append("RATE ABOVE BOUND (κ too small?)")
-    elif bound - raw < 0.05:
+    elif raw >= 0.95 * bound:
         parts.append("bound reached without a prior")
     else:
         closed = (dm - raw) / (bound - raw)

@@ -4,9 +4,10 @@ Data flow: training step -> capture -> readout -> (denoise) -> score -> log/repo
 """
 
 from .audit_log import AuditLog, read_audit_log
-from .auditor import AuditResult, DMAuditor
+from .auditor import DMAuditor
 from .capture import CapturedStep, GradientCapture
 from .imprint import ImprintBlock, find_imprint_block
+from .pipeline import AuditResult
 from .prior import DiffusionPrior
 from .readout import Readout, expected_singletons, read_imprint
 

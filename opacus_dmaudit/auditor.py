@@ -1,17 +1,17 @@
 """The auditor: schedules audits on a live DP-SGD run and fans each one out to the sinks.
 
-Per audited step: capture (inside ``optimizer.step``) -> checks (:mod:`.checks`) -> scoring
-(:mod:`.scoring`: readout, match, prior, metrics, success) -> privacy numbers (:mod:`.privacy`,
-:mod:`.bounds`) -> record (:mod:`.schema`) -> sinks (audit log, images, TensorBoard). Everything
-after the capture runs once the parameter update is done, with the auditor's own generator;
-training is bit-identical with and without it. ``DMAuditor`` itself keeps only scheduling,
-lifecycle, resume and the fan-out.
+Per audited step: capture (inside ``optimizer.step``, :mod:`.capture`) -> the audit pipeline
+(:mod:`.pipeline`: shadow, checks, scoring, privacy numbers, the record) -> sinks (images via
+:mod:`.logdir`, the audit log, TensorBoard; the report at ``close``). Everything after the capture
+runs once the parameter update is done (or in a background worker), with the auditor's own
+generator; training is bit-identical with and without it. ``DMAuditor`` itself keeps only
+scheduling, lifecycle, resume and the fan-out.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-import math
 import os
 import time
 from typing import Any
@@ -19,41 +19,50 @@ from typing import Any
 import torch
 
 from .audit_log import AuditLog, read_audit_log
-from .bounds import rero_gaussian, run_bounds
 from .capture import CapturedStep, GradientCapture
-from .checks import raise_on_failure, validity_checks
+from .checks import raise_on_failure
 from .config import DEFAULT_SUCCESS_THRESHOLDS, AuditConfig
 from .imprint import ImprintBlock, find_imprint_block
 from .logdir import LogDir, package_versions
 from .metrics import LPIPS
+from .pipeline import AuditPipeline, AuditResult
 from .prior import DiffusionPrior
-from .privacy import epsilon_at_audit, sample_rate_from_accountant, steps_from_accountant
-from .schema import RECORD_VERSION, is_valid
-from .scoring import ScoredStep, score_step
+from .privacy import steps_from_accountant
+from .worker import AuditWorker
 
 __all__ = ["DMAuditor", "AuditResult", "DEFAULT_SUCCESS_THRESHOLDS"]
 
 logger = logging.getLogger(__name__)
 
 
-class AuditResult:
-    """Tensors of one audit, kept in memory for image sinks (the log holds only numbers).
+#: Above this many bytes of per-sample imprint gradients, ``attach`` suggests ghost clipping.
+PER_SAMPLE_WARN_BYTES = 2**30
 
-    Attributes:
-        record: the JSON record written to the log.
-        truth: ``(M, C, H, W)`` matched real images (in [0, 1]).
-        raw: ``(M, C, H, W)`` raw readouts, clipped to [0, 1].
-        clean: ``(M, C, H, W)`` readouts of the clean clipped sum, clipped to [0, 1].
-        dm: ``(M, C, H, W)`` DM reconstructions of the raw readouts (``None`` without a prior).
-        missed_truth, missed_raw: a few lone images the occupancy test missed, and their raw
-            readouts (``None`` if none were missed).
-    """
 
-    def __init__(
-        self, record: dict[str, Any], truth, raw, clean, dm=None, missed_truth=None, missed_raw=None
-    ) -> None:
-        self.record, self.truth, self.raw, self.clean, self.dm = record, truth, raw, clean, dm
-        self.missed_truth, self.missed_raw = missed_truth, missed_raw
+def _warn_per_sample_memory(block: ImprintBlock, optimizer) -> None:
+    """Per-sample gradients of the imprint layer cost batch × K × d floats outside ghost mode."""
+    ghost = any("FastGradientClipping" in c.__name__ for c in type(optimizer).__mro__)
+    batch = int(getattr(optimizer, "expected_batch_size", 0) or 0)
+    need = 4 * batch * block.num_bins * block.imprint.in_features
+    if not ghost and need > PER_SAMPLE_WARN_BYTES:
+        logger.warning(
+            "the imprint layer's per-sample gradients take %.1f GB per step (batch %d x %d bins "
+            "x %d pixels, twice that while Opacus makes them); ghost clipping never stores "
+            'them: make_private(..., grad_sample_mode="ghost", criterion=criterion)',
+            need / 2**30,
+            batch,
+            block.num_bins,
+            block.imprint.in_features,
+        )
+
+
+def _frozen(accountant):
+    """A copy of an Opacus accountant whose history stops at this step (its only state)."""
+    if accountant is None or not hasattr(accountant, "history"):
+        return accountant
+    frozen = copy.copy(accountant)
+    frozen.history = list(accountant.history)
+    return frozen
 
 
 class DMAuditor:
@@ -107,6 +116,13 @@ class DMAuditor:
         self._log: AuditLog | None = None
         self._defer = False
         self._queued: list[CapturedStep] = []
+        self._worker: AuditWorker | None = None  # background scoring (config.background)
+        self._last_step = 0  # optimizer steps seen by the last capture, kept after detach
+        self._told: set[str] = set()  # failed checks already logged as warnings
+        # what an audit computes (checks, scoring, privacy numbers, the record)
+        self.pipeline = AuditPipeline(
+            config=config, prior=prior, lpips=self.lpips, generator=self.generator
+        )
 
     # -- settings as attributes (read-only views of the configuration) ---------------------------
     @property
@@ -169,6 +185,12 @@ class DMAuditor:
         """
         if self._capture is not None:
             raise RuntimeError("the auditor is already attached; call detach() first")
+        sigma = getattr(optimizer, "noise_multiplier", None)
+        if isinstance(sigma, int | float) and not sigma >= 0:
+            raise ValueError(
+                f"the optimizer's noise_multiplier is {sigma}: DP-SGD needs σ ≥ 0; fix the "
+                "noise_multiplier given to make_private"
+            )
         if block is None:
             try:
                 block = find_imprint_block(list(getattr(optimizer, "params", [])))
@@ -192,17 +214,25 @@ class DMAuditor:
             start_step=self._resume["step"]
             if self._resume is not None
             else steps_from_accountant(self.accountant),
+            mechanism=self.config.mechanism_checks,
+            accountant=self.accountant,
         )
         if example_input is not None and block is not None:
             block._check_input(torch.as_tensor(example_input))
         if self.prior is not None and block is not None:
             self.prior.check_fits(block.image_shape)
+        if block is not None:
+            _warn_per_sample_memory(block, optimizer)
         self._defer = defer
         if capture.distributed and capture.rank != 0:
             # DDP: this rank only feeds rank 0's capture (inputs, clean sums); no audit work
             capture.attach()
             self._capture = capture
             return self
+        # once, before training goes on: the shadow adversary, κ̂, the prior's fit on public data
+        self.pipeline.prepare(block, shadow=bool(self.config.shadow))
+        if self.config.background:
+            self._worker = AuditWorker()
         resume = self._resume is not None
         existed, had_audit = self.logdir.path.exists(), self.logdir.holds_audit()
         try:
@@ -235,6 +265,12 @@ class DMAuditor:
     def _undo_attach(self, *, existed: bool, had_audit: bool) -> None:
         """A failed attach leaves nothing behind that it created."""
         self._capture = None
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            try:
+                worker.close()
+            except Exception:
+                logger.exception("the background audit worker failed")
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -252,10 +288,17 @@ class DMAuditor:
         return "mechanism checks only"
 
     def flush(self) -> AuditResult | None:
-        """Score and log the captures that ``attach(defer=True)`` queued; the last result."""
+        """Score and log the captures that ``attach(defer=True)`` queued; the last result.
+
+        With ``background=True``: wait until the worker has written every audit captured so far
+        (and raise an error it met, e.g. a failed check under ``strict=True``).
+        """
         result = None
         while self._queued:
             result = self._score_and_log(self._queued.pop(0)) or result
+        if self._worker is not None:
+            self._worker.drain()
+            result = self.last_result
         return result
 
     def detach(self) -> None:
@@ -264,12 +307,24 @@ class DMAuditor:
             self.flush()
         finally:
             if self._capture is not None:
+                self._last_step = self._capture.step
                 self._capture.detach()
                 self._capture = None
+            if self._worker is not None:
+                worker, self._worker = self._worker, None
+                worker.close()
 
     def close(self) -> None:
-        """Detach, write the hyper-parameters to TensorBoard, close the log, write the report."""
-        self.detach()
+        """Detach, write the hyper-parameters to TensorBoard, close the log, write the report.
+
+        An error met while draining the audits (e.g. a failed check under ``strict=True`` with
+        ``background=True``) is raised after the log, TensorBoard and the report are written.
+        """
+        error: BaseException | None = None
+        try:
+            self.detach()
+        except Exception as err:  # finish writing what was recorded, then raise
+            error = err
         if self._tb is not None:
             try:
                 self._tb.close(hparams=self.config.to_dict())
@@ -284,6 +339,8 @@ class DMAuditor:
                     build_report(self.logdir.path)
                 except Exception:
                     logger.exception("writing the report into %s failed", self.logdir.path)
+        if error is not None:
+            raise error
 
     def __enter__(self) -> DMAuditor:
         return self
@@ -295,12 +352,14 @@ class DMAuditor:
     def _write_run_file(self) -> None:
         capture = self._capture
         block = capture.block
+        shadow = self.pipeline.shadow
         accountant = self.accountant
         run = {
             "config": {
                 **self.config.to_dict(),
                 "mode": self.mode,
                 "prior_details": self.prior.describe() if self.prior is not None else None,
+                "shadow": shadow.describe() if shadow is not None else None,
                 "imprint_block": None
                 if block is None
                 else {
@@ -321,7 +380,12 @@ class DMAuditor:
         self.logdir.write_json(self.logdir.run_file, run)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to resume the audit exactly: step, RNG state, settings."""
+        """What a checkpoint needs to resume the audit exactly: step, RNG state, settings.
+
+        With a background worker, waits for the audits in flight first (they advance the
+        generator)."""
+        if self._worker is not None:
+            self._worker.drain()
         return {
             "version": 1,
             "step": self.step,
@@ -351,35 +415,59 @@ class DMAuditor:
                 "resuming with every_n_steps=%d (was %s)", self.every_n_steps, saved_every
             )
         self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8))
+        last = state.get("last_audit_step")
+        if last is not None and int(state["step"]) < int(last):
+            raise ValueError(
+                f"this auditor state says step {state['step']} but its last audit was at step "
+                f"{last}: it was not taken from a running auditor. Save state_dict() with the "
+                "training checkpoint, while the auditor is attached or after close()"
+            )
         self._resume = {"step": int(state["step"])}
 
     @property
     def step(self) -> int:
-        """Optimizer steps seen so far."""
-        return self._capture.step if self._capture is not None else 0
+        """Optimizer steps seen so far (by the last attach, once detached)."""
+        return self._capture.step if self._capture is not None else self._last_step
 
     def _is_audit_step(self, step: int) -> bool:
         return step % self.every_n_steps == 0
 
     # -- processing ------------------------------------------------------------------------------
     def _process(self, captured: CapturedStep) -> None:
-        if self._defer:
+        if self._worker is not None:  # the capture is complete: score it off the training path
+            # the accountant as of the captured step (training goes on meanwhile)
+            self._worker.submit(self._score_and_log, captured, _frozen(self.accountant))
+        elif self._defer:
             self._queued.append(captured)
         else:
             self._score_and_log(captured)
 
-    def _score_and_log(self, captured: CapturedStep) -> AuditResult | None:
+    def _score_and_log(self, captured: CapturedStep, accountant=None) -> AuditResult | None:
         start = time.perf_counter()
         try:
-            result = self.audit(captured)
+            result = self.audit(captured, accountant=accountant)
         except Exception:  # the audit must never take training down
             logger.exception("audit of step %d failed; training continues", captured.step)
             return None
         result.record["audit_seconds"] = time.perf_counter() - start
         self._emit(result)
+        self._tell_failures(result.record)
         if self.config.strict:
             raise_on_failure(captured.step, result.record["checks"])
         return result
+
+    def _tell_failures(self, record: dict[str, Any]) -> None:
+        """Log each failed check once while training goes on (the report shows every one)."""
+        for c in record.get("checks") or []:
+            if c["status"] == "fail" and c["name"] not in self._told:
+                self._told.add(c["name"])
+                logger.warning(
+                    "audit of step %d is invalid: %s failed: %s (logged once per check; see the "
+                    "report for every audit)",
+                    record["step"],
+                    c["name"],
+                    c["detail"],
+                )
 
     def _emit(self, result: AuditResult) -> None:
         """Fan a finished audit out: images first (atomic), then the log line, then TensorBoard."""
@@ -387,8 +475,7 @@ class DMAuditor:
         step = record["step"]
         self.history.append(record)
         self.last_result = result
-        has_images = result.truth.shape[0] > 0 or result.missed_truth is not None
-        if self.config.save_images and has_images:
+        if self.config.save_images and result.has_images:
             try:
                 self.logdir.save_images(
                     step,
@@ -408,114 +495,17 @@ class DMAuditor:
             except Exception:
                 logger.exception("TensorBoard logging of step %d failed", step)
 
-    def audit(self, captured: CapturedStep) -> AuditResult:
-        """Check, score and describe one captured step (no side effects)."""
+    def audit(self, captured: CapturedStep, *, accountant=None) -> AuditResult:
+        """Check, score and describe one captured step (see :class:`~.pipeline.AuditPipeline`).
+
+        Its only effects: the auditor's generator (shadow noise, the prior's sampler) advances,
+        and the step's membership scores join the run's pooled empirical estimate.
+        """
         if self._capture is None:
             raise RuntimeError("attach the auditor before auditing")
-        scored = None
-        if captured.imprint is not None:
-            scored = score_step(
-                captured,
-                self.config,
-                prior=self.prior,
-                lpips=self.lpips,
-                generator=self.generator,
-            )
-        checks = validity_checks(captured)
-        record = self._record(captured, scored, checks)
-        if scored is None:
-            empty = torch.zeros((0,))
-            return AuditResult(record, empty, empty, empty, None)
-        return AuditResult(
-            record,
-            scored.truth,
-            scored.raw,
-            scored.clean,
-            scored.dm,
-            missed_truth=scored.missed_truth,
-            missed_raw=scored.missed_raw,
+        return self.pipeline.run(
+            captured,
+            accountant=accountant if accountant is not None else self.accountant,
+            mode=self.mode,
+            expected_batch_size=getattr(self._capture.optimizer, "expected_batch_size", None),
         )
-
-    def _kappa(self, sample_rate: float | None) -> tuple[float | None, float | None]:
-        """``(κ used, κ uniform = 1/N)``, N = expected batch size / sampling rate."""
-        expected = (
-            getattr(self._capture.optimizer, "expected_batch_size", None) if self._capture else None
-        )
-        uniform = None
-        if sample_rate and expected:
-            n = round(expected / sample_rate)
-            uniform = 1.0 / n if n > 1 else None
-        return (self.config.kappa if self.config.kappa is not None else uniform), uniform
-
-    def _record(
-        self, captured: CapturedStep, scored: ScoredStep | None, checks: list[dict[str, Any]]
-    ) -> dict[str, Any]:
-        cfg = self.config
-        sigma = captured.noise_multiplier
-        batch = captured.batch_size
-        sample_rate = sample_rate_from_accountant(self.accountant)
-        kappa, kappa_uniform = self._kappa(sample_rate)
-        bounds = whole_run = None
-        if kappa is not None:
-            bounds = {"single_step": rero_gaussian(1.0 / sigma, kappa) if sigma > 0 else 1.0}
-            if sample_rate is not None:
-                whole_run = run_bounds(
-                    noise_multiplier=sigma,
-                    sample_rate=sample_rate,
-                    steps=steps_from_accountant(self.accountant),
-                    kappa=kappa,
-                )
-                whole_run.pop("single_step", None)
-        epsilon, epsilon_method = epsilon_at_audit(
-            self.accountant, delta=cfg.delta, noise_multiplier=sigma
-        )
-        record: dict[str, Any] = {
-            "record_version": RECORD_VERSION,
-            "step": captured.step,
-            "mode": self.mode,
-            "epsilon": epsilon,
-            "epsilon_accountant": epsilon_method,
-            "epsilon_note": None,
-            "delta": cfg.delta,
-            "noise_multiplier": sigma,
-            "mu_step": (1.0 / sigma) if sigma > 0 else math.inf,
-            "max_grad_norm": captured.max_grad_norm,
-            "sample_rate": sample_rate,
-            "clipping": captured.clipping,
-            "batch_size": batch,
-        }
-        if scored is not None:
-            record.update(scored.counts)
-            record["detection"] = scored.detection
-            record["summary"] = scored.summary(cfg.metrics)
-            record["success_criterion"] = cfg.success_criterion
-            # fraction of the batch's samples reconstructed to the criterion, per stage
-            record["success"] = {
-                stage: (n / batch if batch else None) for stage, n in scored.success.items()
-            }
-        else:
-            record["summary"] = {}
-            record["success"] = {}
-        record.update(
-            {
-                "kappa": kappa,
-                "kappa_baseline": None,
-                "kappa_uniform": kappa_uniform,
-                "bounds": bounds,
-                "run_bounds": whole_run,
-                "privacy_measured": None,
-                "denoiser": None
-                if self.prior is None or scored is None
-                else {
-                    "prior": self.prior.source,
-                    "sampler": cfg.sampler,
-                    "steps": cfg.sampler_steps if cfg.sampler == "ddim" else None,
-                    "min_stride": cfg.sampler_min_stride if cfg.sampler == "ddim" else None,
-                },
-                "checks": checks,
-                "valid": is_valid(checks),
-                "images": scored.images if scored is not None else [],
-                "missed": scored.missed if scored is not None else [],
-            }
-        )
-        return record

@@ -58,6 +58,7 @@ def _demo(args: argparse.Namespace) -> int:
         prior=None if args.prior == "none" else args.prior,
         sampler=args.sampler,
         progress=not args.quiet,
+        broken_noise=args.broken_noise,
     )
     print(
         f"\n{'sigma':>8} {'epsilon':>10} {'lone found/in batch':>20} {'LPIPS raw':>10} "
@@ -67,8 +68,9 @@ def _demo(args: argparse.Namespace) -> int:
         s = run["summary"]
         rates, means = s.get("mean_success_rate") or {}, s.get("mean_metrics") or {}
         found = f"{s.get('found_singletons', 0)}/{s.get('true_singletons', 0)}"
+        label = f"{run['noise_multiplier']:g}" + ("*" if run.get("broken") else "")
         print(
-            f"{run['noise_multiplier']:>8g} {fmt(s.get('final_epsilon')):>10} {found:>20} "
+            f"{label:>8} {fmt(s.get('final_epsilon')):>10} {found:>20} "
             f"{fmt(means.get('lpips_raw'), '.3f'):>10} {fmt(means.get('lpips_dm'), '.3f'):>9} "
             f"{fmt(rates.get('raw'), '.0%'):>12} {fmt(rates.get('dm'), '.0%'):>6}  "
             f"{VERDICT_STATUSES[run['verdict']['status']]}"
@@ -78,9 +80,14 @@ def _demo(args: argparse.Namespace) -> int:
         "of each audited batch reconstructed to LPIPS <= 0.1 (mean over audits); LPIPS: mean over "
         "the recovered images, lower is closer to the real image"
     )
+    if any(run.get("broken") for run in runs):
+        print("*: the --broken-noise run, whose optimizer adds half the noise it reports")
+    print("\nMechanism checks (every audit: noise, clipping, sampling, accountant):")
+    for run in runs:
+        print(f"  sigma {_run_label(run)}: {_mechanism_line(run['summary'])}")
     print("\nVerdicts:")
     for run in runs:
-        print(f"  sigma {run['noise_multiplier']:g}: {run['verdict']['text']}")
+        print(f"  sigma {_run_label(run)}: {run['verdict']['text']}")
     print("\nReports and audit logs (they contain private training images; owner-only):")
     for run in runs:
         run_dir = Path(run["log"]).parent
@@ -88,6 +95,19 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\nAll runs compared: {Path(args.out) / 'comparison.html'}")
     print(f"TensorBoard:  tensorboard --logdir {args.out}")
     return 0
+
+
+def _run_label(run: dict) -> str:
+    return f"{run['noise_multiplier']:g}" + (" (broken noise)" if run.get("broken") else "")
+
+
+def _mechanism_line(summary: dict) -> str:
+    """``name status`` of each mechanism check over the run's audits (its worst status)."""
+    from .mechanism import CHECK_NAMES
+
+    checks = summary.get("checks") or {}
+    parts = [f"{name} {checks[name]['status']}" for name in CHECK_NAMES if name in checks]
+    return ", ".join(parts) if parts else "not run"
 
 
 def _train_prior(args: argparse.Namespace) -> int:
@@ -143,10 +163,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="offline demo: audited DP-SGD on real digits",
         description="Train a small CNN with an ImprintBlock on 1000 real MNIST digits with DP-SGD "
         "at several noise multipliers, audit it, denoise with the embedded prior, and write "
-        "TensorBoard logs and reports (offline, about a minute on 2 cores).",
+        "TensorBoard logs and reports (offline; a few minutes on 2 cores).",
         formatter_class=formatter,
     )
-    demo.add_argument("--out", default="dmaudit-demo", help="output directory")
+    demo.add_argument(
+        "--out",
+        default="dmaudit-demo",
+        help="output directory; the demo's own sigma_* run folders in it are replaced on a rerun",
+    )
     demo.add_argument(
         "--noise-multipliers",
         type=_noise_multiplier,
@@ -161,11 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument(
         "--prior",
         default="embedded:mnist",
-        help="diffusion prior: embedded:mnist, a local diffusers directory, a hub id, "
-        "or 'none'",
+        help="diffusion prior: embedded:mnist, a local diffusers directory, a hub id, or 'none'",
     )
     demo.add_argument("--sampler", default="ddim", choices=list(SAMPLER_NAMES), help="DM sampler")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument(
+        "--broken-noise",
+        action="store_true",
+        help="add a run whose optimizer secretly adds half the noise: its mechanism checks fail "
+        "and its report turns red",
+    )
     demo.set_defaults(func=_demo)
 
     rep = sub.add_parser(

@@ -66,13 +66,19 @@ class AuditConfig:
             the prior-fit check and the measured baseline κ̂ use them. ``None``: the images given
             to ``ImprintBlock.calibrate`` when the block kept them, else none.
         shadow: without an ``ImprintBlock`` in the model, simulate the worst-case imprint
-            adversary on the real batch at this run's mechanism (see :mod:`.shadow`).
+            adversary on the real batch at this run's mechanism (see :mod:`.shadow`): ``True``
+            (128 sparse bins, calibrated on ``public`` when given) or a
+            :class:`~opacus_dmaudit.shadow.ShadowAdversary` for another geometry.
         mechanism_checks: check the DP mechanism (noise, clipping, sampling, accountant) at every
             audit.
         strict: raise :class:`~opacus_dmaudit.checks.AuditCheckFailed` on a failed check instead
             of only recording it.
         background: score audits in a background worker (off the training path); results are
             written in step order as they complete, and :meth:`~DMAuditor.close` drains them.
+        prior_fit_public: public images the prior restores per noise level in the prior-fit
+            check at attach (see :mod:`.prior_fit`; 0 skips it).
+        prior_fit_audit: lone images per audit whose clean readouts are re-noised and restored
+            by the prior to measure its fit on this data (0 skips it).
         tensorboard: write TensorBoard events (ignored when a ``writer`` is given).
         save_images: keep each audit's truth, raw and DM images (uint8 ``.npz``, owner-only).
         report: write ``report.json`` and ``report.html`` at ``close()``.
@@ -96,10 +102,12 @@ class AuditConfig:
     success_threshold: float | None = None
     kappa: float | None = None
     public: Any = field(default=None, repr=False)
-    shadow: bool = False
+    shadow: Any = False
     mechanism_checks: bool = True
     strict: bool = False
     background: bool = False
+    prior_fit_public: int = 8
+    prior_fit_audit: int = 4
     tensorboard: bool = True
     save_images: bool = True
     report: bool = True
@@ -158,6 +166,17 @@ class AuditConfig:
         set_("success_threshold", float(threshold))
         if self.kappa is not None and not 0 < float(self.kappa) < 1:
             raise ValueError(f"kappa must be in (0, 1) or None, got {self.kappa}")
+        if not isinstance(self.shadow, bool):
+            from .shadow import ShadowAdversary
+
+            if not isinstance(self.shadow, ShadowAdversary):
+                raise ValueError(
+                    f"shadow must be True, False or a ShadowAdversary, got {self.shadow!r}"
+                )
+        for name in ("prior_fit_public", "prior_fit_audit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.existing not in EXISTING_POLICIES:
             raise ValueError(f"existing must be one of {EXISTING_POLICIES}, got {self.existing!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -209,6 +228,8 @@ class AuditConfig:
                 value = None if value is None else "x".join(str(int(s)) for s in value.shape)
             elif f.name == "metrics":
                 value = ",".join(value)
+            elif f.name == "shadow":
+                value = bool(value)
             out[f.name] = value
         if self.prior is None:
             for name in ("sampler", "sampler_steps", "sampler_min_stride"):

@@ -24,7 +24,6 @@ __all__ = [
     "load_cifar10_test",
     "natural_patches",
     "NATURAL_PHOTOS",
-    "shared_data_dir",
     "PRIVATE_PER_CLASS",
 ]
 
@@ -69,20 +68,6 @@ def mnist_5k_split() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         "prior": (images[~private], labels[~private]),
         "private": (images[private], labels[private]),
     }
-
-
-def shared_data_dir() -> Path | None:
-    """``../shared/data`` beside the project checkout (or ``$DMAUDIT_SHARED_DATA``), if present."""
-    import os
-
-    env = os.environ.get("DMAUDIT_SHARED_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
-    candidates.append(Path.cwd().parent / "shared" / "data")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
 
 
 def load_mnist_idx(images_path: str | Path, labels_path: str | Path | None = None):

@@ -100,6 +100,12 @@ def _plots(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         for stage in [s for s in STAGES if any(s in (r.get("success") or {}) for r in records)]:
             ys = _series(records, lambda r, s=stage: (r.get("success") or {}).get(s))
             ax.plot(steps, ys, marker="o", label=f"success: {stage}")
+        identified = [
+            s for s in STAGES if any(s in (r.get("identification") or {}) for r in records)
+        ]
+        for stage in identified:
+            ys = _series(records, lambda r, s=stage: (r.get("identification") or {}).get(s))
+            ax.plot(steps, ys, marker="x", linestyle=":", label=f"identified: {stage}")
         for name in sorted({n for r in records for n in (r.get("bounds") or {})}):
             ys = _series(records, lambda r, n=name: (r.get("bounds") or {}).get(n))
             ax.plot(steps, ys, linestyle="--", label=f"bound: {name}")
@@ -113,8 +119,11 @@ def _plots(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
             (
                 "Reconstruction success per audit and the bound for that step",
                 "Success: the share of an audited batch reconstructed to the criterion, given "
-                "the images were in that step. Bounds: no attack on that one step can exceed "
-                "them (same event, same criterion). κ: what a guess without the gradient gets.",
+                "the images were in that step. Identified: the share whose reconstruction is "
+                "nearer to its own image than to every other image of the batch. Bounds: no "
+                "attack on that one step can exceed them (same event; single_step for the "
+                "criterion, single_step_identification for identification, where κ = 1/N is "
+                "exact). κ: what a guess without the gradient gets at the criterion.",
                 _png(fig),
             )
         )
@@ -193,6 +202,8 @@ def _caption(step: int, im: dict[str, Any], metric: str) -> str:
             parts.append(f"{stage} {METRICS[metric].label} {fmt(value, '.3f')}")
     if im.get("collision") or (im.get("true_count") or 1) > 1:
         parts.append(f"blend of {im.get('true_count')}")
+    if im.get("dm_faithful") is False:  # prior_fit: at this noise level the prior guesses
+        parts.append("DM: prior unfaithful")
     return "\n".join(parts)
 
 
@@ -350,6 +361,8 @@ def _html(report: dict[str, Any], plots, grids) -> str:
     mode = s.get("mode") or "imprint"
     privacy_rows = [["audit mode", MODES.get(mode, mode)]]
     for key, value in report["privacy"].items():
+        if isinstance(value, list):  # an interval
+            value = " – ".join(fmt(v) for v in value)
         privacy_rows.append([key, fmt(value) if isinstance(value, float) else str(value)])
     parts.append(_table(privacy_rows, ["privacy parameter", "value"]))
     if s.get("epsilon_note"):
@@ -367,6 +380,7 @@ def _html(report: dict[str, Any], plots, grids) -> str:
                 f"{r.get('found_singletons', 'n/a')}/{r.get('true_singletons', 'n/a')}",
                 fmt(succ.get("raw"), ".2f"),
                 fmt(succ.get("dm"), ".2f"),
+                fmt((r.get("prior_fit") or {}).get("faithful_share"), ".2f"),
                 fmt(bounds.get("single_step"), ".3g"),
                 fmt(r.get("kappa"), ".3g"),
                 status if statuses else "n/a",
@@ -383,6 +397,7 @@ def _html(report: dict[str, Any], plots, grids) -> str:
                 "found/lone images",
                 "success raw",
                 "success DM",
+                "prior faithful",
                 "bound, this step",
                 "κ",
                 "checks",
@@ -466,7 +481,13 @@ def build_report(log_dir: str | os.PathLike) -> tuple[Path, Path]:
     if not os.access(logdir.path, os.R_OK | os.X_OK):
         raise PermissionError(f"cannot read {logdir.path}")
     if not logdir.audit_log.is_file():
-        raise FileNotFoundError(f"{logdir.path} has no audit.jsonl: is it an auditor's log_dir?")
+        runs = sorted(p.parent.name for p in logdir.path.glob("*/audit.jsonl"))
+        hint = (
+            f" It holds runs: {', '.join(runs)} (the demo's --out holds one per σ); give those"
+            if runs
+            else " Is it an auditor's log_dir?"
+        )
+        raise FileNotFoundError(f"{logdir.path} has no audit.jsonl.{hint}")
     records = [upgrade_record(r) for r in read_audit_log(logdir.audit_log)]
     run = _read_run(logdir)
     summary = summarize(records)
@@ -483,8 +504,11 @@ def build_report(log_dir: str | os.PathLike) -> tuple[Path, Path]:
             "steps_audited_through": summary.get("last_step"),
             "final_epsilon": summary.get("final_epsilon"),
             "epsilon_accountant": summary.get("epsilon_accountant"),
-            "epsilon_lower (measured)": summary.get("epsilon_lower"),
+            # the empirical estimates are of ONE step given the sample's inclusion (.empirical)
+            "epsilon_lower (measured, one step, 95%)": summary.get("epsilon_lower"),
+            "epsilon of one step at mu_step (claimed)": summary.get("epsilon_step_claimed"),
             "mu_step_measured": summary.get("mu_step_measured"),
+            "mu_step_measured 95% CI": summary.get("mu_step_ci"),
         },
         "summary": summary,
         "valid": summary.get("valid"),

@@ -15,6 +15,10 @@ An audit *record* is a JSON object per audited step. Its parts, in the order of 
   public data), ``kappa_uniform`` (1/N) and ``bounds`` (this step's own Gaussian mechanism);
   whole-run bounds (any step, subsampled and composed) are a separate quantity, ``run_bounds``;
 * ``privacy_measured``: empirical estimates (a measured per-step µ, an ε lower bound);
+* ``prior_fit`` (with a prior): how faithful the prior was on this audit's lone images,
+  re-noised at their noise std (``images``, ``noise_std``, ``faithful_share``, ``mse_dm``,
+  ``mse_classical``, ``lpips_dm``/``ssim_dm``, ``..._classical``; see :mod:`.prior_fit`); each
+  image dict then carries ``dm_faithful``;
 * ``checks``: a list of :func:`check` entries; ``valid`` is ``False`` when any check failed, in
   which case no "no leakage" reading may be drawn from the record.
 
@@ -120,6 +124,14 @@ def check(name: str, status: str, detail: str, **values: Any) -> dict[str, Any]:
     """
     if status not in _RANK:
         raise ValueError(f"check status must be one of {CHECK_STATUSES}, got {status!r}")
+    value = values.get("value")
+    if status != "fail" and isinstance(value, float) and math.isnan(value):
+        # a check never passes on a statistic that is not a number (NaN inputs or gradients)
+        status = "fail"
+        detail = (
+            f"{detail} (its statistic is not a number: NaN inputs or gradients at this step, "
+            "so this could not be checked)"
+        )
     return {"name": name, "status": status, "detail": detail, **values}
 
 
@@ -173,7 +185,9 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, Any]:
     """Every chart value of a record as ``{tag: value}`` (TensorBoard tags; ``inf`` kept as is).
 
     The one place that maps record fields to chart names: ``privacy/*``, ``quality/<stage>/*``,
-    ``bounds/*`` (this step's bounds), ``run_bounds/*`` (whole run), ``checks/<name>/*``.
+    ``bounds/*`` (this step's bounds), ``run_bounds/*`` (whole run), ``checks/<name>/*``. A
+    shadow audit's ``quality/*`` and ``detection/*`` tags are prefixed ``shadow/``: they describe
+    the simulated adversary (:data:`MODES`), not the trained model.
     """
     out: dict[str, Any] = {
         "privacy/epsilon": record.get("epsilon"),
@@ -188,6 +202,9 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, Any]:
             out[f"quality/{parsed[1]}/{parsed[0]}"] = value
     for stage, value in (record.get("success") or {}).items():
         out[f"quality/{stage}/success_rate"] = value
+    for key, value in (record.get("prior_fit") or {}).items():  # beside the DM metrics
+        if _finite_number(value):
+            out[f"quality/dm/fit_{key}"] = value
     for stage, value in (record.get("identification") or {}).items():
         out[f"quality/{stage}/identification_rate"] = value
     for name, value in (record.get("bounds") or {}).items():
@@ -204,4 +221,9 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, Any]:
         out[f"checks/{entry['name']}/status"] = _RANK[entry["status"]]
         if _finite_number(entry.get("value")):
             out[f"checks/{entry['name']}/value"] = entry["value"]
+    if record.get("mode") == "shadow":  # a simulated adversary's numbers: never beside live ones
+        out = {
+            (f"shadow/{tag}" if tag.startswith(("quality/", "detection/")) else tag): value
+            for tag, value in out.items()
+        }
     return {tag: value for tag, value in out.items() if value is not None}

@@ -10,9 +10,13 @@ The verdict is a claim and is earned (DESIGN §6):
 * reconstructions that meet the success criterion are reported with their counts, and compared
   with the baseline κ (what a guess without the gradient achieves at the same criterion): a rate
   at or below κ is not evidence of leakage;
+* reconstructions that single out their own image among the N images of their batch more often
+  than chance (≤ 1/N for any guess without the gradient, an exact baseline) are leakage too,
+  whether or not they meet the success criterion (a one-sided test at level
+  :data:`IDENTIFICATION_LEVEL`);
 * "no visible leakage" is said only when every check passed, the occupancy test had high power
   against a lone image of this data (measured from the clean sums), and no reconstruction beat
-  the baseline. Where nothing rose above the noise with low power, the verdict says the audit
+  either baseline; a positive membership lower bound (``epsilon_lower``) is stated beside it. Where nothing rose above the noise with low power, the verdict says the audit
   could not tell, and gives the power.
 """
 
@@ -24,11 +28,21 @@ from typing import Any
 
 from .schema import METRICS, STAGES, is_valid, upgrade_record
 
-__all__ = ["summarize", "verdict", "fmt", "POWER_FOR_NEGATIVE", "VERDICT_STATUSES"]
+__all__ = [
+    "summarize",
+    "verdict",
+    "fmt",
+    "POWER_FOR_NEGATIVE",
+    "IDENTIFICATION_LEVEL",
+    "VERDICT_STATUSES",
+]
 
 #: A negative verdict needs the occupancy test to detect a lone image with at least this
 #: probability (mean over audits).
 POWER_FOR_NEGATIVE = 0.9
+
+#: Identification above chance is leakage when its one-sided p-value is below this level.
+IDENTIFICATION_LEVEL = 1e-3
 
 VERDICT_STATUSES = {
     "no_audits": "no audit recorded",
@@ -102,6 +116,19 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     identification = {
         s: _mean((r.get("identification") or {}).get(s) for r in records) for s in ident_stages
     }
+    # per stage, the number of audited samples whose reconstruction singles out its own image,
+    # and how many a guess without the gradient would (≤ 1/N of each batch of N: ≤ 1 per audit)
+    identified = {
+        s: sum(
+            round((r.get("identification") or {}).get(s) * (r.get("batch_size") or 0))
+            for r in records
+            if _finite((r.get("identification") or {}).get(s))
+        )
+        for s in ident_stages
+    }
+    identification_chance = sum(
+        1 for r in records if (r.get("batch_size") or 0) > 1 and r.get("identification")
+    )
     # per stage, the number of audited samples reconstructed to the criterion
     recovered = {
         s: sum(
@@ -140,6 +167,8 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "max_success_rate": best,
         "recovered": recovered,
         "mean_identification_rate": identification,
+        "identified": identified,
+        "identification_chance": identification_chance,
         "bounds": last.get("bounds"),
         "final_run_bounds": last.get("run_bounds"),
         "mean_metrics": means,
@@ -149,7 +178,9 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "detection_power": _mean(powers),
         "detection_test": (last.get("detection") or {}).get("test"),
         "epsilon_lower": measured.get("epsilon_lower"),
+        "epsilon_step_claimed": measured.get("epsilon_step_claimed"),
         "mu_step_measured": measured.get("mu_step_measured"),
+        "mu_step_ci": measured.get("mu_step_ci"),
         "checks": checks,
         "valid": valid,
     }
@@ -179,7 +210,7 @@ def verdict(summary: Mapping[str, Any]) -> dict[str, str]:
         f"{fmt(summary.get('final_epsilon'))} at δ = {fmt(summary.get('delta'))})"
     )
     note = summary.get("epsilon_note")
-    tail = [note] if note else []
+    tail = [note.rstrip(".") + "."] if note else []
     tail += _bound_text(summary)
     checks = summary.get("checks") or {}
     failed = {name: c for name, c in checks.items() if c["status"] == "fail"}
@@ -219,10 +250,36 @@ def verdict(summary: Mapping[str, Any]) -> dict[str, str]:
     rule = _criterion_text(summary)
     attack = {s: recovered.get(s, 0) for s in ("raw", "dm") if s in rates}
     best_stage = max(attack, key=lambda s: rates.get(s) or 0.0, default=None)
+    ident = _identification_leak(summary)
+    tail += _membership_text(summary)
+    if ident is not None and not (
+        best_stage is not None
+        and attack[best_stage] > 0
+        and (kappa is None or (rates.get(best_stage) or 0.0) > kappa)
+    ):
+        stage, count, chance, p_value = ident
+        visible = stage == "raw"
+        return {
+            "status": "leakage",
+            "headline": "Reconstructions single out their own training images"
+            + ("." if visible else " (with the diffusion prior)."),
+            "text": f"{context}, {count} {stage_name(stage)} reconstructions were nearer to "
+            f"their own training image than to every other image of their batch, where a "
+            f"guess without the gradient would manage at most {chance} (1/N per batch; "
+            f"one-sided p {_p_text(p_value)}). That is leakage: the attacker tells which "
+            "training image was in the step"
+            + (
+                f", even though no reconstruction met the criterion {rule} more often than a guess"
+                if attack
+                else ""
+            )
+            + ". "
+            + " ".join(tail),
+        }
     if best_stage is not None and attack[best_stage] > 0:
         parts = [
             f"{stage_name(s)}: {fmt(rates.get(s), '.1%')} of each audited batch on average "
-            f"({attack[s]} images)"
+            f"({_images(attack[s])})"
             for s in attack
         ]
         above = kappa is None or (rates.get(best_stage) or 0.0) > kappa
@@ -249,6 +306,7 @@ def verdict(summary: Mapping[str, Any]) -> dict[str, str]:
             "guess without the gradient at the same criterion, so it is not evidence of leakage. "
             + " ".join(tail),
         }
+    warned = [name for name, c in checks.items() if c["status"] == "warn"]
     power = summary.get("detection_power")
     found = summary.get("found_singletons") or 0
     true = summary.get("true_singletons") or 0
@@ -259,27 +317,75 @@ def verdict(summary: Mapping[str, Any]) -> dict[str, str]:
         else "the occupancy test's power at this σ is unknown"
     )
     if found == 0:
-        head = f"{context}, no lone image rose above the noise ({true} lone images were in the audited batches); {power_text}"
+        head = (
+            f"{context}, no lone image rose above the noise ({true} lone images were in the "
+            f"audited batches); {power_text}"
+        )
     else:
         head = (
             f"{context}, {found} of {true} lone images rose above the noise, but none was "
-            f"reconstructed to the criterion {rule}; {power_text}"
+            f"reconstructed to the criterion {rule} or identified more often than chance; "
+            f"{power_text}"
         )
     if power is not None and power >= POWER_FOR_NEGATIVE:
         return {
             "status": "no_visible_leakage",
             "headline": "No visible leakage to this attack at this noise level.",
-            "text": f"{head}. Every check passed, so at this noise level the audit shows no "
-            "visible leakage: evidence about this attack with this prior, not a proof. "
-            + " ".join(tail),
+            "text": f"{head}. "
+            + (
+                f"No check failed (warnings: {', '.join(warned)})"
+                if warned
+                else "Every check passed"
+            )
+            + ", so at this noise level the audit shows no visible leakage: evidence about this "
+            "attack with this prior, not a proof. " + " ".join(tail),
         }
     return {
         "status": "undetectable",
         "headline": "Nothing rose above the noise; the audit cannot tell whether images leak.",
-        "text": f"{head}. The test was too weak at this σ to find a lone image, so this is not "
-        "evidence of privacy: it shows only that single images are buried in noise for this "
-        "attacker. " + " ".join(tail),
+        "text": f"{head}. The test is too weak at this σ to find most lone images, so this is "
+        "not evidence of privacy: it shows only that single images are mostly buried in noise "
+        "for this attacker. " + " ".join(tail),
     }
+
+
+def _identification_leak(summary: Mapping[str, Any]) -> tuple[str, int, int, float] | None:
+    """``(stage, identified, chance, p)`` for the stage that identifies above chance, if any.
+
+    A guess without the gradient is nearest its own image among the N of its batch with
+    probability ≤ 1/N, so at most one sample per audit in expectation (``chance``); the count is
+    tested against a Poisson tail with that mean (conservative for sums of independent trials).
+    """
+    from scipy import stats
+
+    identified = summary.get("identified") or {}
+    chance = summary.get("identification_chance") or 0
+    if not identified or chance <= 0:
+        return None
+    for stage in ("raw", "dm"):  # the raw readout first: leakage visible without a prior
+        count = identified.get(stage)
+        if not count:
+            continue
+        p_value = float(stats.poisson.sf(count - 1, chance))
+        if p_value < IDENTIFICATION_LEVEL:
+            return stage, int(count), int(chance), p_value
+    return None
+
+
+def _p_text(p_value: float) -> str:
+    return "< 1e-12" if p_value < 1e-12 else f"= {p_value:.1g}"
+
+
+def _membership_text(summary: Mapping[str, Any]) -> list[str]:
+    """The membership lower bound, where it is positive (it rules out a clean reading)."""
+    lower = summary.get("epsilon_lower")
+    if not _finite(lower) or lower <= 0:
+        return []
+    return [
+        f"The membership test on the imprint bins measured ε ≥ {fmt(lower)} for one step "
+        "(95 % confidence, given the sample is in the step): whether a known image was in a "
+        "step is detectable from its gradient."
+    ]
 
 
 def _bound_text(summary: Mapping[str, Any]) -> list[str]:
@@ -294,6 +400,10 @@ def _bound_text(summary: Mapping[str, Any]) -> list[str]:
             f"criterion, so its bound (κ = 1/N = {fmt(kappa)}: {fmt(bound)}) may be beaten by a "
             "fixed guess and is not stated as a limit; give public images for a baseline."
         )
+    elif bound is not None and bound >= 0.9995:
+        out.append(
+            f"The ReRo bound of one step is {fmt(bound)} at this σ: it rules out nothing here."
+        )
     elif bound is not None:
         base = (
             f"the larger of κ̂ = {fmt(measured)}, what the best fixed guess achieves on public "
@@ -307,12 +417,16 @@ def _bound_text(summary: Mapping[str, Any]) -> list[str]:
             f"{fmt(kappa)}: {base})."
         )
     ident = bounds.get("single_step_identification")
-    if ident is not None:
+    if ident is not None and ident < 0.9995:
         out.append(
             f"No attack can make a reconstruction nearer to its own image than to every other "
             f"image of its batch with probability above {fmt(ident)} (κ = 1/N exact)."
         )
     return out
+
+
+def _images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
 
 
 def stage_name(stage: str) -> str:
@@ -325,7 +439,7 @@ def _seen(summary: Mapping[str, Any]) -> str:
     rates = summary.get("mean_success_rate") or {}
     recovered = summary.get("recovered") or {}
     seen = [
-        f"{stage_name(s)} {fmt(rates.get(s), '.1%')} ({recovered.get(s, 0)} images)"
+        f"{stage_name(s)} {fmt(rates.get(s), '.1%')} ({_images(recovered.get(s, 0))})"
         for s in ("raw", "dm")
         if s in rates
     ]

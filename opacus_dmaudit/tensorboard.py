@@ -4,12 +4,16 @@ The tags come from :func:`~opacus_dmaudit.schema.record_scalars` (``step`` is th
 
 * ``privacy/epsilon``, ``privacy/mu_step`` (µ = 1/σ) and the measured ``privacy/*`` estimates; a
   value of ∞ (σ = 0) is written as text under the same tag, since a chart cannot show it;
+  ``privacy/epsilon_note`` (text) says when ε carries no meaningful guarantee (ε > 100, or an
+  RDP ε at the smallest order);
 * ``quality/<stage>/<metric>`` (means over the recovered images), ``quality/<stage>/success_rate``
   for the stages ``raw``, ``dm`` and ``clean`` (see :data:`~opacus_dmaudit.schema.STAGES`);
 * ``bounds/*``: ReRo bounds of the audited step itself (the event ``success_rate`` measures);
   ``run_bounds/*``: bounds of the whole run so far (another event: any step, composed);
 * ``checks/<name>/status`` (0 pass, 1 warn, 2 fail) and ``checks/<name>/value``;
 * ``audit/reconstructions``: one column per recovered image, rows truth | raw | DM;
+* shadow audits (a simulated adversary) write their ``quality/*``, ``detection/*`` and image tags
+  under ``shadow/`` instead;
 * a custom-scalars layout ``dmaudit`` and the run's hyper-parameters at :meth:`close`.
 
 Event files hold reconstructed training images: every event file this sink writes to is made
@@ -70,6 +74,7 @@ class TensorBoardSink:
         self.max_columns = max_columns
         self._layout_written = False
         self._last: dict[str, float] = {}
+        self._last_note: str | None = None
         self._secure()
 
     @staticmethod
@@ -121,12 +126,18 @@ class TensorBoardSink:
             self._layout()
         for tag, value in record_scalars(record).items():
             self._scalar(tag, value, step)
+        note = record.get("epsilon_note")
+        if note and note != self._last_note:  # written when it first appears or changes
+            self.writer.add_text("privacy/epsilon_note", note, step)
+        self._last_note = note
         failed = [c for c in record.get("checks") or [] if c["status"] == "fail"]
         if failed:
             text = "\n".join(f"* **{c['name']}**: {c['detail']}" for c in failed)
             self.writer.add_text("checks/failed", text, step)
         if result is not None and result.truth.dim() == 4 and result.truth.shape[0] > 0:
-            self.writer.add_image("audit/reconstructions", self.grid(result), step)
+            shadow = record.get("mode") == "shadow"
+            tag = "shadow/reconstructions" if shadow else "audit/reconstructions"
+            self.writer.add_image(tag, self.grid(result), step)
         self.writer.flush()
         self._secure()
 

@@ -1,11 +1,16 @@
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from opacus_dmaudit import ImprintBlock
-from opacus_dmaudit.data import mnist_5k_split, shared_data_dir
+from opacus_dmaudit.data import mnist_5k_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import shared_data_dir  # noqa: E402  (the benchmarks' locator of ../shared/data)
 
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")

@@ -1,0 +1,399 @@
+"""One audit, start to finish: captured step -> checks -> scoring -> privacy numbers -> record.
+
+:class:`AuditPipeline` is everything an audit computes, with no scheduling and no sinks: the
+auditor (:mod:`.auditor`) decides *when* to audit and where the result goes, this module decides
+*what* the result is. Stages, in order:
+
+1. shadow (:mod:`.shadow`): without an ``ImprintBlock``, a simulated worst-case imprint adversary
+   turns the real batch into an imprint capture;
+2. scoring (:mod:`.scoring`): readout, match, prior, metrics, success;
+3. checks (:mod:`.checks`, :mod:`.mechanism`, :mod:`.prior_fit`): the entries that gate the verdict;
+4. privacy (:mod:`.privacy`, :mod:`.bounds`, :mod:`.baseline`, :mod:`.empirical`): ε in context,
+   κ, the bounds of this step and of the whole run, the measured per-step µ;
+5. the record (:mod:`.schema`), written by the sinks.
+
+Its only side effects: the generator it is given advances (shadow noise, the prior's sampler) and
+the step's membership scores join the run's pooled empirical estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from .baseline import Baseline, estimate_kappa
+from .bounds import run_bounds, step_bounds
+from .capture import CapturedStep
+from .checks import validity_checks
+from .config import AuditConfig
+from .empirical import EmpiricalPrivacy
+from .identification import identification_rates
+from .imprint import ImprintBlock
+from .mechanism import mechanism_checks
+from .metrics import LPIPS
+from .prior import DiffusionPrior
+from .prior_fit import PublicFit, audit_fit, public_fit
+from .privacy import history_from_accountant, read_epsilon, sample_rate_from_accountant
+from .schema import RECORD_VERSION, is_valid
+from .scoring import ScoredStep, score_step
+
+__all__ = ["AuditPipeline", "AuditResult"]
+
+logger = logging.getLogger(__name__)
+
+
+class AuditResult:
+    """Tensors of one audit, kept in memory for image sinks (the log holds only numbers).
+
+    Attributes:
+        record: the JSON record written to the log.
+        truth: ``(M, C, H, W)`` matched real images (in [0, 1]).
+        raw: ``(M, C, H, W)`` raw readouts, clipped to [0, 1].
+        clean: ``(M, C, H, W)`` readouts of the clean clipped sum, clipped to [0, 1].
+        dm: ``(M, C, H, W)`` DM reconstructions of the raw readouts (``None`` without a prior).
+        missed_truth, missed_raw: a few lone images the occupancy test missed, and their raw
+            readouts (``None`` if none were missed).
+    """
+
+    def __init__(
+        self, record: dict[str, Any], truth, raw, clean, dm=None, missed_truth=None, missed_raw=None
+    ) -> None:
+        self.record, self.truth, self.raw, self.clean, self.dm = record, truth, raw, clean, dm
+        self.missed_truth, self.missed_raw = missed_truth, missed_raw
+
+    @property
+    def has_images(self) -> bool:
+        """Whether there is any image to save (found, or missed and shown for why)."""
+        return self.truth.shape[0] > 0 or self.missed_truth is not None
+
+
+class AuditPipeline:
+    """Computes audit records for one run.
+
+    Args:
+        config: the run's :class:`~opacus_dmaudit.config.AuditConfig`.
+        prior: the diffusion prior, or ``None``.
+        lpips: the LPIPS model when ``"lpips"`` is among the metrics.
+        generator: the auditor's own generator (never the global RNG).
+    """
+
+    def __init__(
+        self,
+        *,
+        config: AuditConfig,
+        prior: DiffusionPrior | None,
+        lpips: LPIPS | None,
+        generator: torch.Generator,
+    ) -> None:
+        self.config = config
+        self.prior = prior
+        self.lpips = lpips
+        self.generator = generator
+        self.shadow = None  # the simulated adversary of shadow audits (set by prepare)
+        self.baseline: Baseline | None = None  # κ̂, measured once on public images
+        self.prior_fit: PublicFit | None = None  # the prior's fit on public images
+        self.empirical = EmpiricalPrivacy(delta=config.delta)
+        self._explained: set[str] = set()  # ε notes already explained in the log
+
+    # -- once per run ----------------------------------------------------------------------------
+    def prepare(self, block: ImprintBlock | None, *, shadow: bool) -> None:
+        """Set up what every audit of the run shares, before training goes on.
+
+        Args:
+            block: the run's ``ImprintBlock`` (``None`` for shadow or mechanism-only audits).
+            shadow: simulate the worst-case imprint adversary (used when ``block`` is ``None``).
+        """
+        self.shadow = None
+        if block is None and shadow:
+            from .shadow import ShadowAdversary
+
+            given = self.config.shadow
+            self.shadow = (
+                given
+                if isinstance(given, ShadowAdversary)
+                else ShadowAdversary(public=self.config.public)
+            )
+        self.baseline = self._measure_baseline(block)
+        self.prior_fit = self._fit_prior_public(block)
+
+    def _public_images(self, block: ImprintBlock | None) -> tuple[torch.Tensor | None, str]:
+        """The run's public images: ``config.public``, else what ``calibrate`` kept."""
+        if self.config.public is not None:
+            return torch.as_tensor(self.config.public), "public images (AuditConfig.public)"
+        if block is not None and block.public_sample is not None:
+            return block.public_sample, "public images (from ImprintBlock.calibrate)"
+        return None, ""
+
+    def _value_range(self, block: ImprintBlock | None) -> tuple[float, float]:
+        holder = block if block is not None else self.shadow
+        return tuple(getattr(holder, "value_range", (0.0, 1.0)))
+
+    def _measure_baseline(self, block: ImprintBlock | None) -> Baseline | None:
+        """κ̂ at the audit's success criterion from public images (never the audited batch).
+
+        Cached across runs on the same images (see :func:`~.baseline.estimate_kappa`).
+        """
+        if block is None and self.shadow is None:
+            return None  # mechanism checks only: no reconstruction, no success rate
+        public, _ = self._public_images(block)
+        if public is None:
+            logger.info(
+                "no public images (AuditConfig.public or ImprintBlock.calibrate): the baseline "
+                "κ̂ is not measured and the bounds use κ = 1/N, which a fixed guess may beat at "
+                "the criterion %s",
+                self.config.success_criterion,
+            )
+            return None
+        shape = tuple(getattr(block, "image_shape", ()) or ())
+        if shape and tuple(public.shape[1:]) != shape:
+            logger.warning(
+                "public images of shape %s do not fit the imprint block's %s: κ̂ not measured",
+                tuple(public.shape[1:]),
+                shape,
+            )
+            return None
+        try:
+            return estimate_kappa(
+                public,
+                metric=self.config.success_metric,
+                threshold=self.config.success_threshold,
+                value_range=self._value_range(block),
+                lpips=self.lpips,
+                prior=self.prior,
+                seed=self.config.seed,
+            )
+        except Exception:  # the baseline is context; it must never stop training
+            logger.exception("measuring the baseline κ̂ failed; the bounds use κ = 1/N")
+            return None
+
+    def _fit_prior_public(self, block: ImprintBlock | None) -> PublicFit | None:
+        """The ``prior_fit`` check on public images (see :mod:`.prior_fit`)."""
+        if self.prior is None or self.config.prior_fit_public < 1:
+            return None
+        if block is None and self.shadow is None:
+            return None
+        public, source = self._public_images(block)
+        if public is None:
+            logger.info("no public images: the prior's fit is measured on each audit's data only")
+            return None
+        try:
+            self.prior.check_fits(tuple(public.shape[1:]))
+            fit = public_fit(
+                public,
+                self.prior,
+                config=self.config,
+                lpips=self.lpips,
+                # its own generator: resuming replays the audits' draws exactly
+                generator=torch.Generator().manual_seed(self.config.seed + 1),
+                value_range=self._value_range(block),
+                images=self.config.prior_fit_public,
+                source=source,
+            )
+        except Exception:  # the audit must never take training down
+            logger.exception("the prior-fit check on public images failed; audits go on")
+            return None
+        if fit.check["status"] != "pass":
+            logger.warning("prior_fit: %s", fit.check["detail"])
+        return fit
+
+    # -- every audit -----------------------------------------------------------------------------
+    def run(
+        self,
+        captured: CapturedStep,
+        *,
+        accountant,
+        mode: str | None,
+        expected_batch_size: int | None,
+    ) -> AuditResult:
+        """Check, score and describe one captured step.
+
+        Args:
+            captured: the step the capture (or a shadow) recorded.
+            accountant: the Opacus accountant as of that step (``None``: no ε).
+            mode: ``"imprint"``, ``"shadow"`` or ``"mechanism"`` (recorded).
+            expected_batch_size: the optimizer's expected batch size (for κ = 1/N).
+        """
+        scored = None
+        if captured.imprint is None and self.shadow is not None:
+            captured = self.shadow.simulate(captured, generator=self.generator)
+        if captured.imprint is not None:
+            scored = score_step(
+                captured,
+                self.config,
+                prior=self.prior,
+                lpips=self.lpips,
+                generator=self.generator,
+            )
+        checks = validity_checks(captured)
+        if self.config.mechanism_checks:
+            checks = checks + mechanism_checks(captured)
+        fit_checks, fit_summary = self._prior_fit_checks(scored)
+        checks = checks + fit_checks
+        record = self._record(
+            captured,
+            scored,
+            checks,
+            accountant=accountant,
+            mode=mode,
+            expected_batch_size=expected_batch_size,
+        )
+        if fit_summary is not None:
+            record["prior_fit"] = fit_summary
+        if self.empirical.add(captured):  # pooled over the run's audits (see .empirical)
+            record["privacy_measured"] = {
+                **(record.get("privacy_measured") or {}),
+                **self.empirical.estimate(),
+            }
+        _add_bound_at_measured_mu(record)
+        if scored is None:
+            empty = torch.zeros((0,))
+            return AuditResult(record, empty, empty, empty, None)
+        return AuditResult(
+            record,
+            scored.truth,
+            scored.raw,
+            scored.clean,
+            scored.dm,
+            missed_truth=scored.missed_truth,
+            missed_raw=scored.missed_raw,
+        )
+
+    def _prior_fit_checks(
+        self, scored: ScoredStep | None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """The prior-fit checks of one audit, and its ``prior_fit`` summary; flags its images."""
+        if scored is None or self.prior is None:
+            return [], None
+        checks = [self.prior_fit.check] if self.prior_fit is not None else []
+        fit = audit_fit(
+            scored,
+            self.prior,
+            config=self.config,
+            lpips=self.lpips,
+            generator=self.generator,
+            public=self.prior_fit,
+            images=self.config.prior_fit_audit,
+        )
+        if fit is None:
+            return checks, None
+        for row, flags in fit.flags.items():
+            scored.images[row].update(flags)
+        return checks + [fit.check], fit.summary
+
+    def kappa(
+        self, sample_rate: float | None, expected_batch_size: int | None
+    ) -> tuple[float | None, float | None, float | None]:
+        """``(κ used, κ̂, κ uniform = 1/N)``, N = expected batch size / sampling rate.
+
+        κ used: ``config.kappa`` when set, else the larger of κ̂ and 1/N (a bound with a κ
+        below what a fixed guess achieves at the criterion would be beaten by that guess).
+        """
+        uniform = None
+        if sample_rate and expected_batch_size:
+            n = round(expected_batch_size / sample_rate)
+            uniform = 1.0 / n if n > 1 else None
+        measured = self.baseline.kappa if self.baseline is not None else None
+        if self.config.kappa is not None:
+            return self.config.kappa, measured, uniform
+        known = [k for k in (measured, uniform) if k is not None and k > 0]
+        return (max(known) if known else None), measured, uniform
+
+    def _record(
+        self,
+        captured: CapturedStep,
+        scored: ScoredStep | None,
+        checks: list[dict[str, Any]],
+        *,
+        accountant,
+        mode: str | None,
+        expected_batch_size: int | None,
+    ) -> dict[str, Any]:
+        """The record of one audit (the fields are described in :mod:`.schema`)."""
+        cfg = self.config
+        sigma = captured.noise_multiplier
+        batch = captured.batch_size
+        sample_rate = sample_rate_from_accountant(accountant)
+        kappa, kappa_baseline, kappa_uniform = self.kappa(sample_rate, expected_batch_size)
+        # this step's own event (the one `success` measures) and, apart, the whole run's
+        bounds = step_bounds(
+            noise_multiplier=sigma,
+            kappa=kappa,
+            candidates=batch if scored is not None and batch else None,
+        )
+        history = history_from_accountant(accountant)
+        whole_run = run_bounds(kappa=kappa, history=history) if kappa and history else None
+        reading = read_epsilon(
+            accountant, delta=cfg.delta, noise_multiplier=sigma, explained=self._explained
+        )
+        record: dict[str, Any] = {
+            "record_version": RECORD_VERSION,
+            "step": captured.step,
+            "mode": mode,
+            "epsilon": reading.epsilon,
+            "epsilon_accountant": reading.accountant,
+            "epsilon_note": reading.note,
+            "delta": cfg.delta,
+            "noise_multiplier": sigma,
+            "mu_step": (1.0 / sigma) if sigma > 0 else math.inf,
+            "max_grad_norm": captured.max_grad_norm,
+            "sample_rate": sample_rate,
+            "clipping": captured.clipping,
+            "batch_size": batch,
+        }
+        if scored is not None:
+            record.update(scored.counts)
+            record["detection"] = scored.detection
+            record["summary"] = scored.summary(cfg.metrics)
+            record["success_criterion"] = cfg.success_criterion
+            # fraction of the batch's samples reconstructed to the criterion, per stage
+            record["success"] = {
+                stage: (n / batch if batch else None) for stage, n in scored.success.items()
+            }
+            # share of the batch whose reconstruction is nearest its own image (κ = 1/N exact)
+            record["identification"] = identification_rates(
+                scored, captured, metric=cfg.success_metric, lpips=self.lpips
+            )
+        else:
+            record["summary"] = {}
+            record["success"] = {}
+        record.update(
+            {
+                "kappa": kappa,
+                "kappa_baseline": kappa_baseline,
+                "kappa_uniform": kappa_uniform,
+                "bounds": bounds or None,
+                "run_bounds": whole_run,
+                "privacy_measured": None,
+                "denoiser": None
+                if self.prior is None or scored is None
+                else {
+                    "prior": self.prior.source,
+                    "sampler": cfg.sampler,
+                    "steps": cfg.sampler_steps if cfg.sampler == "ddim" else None,
+                    "min_stride": cfg.sampler_min_stride if cfg.sampler == "ddim" else None,
+                },
+                "checks": checks,
+                "valid": is_valid(checks),
+                "images": scored.images if scored is not None else [],
+                "missed": scored.missed if scored is not None else [],
+            }
+        )
+        return record
+
+
+def _add_bound_at_measured_mu(record: dict[str, Any]) -> None:
+    """Add this step's bound at the imprint's measured per-step µ, when one was measured."""
+    mu = (record.get("privacy_measured") or {}).get("mu_step_measured")
+    if mu is None or record.get("kappa") is None:
+        return
+    extra = step_bounds(
+        noise_multiplier=record["noise_multiplier"], kappa=record["kappa"], mu_measured=mu
+    )
+    if "single_step_measured_mu" in extra:
+        record["bounds"] = {
+            **(record.get("bounds") or {}),
+            "single_step_measured_mu": extra["single_step_measured_mu"],
+        }
