@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import runpy
 import statistics
 import subprocess
 import sys
@@ -53,40 +54,12 @@ FULL = {"sizes": (32, 64, 128, 256), "batch": 64, "bins": 128, "steps": 7, "ever
 
 
 # -- the trained model ----------------------------------------------------------------------------
-def _conv(c_in: int, c_out: int, *, pool: bool = False) -> nn.Sequential:
-    layers = [
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.GroupNorm(min(32, c_out // 4), c_out),
-        nn.ReLU(),
-    ]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
-
-
-class _Residual(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(_conv(channels, channels), _conv(channels, channels))
-
-    def forward(self, x):
-        return x + self.body(x)  # out of place, as Opacus needs
-
-
 def resnet9(width: int, num_classes: int = 10) -> nn.Sequential:
-    """ResNet-9 with GroupNorm (``width`` 64 is the original)."""
-    w = width
-    return nn.Sequential(
-        _conv(3, w),
-        _conv(w, 2 * w, pool=True),
-        _Residual(2 * w),
-        _conv(2 * w, 4 * w, pool=True),
-        _conv(4 * w, 8 * w, pool=True),
-        _Residual(8 * w),
-        nn.AdaptiveMaxPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8 * w, num_classes),
+    """The CIFAR-10 example's GroupNorm ResNet-9 (``examples/cifar10_resnet9.py``)."""
+    example = runpy.run_path(
+        str(Path(__file__).resolve().parents[1] / "examples/cifar10_resnet9.py")
     )
+    return example["resnet9"](num_classes=num_classes, width=width)
 
 
 def images(size: int, count: int, seed: int) -> torch.Tensor:
