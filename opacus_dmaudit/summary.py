@@ -217,7 +217,7 @@ def verdict(summary: Mapping[str, Any]) -> dict[str, str]:
     if failed:
         reasons = "; ".join(
             f"{name} failed in {c['fail']} of {n} audits (first at step {c['first_step']}): "
-            f"{c['detail']}"
+            f"{c['detail'].rstrip('.')}"
             for name, c in failed.items()
         )
         return {
