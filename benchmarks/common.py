@@ -82,6 +82,19 @@ def small_cnn(channels: int, size: int) -> nn.Module:
     )
 
 
+def capture_every_step(model: nn.Module, opt, loader) -> list:
+    """One pass over ``loader`` with DP-SGD, every step captured (the auditor's capture stage)."""
+    steps: list = []
+    capture = GradientCapture(opt, should_capture=lambda s: True, on_capture=steps.append)
+    capture.attach()
+    for xb, yb in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    capture.detach()
+    return steps
+
+
 def opacus_readouts(
     images: torch.Tensor,
     public: torch.Tensor,
@@ -119,16 +132,7 @@ def opacus_readouts(
         max_grad_norm=max_grad_norm,
         poisson_sampling=False,
     )
-    steps: list = []
-    capture = GradientCapture(
-        opt, block=None, should_capture=lambda s: True, on_capture=steps.append
-    )
-    capture.attach()
-    for xb, yb in loader:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(xb), yb).backward()
-        opt.step()
-    capture.detach()
+    steps = capture_every_step(model, opt, loader)
     lo, hi = block.value_range
     truth, raw, std, found, batch, own, batches = [], [], [], [], [], [], []
     for k, c in enumerate(steps):

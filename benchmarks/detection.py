@@ -38,10 +38,9 @@ from scipy import stats
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_dataset, small_cnn  # noqa: E402
+from common import capture_every_step, load_dataset, small_cnn  # noqa: E402
 
 from opacus_dmaudit.bounds import gdp_epsilon  # noqa: E402
-from opacus_dmaudit.capture import GradientCapture  # noqa: E402
 from opacus_dmaudit.config import AuditConfig  # noqa: E402
 from opacus_dmaudit.imprint import ImprintBlock  # noqa: E402
 from opacus_dmaudit.readout import bin_rows, read_imprint  # noqa: E402
@@ -85,15 +84,7 @@ def captured_steps(
         max_grad_norm=1.0,
         poisson_sampling=False,
     )
-    steps: list = []
-    capture = GradientCapture(opt, should_capture=lambda s: True, on_capture=steps.append)
-    capture.attach()
-    for xb, yb in loader:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(xb), yb).backward()
-        opt.step()
-    capture.detach()
-    return steps
+    return capture_every_step(model, opt, loader)
 
 
 def _mse(images: torch.Tensor, truth: torch.Tensor) -> list[float]:
