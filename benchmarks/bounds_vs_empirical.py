@@ -43,11 +43,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PRIORS, finite_std, load_dataset, opacus_readouts  # noqa: E402
 
-from opacus_dmaudit.baseline import estimate_kappa  # noqa: E402
-from opacus_dmaudit.bounds import rero_gaussian  # noqa: E402
 from opacus_dmaudit.config import AuditConfig  # noqa: E402
-from opacus_dmaudit.metrics import LPIPS, identified, pairwise  # noqa: E402
-from opacus_dmaudit.prior import DiffusionPrior  # noqa: E402
+from opacus_dmaudit.privacy.bounds import rero_gaussian  # noqa: E402
+from opacus_dmaudit.reconstruct.prior import DiffusionPrior  # noqa: E402
+from opacus_dmaudit.score.baseline import estimate_kappa  # noqa: E402
+from opacus_dmaudit.score.metrics import LPIPS, identified, pairwise  # noqa: E402
 
 #: From "everything visible" to "one step's bound is small".
 FULL = {

@@ -1,7 +1,7 @@
 """Shared parts of the benchmarks: real data, readouts through a real Opacus step, denoisers.
 
-Readouts come from the auditor's own scoring stage (:func:`opacus_dmaudit.scoring.read_step`
-with the auditor's default configuration, :func:`~opacus_dmaudit.scoring.match_readouts`), so a
+Readouts come from the auditor's own scoring stage (:func:`opacus_dmaudit.score.scoring.read_step`
+with the auditor's default configuration, :func:`~opacus_dmaudit.score.scoring.match_readouts`), so a
 benchmark measures what an audit computes: the same readout, the same occupancy test, the same
 predicted noise std, the same matching of readouts to real images.
 """
@@ -16,18 +16,18 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from opacus_dmaudit.bounds import gdp_epsilon  # noqa: E402
-from opacus_dmaudit.capture import GradientCapture  # noqa: E402
-from opacus_dmaudit.classical import classical_denoise, tune_classical  # noqa: E402
-from opacus_dmaudit.config import AuditConfig  # noqa: E402
-from opacus_dmaudit.data import (  # noqa: E402
+from opacus_dmaudit.assets.data import (  # noqa: E402
     load_cifar10_test,
     load_mnist_idx,
     mnist_5k_split,
     natural_patches,
 )
-from opacus_dmaudit.imprint import ImprintBlock  # noqa: E402
-from opacus_dmaudit.scoring import match_readouts, read_step  # noqa: E402
+from opacus_dmaudit.capture.hooks import GradientCapture  # noqa: E402
+from opacus_dmaudit.capture.imprint import ImprintBlock  # noqa: E402
+from opacus_dmaudit.config import AuditConfig  # noqa: E402
+from opacus_dmaudit.privacy.bounds import gdp_epsilon  # noqa: E402
+from opacus_dmaudit.reconstruct.classical import classical_denoise, tune_classical  # noqa: E402
+from opacus_dmaudit.score.scoring import match_readouts, read_step  # noqa: E402
 
 DELTA = 1e-5
 #: Noise multipliers from "near-perfect" to "nothing visible" (readout std ≈ σ·‖(x, 1)‖).

@@ -40,11 +40,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import capture_every_step, load_dataset, small_cnn  # noqa: E402
 
-from opacus_dmaudit.bounds import gdp_epsilon  # noqa: E402
+from opacus_dmaudit.capture.imprint import ImprintBlock  # noqa: E402
 from opacus_dmaudit.config import AuditConfig  # noqa: E402
-from opacus_dmaudit.imprint import ImprintBlock  # noqa: E402
-from opacus_dmaudit.readout import bin_rows, read_imprint  # noqa: E402
-from opacus_dmaudit.scoring import score_step  # noqa: E402
+from opacus_dmaudit.privacy.bounds import gdp_epsilon  # noqa: E402
+from opacus_dmaudit.reconstruct.bins import bin_rows  # noqa: E402
+from opacus_dmaudit.reconstruct.readout import read_imprint  # noqa: E402
+from opacus_dmaudit.score.scoring import score_step  # noqa: E402
 
 GRIDS = {
     "mnist": (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),

@@ -45,7 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from opacus_dmaudit import DMAuditor, ImprintBlock  # noqa: E402
-from opacus_dmaudit.data import mnist_5k_split  # noqa: E402
+from opacus_dmaudit.assets.data import mnist_5k_split  # noqa: E402
 from opacus_dmaudit.demo import digit_cnn  # noqa: E402
 
 #: Every configuration: name -> (audit every, with the prior, background). ``--full`` runs all.

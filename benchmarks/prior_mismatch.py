@@ -33,8 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import finite_std, load_dataset, opacus_readouts  # noqa: E402
 
-from opacus_dmaudit.metrics import LPIPS, mse, ssim  # noqa: E402
-from opacus_dmaudit.prior import DiffusionPrior  # noqa: E402
+from opacus_dmaudit.reconstruct.prior import DiffusionPrior  # noqa: E402
+from opacus_dmaudit.score.metrics import LPIPS, mse, ssim  # noqa: E402
 
 GRID = {"mnist": (0.003, 0.01, 0.03, 0.1), "cifar10": (0.001, 0.003, 0.01, 0.03)}
 GREY = "natural prior, grey input"

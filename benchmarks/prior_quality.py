@@ -33,14 +33,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from opacus_dmaudit.classical import classical_denoise, tune_classical  # noqa: E402
-from opacus_dmaudit.data import load_mnist_idx  # noqa: E402
+from opacus_dmaudit.assets.data import load_mnist_idx  # noqa: E402
+from opacus_dmaudit.reconstruct.classical import classical_denoise, tune_classical  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import shared_data_dir  # noqa: E402
 
-from opacus_dmaudit.metrics import LPIPS, mse, ssim  # noqa: E402
-from opacus_dmaudit.prior import DiffusionPrior  # noqa: E402
+from opacus_dmaudit.reconstruct.prior import DiffusionPrior  # noqa: E402
+from opacus_dmaudit.score.metrics import LPIPS, mse, ssim  # noqa: E402
 
 SHADES = " .:-=+*#%@"
 

@@ -42,8 +42,8 @@ from common import (  # noqa: E402
     opacus_readouts,
 )
 
-from opacus_dmaudit.metrics import LPIPS, mse, ssim  # noqa: E402
-from opacus_dmaudit.prior import DiffusionPrior  # noqa: E402
+from opacus_dmaudit.reconstruct.prior import DiffusionPrior  # noqa: E402
+from opacus_dmaudit.score.metrics import LPIPS, mse, ssim  # noqa: E402
 
 #: (sampler, steps); the paper's loop runs on a subset (``paper_n``)
 SAMPLERS = (("ddim", 20), ("posterior-mean", 1), ("ddim-every-step", 1))

@@ -67,7 +67,7 @@ def images(size: int, count: int, seed: int) -> torch.Tensor:
     smooth random images (memory and time do not depend on the content)."""
     from common import shared_data_dir
 
-    from opacus_dmaudit.data import load_cifar10_test
+    from opacus_dmaudit.assets.data import load_cifar10_test
 
     shared = shared_data_dir()
     gen = torch.Generator().manual_seed(seed)

@@ -43,7 +43,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from opacus_dmaudit import ImprintBlock  # noqa: E402
-from opacus_dmaudit.data import (  # noqa: E402
+from opacus_dmaudit.assets.data import (  # noqa: E402
     load_cifar10_test,
     load_mnist_idx,
     mnist_5k_split,

@@ -7,7 +7,7 @@
 ResNet-9 in its Opacus-compatible form: GroupNorm instead of BatchNorm (per-sample gradients need
 layers that do not mix samples) and out-of-place residual additions (``x + f(x)``; an in-place
 ``+=`` would overwrite an activation Opacus's hooks keep). The ImprintBlock's bins are calibrated
-on public natural-image patches (``opacus_dmaudit.data.natural_patches``), never on training data.
+on public natural-image patches (``opacus_dmaudit.assets.data.natural_patches``), never on training data.
 
 Training data (``--data``): an ``.npz`` with uint8 NHWC ``images`` and ``labels``; by default the
 1017 CIFAR-10 test images in ``../shared/data/cifar10`` beside this checkout. ``--download`` uses
@@ -26,7 +26,7 @@ from opacus import PrivacyEngine
 from torch import nn
 
 from opacus_dmaudit import DiffusionPrior, DMAuditor, ImprintBlock
-from opacus_dmaudit.data import load_cifar10_test, natural_patches
+from opacus_dmaudit.assets.data import load_cifar10_test, natural_patches
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from opacus_dmaudit import ImprintBlock
-from opacus_dmaudit.data import mnist_5k_split
+from opacus_dmaudit.assets.data import mnist_5k_split
 from opacus_dmaudit.demo import digit_cnn
 from opacus_dmaudit.integrations.huggingface import DMAuditTrainerCallback
 

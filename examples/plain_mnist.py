@@ -16,7 +16,7 @@ from opacus import PrivacyEngine
 from torch import nn
 
 from opacus_dmaudit import DMAuditor, ImprintBlock
-from opacus_dmaudit.data import mnist_5k_split
+from opacus_dmaudit.assets.data import mnist_5k_split
 from opacus_dmaudit.demo import digit_cnn
 
 

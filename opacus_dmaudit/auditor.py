@@ -18,16 +18,17 @@ from typing import Any
 
 import torch
 
-from .audit_log import AuditLog, read_audit_log
-from .capture import CapturedStep, GradientCapture
-from .checks import raise_on_failure
+from .capture.hooks import GradientCapture
+from .capture.imprint import ImprintBlock, find_imprint_block
+from .capture.step import CapturedStep
+from .checks.validity import raise_on_failure
 from .config import DEFAULT_SUCCESS_THRESHOLDS, AuditConfig
-from .imprint import ImprintBlock, find_imprint_block
-from .logdir import LogDir, package_versions
-from .metrics import LPIPS
 from .pipeline import AuditPipeline, AuditResult
-from .prior import DiffusionPrior
-from .privacy import steps_from_accountant
+from .privacy.accountant import steps_from_accountant
+from .reconstruct.prior import DiffusionPrior
+from .score.metrics import LPIPS
+from .sinks.audit_log import AuditLog, read_audit_log
+from .sinks.logdir import LogDir, package_versions
 from .worker import AuditWorker
 
 __all__ = ["DMAuditor", "AuditResult", "DEFAULT_SUCCESS_THRESHOLDS"]
@@ -248,7 +249,7 @@ class DMAuditor:
             self._capture = capture  # the run file describes the capture
             self._write_run_file()
             if (self.config.tensorboard or self._writer is not None) and self._tb is None:
-                from .tensorboard import TensorBoardSink
+                from .sinks.tensorboard import TensorBoardSink
 
                 self._tb = TensorBoardSink(
                     writer=self._writer,
@@ -333,7 +334,7 @@ class DMAuditor:
         if self._log is not None:
             self._log.close()
             if self.config.report and self._log.path.is_file():
-                from .report import build_report
+                from .sinks.report.build import build_report
 
                 try:
                     build_report(self.logdir.path)

@@ -43,8 +43,8 @@ def _quiet_known_warnings() -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    from .prior import check_prior_name
-    from .summary import VERDICT_STATUSES, fmt
+    from .reconstruct.prior import check_prior_name
+    from .sinks.summary import VERDICT_STATUSES, fmt
 
     if args.prior != "none":
         check_prior_name(args.prior)  # a missing local prior fails before any run
@@ -103,7 +103,7 @@ def _run_label(run: dict) -> str:
 
 def _mechanism_line(summary: dict) -> str:
     """``name status`` of each mechanism check over the run's audits (its worst status)."""
-    from .mechanism import CHECK_NAMES
+    from .checks.mechanism import CHECK_NAMES
 
     checks = summary.get("checks") or {}
     parts = [f"{name} {checks[name]['status']}" for name in CHECK_NAMES if name in checks]
@@ -111,7 +111,7 @@ def _mechanism_line(summary: dict) -> str:
 
 
 def _train_prior(args: argparse.Namespace) -> int:
-    from .prior_training import load_training_images, train_prior
+    from .assets.training import load_training_images, train_prior
 
     images, description = load_training_images(args.data)
     record = train_prior(
@@ -137,8 +137,8 @@ def _train_prior(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .audit_log import AuditLogError
-    from .report import build_report
+    from .sinks.audit_log import AuditLogError
+    from .sinks.report.build import build_report
 
     for log_dir in args.log_dirs:
         try:

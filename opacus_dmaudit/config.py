@@ -167,7 +167,7 @@ class AuditConfig:
         if self.kappa is not None and not 0 < float(self.kappa) < 1:
             raise ValueError(f"kappa must be in (0, 1) or None, got {self.kappa}")
         if not isinstance(self.shadow, bool):
-            from .shadow import ShadowAdversary
+            from .capture.shadow import ShadowAdversary
 
             if not isinstance(self.shadow, ShadowAdversary):
                 raise ValueError(
@@ -186,7 +186,7 @@ class AuditConfig:
             if shape is None or len(shape) != 4 or shape[0] < 1:
                 raise ValueError("public must be a (N, C, H, W) tensor of public images")
         if self.prior is not None and isinstance(self.prior, str | os.PathLike):
-            from .prior import check_prior_name
+            from .reconstruct.prior import check_prior_name
 
             check_prior_name(self.prior)  # a path that looks local and is missing fails here
 

@@ -25,11 +25,11 @@ from opacus import PrivacyEngine
 from torch import nn
 from tqdm.auto import tqdm
 
+from .assets.data import mnist_5k_split
 from .auditor import DMAuditor
-from .data import mnist_5k_split
-from .imprint import ImprintBlock
-from .prior import DiffusionPrior
-from .summary import summarize, verdict
+from .capture.imprint import ImprintBlock
+from .reconstruct.prior import DiffusionPrior
+from .sinks.summary import summarize, verdict
 
 __all__ = ["run_demo", "digit_cnn"]
 
@@ -155,7 +155,7 @@ def run_demo(
             }
         )
     if summaries:
-        from .report import build_comparison
+        from .sinks.report.build import build_comparison
 
         build_comparison(out_dir, [Path(s["log"]).parent for s in summaries])
     return summaries

@@ -24,21 +24,22 @@ from typing import Any
 
 import torch
 
-from .baseline import Baseline, estimate_kappa
-from .bounds import run_bounds, step_bounds
-from .capture import CapturedStep
-from .checks import validity_checks
+from .capture.imprint import ImprintBlock
+from .capture.step import CapturedStep
+from .checks.entries import is_valid
+from .checks.mechanism import mechanism_checks
+from .checks.prior_fit import PublicFit, audit_fit, public_fit
+from .checks.validity import validity_checks
 from .config import AuditConfig
-from .empirical import EmpiricalPrivacy
-from .identification import identification_rates
-from .imprint import ImprintBlock
-from .mechanism import mechanism_checks
-from .metrics import LPIPS
-from .prior import DiffusionPrior
-from .prior_fit import PublicFit, audit_fit, public_fit
-from .privacy import history_from_accountant, read_epsilon, sample_rate_from_accountant
-from .schema import RECORD_VERSION, is_valid
-from .scoring import ScoredStep, score_step
+from .privacy.accountant import history_from_accountant, read_epsilon, sample_rate_from_accountant
+from .privacy.bounds import run_bounds, step_bounds
+from .privacy.empirical import EmpiricalPrivacy
+from .reconstruct.prior import DiffusionPrior
+from .schema import RECORD_VERSION
+from .score.baseline import Baseline, estimate_kappa
+from .score.identification import identification_rates
+from .score.metrics import LPIPS
+from .score.scoring import ScoredStep, score_step
 
 __all__ = ["AuditPipeline", "AuditResult"]
 
@@ -108,7 +109,7 @@ class AuditPipeline:
         """
         self.shadow = None
         if block is None and shadow:
-            from .shadow import ShadowAdversary
+            from .capture.shadow import ShadowAdversary
 
             given = self.config.shadow
             self.shadow = (

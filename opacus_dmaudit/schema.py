@@ -29,9 +29,11 @@ them, so ``dmaudit report`` works on logs of either version.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from .checks.entries import is_valid
 
 __all__ = [
     "RECORD_VERSION",
@@ -43,13 +45,7 @@ __all__ = [
     "metric_key",
     "parse_metric_key",
     "meets",
-    "CHECK_STATUSES",
-    "check",
-    "worst_status",
-    "is_valid",
-    "failed_checks",
     "upgrade_record",
-    "record_scalars",
 ]
 
 RECORD_VERSION = 2
@@ -111,44 +107,6 @@ def meets(metric: str, value: float, threshold: float) -> bool:
     return value >= threshold if HIGHER_IS_BETTER[metric] else value <= threshold
 
 
-# -- checks ------------------------------------------------------------------------------------
-CHECK_STATUSES = ("pass", "warn", "fail")
-_RANK = {status: i for i, status in enumerate(CHECK_STATUSES)}
-
-
-def check(name: str, status: str, detail: str, **values: Any) -> dict[str, Any]:
-    """One check entry ``{"name", "status", "detail", ...}``; extra keys hold measured values.
-
-    ``value`` (a number) is the check's headline measurement, logged to TensorBoard as
-    ``checks/<name>/value``.
-    """
-    if status not in _RANK:
-        raise ValueError(f"check status must be one of {CHECK_STATUSES}, got {status!r}")
-    value = values.get("value")
-    if status != "fail" and isinstance(value, float) and math.isnan(value):
-        # a check never passes on a statistic that is not a number (NaN inputs or gradients)
-        status = "fail"
-        detail = (
-            f"{detail} (its statistic is not a number: NaN inputs or gradients at this step, "
-            "so this could not be checked)"
-        )
-    return {"name": name, "status": status, "detail": detail, **values}
-
-
-def worst_status(checks: Iterable[Mapping[str, Any]]) -> str:
-    """``"fail"`` if any check failed, else ``"warn"`` if any warned, else ``"pass"``."""
-    return max((c["status"] for c in checks), key=_RANK.__getitem__, default="pass")
-
-
-def is_valid(checks: Iterable[Mapping[str, Any]]) -> bool:
-    """An audit is valid unless a check failed."""
-    return worst_status(checks) != "fail"
-
-
-def failed_checks(checks: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [c for c in checks if c["status"] == "fail"]
-
-
 # -- reading ----------------------------------------------------------------------------------
 def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """A record of any version in the current layout (missing parts are ``None`` or empty).
@@ -175,55 +133,3 @@ def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
     else:
         out.setdefault("valid", is_valid(out["checks"]))
     return out
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def record_scalars(record: Mapping[str, Any]) -> dict[str, Any]:
-    """Every chart value of a record as ``{tag: value}`` (TensorBoard tags; ``inf`` kept as is).
-
-    The one place that maps record fields to chart names: ``privacy/*``, ``quality/<stage>/*``,
-    ``bounds/*`` (this step's bounds), ``run_bounds/*`` (whole run), ``checks/<name>/*``. A
-    shadow audit's ``quality/*`` and ``detection/*`` tags are prefixed ``shadow/``: they describe
-    the simulated adversary (:data:`MODES`), not the trained model.
-    """
-    out: dict[str, Any] = {
-        "privacy/epsilon": record.get("epsilon"),
-        "privacy/mu_step": record.get("mu_step"),
-    }
-    for name, value in (record.get("privacy_measured") or {}).items():
-        if _finite_number(value) or (isinstance(value, float) and math.isinf(value)):
-            out[f"privacy/{name}"] = value
-    for key, value in (record.get("summary") or {}).items():
-        parsed = parse_metric_key(key)
-        if parsed is not None:
-            out[f"quality/{parsed[1]}/{parsed[0]}"] = value
-    for stage, value in (record.get("success") or {}).items():
-        out[f"quality/{stage}/success_rate"] = value
-    for key, value in (record.get("prior_fit") or {}).items():  # beside the DM metrics
-        if _finite_number(value):
-            out[f"quality/dm/fit_{key}"] = value
-    for stage, value in (record.get("identification") or {}).items():
-        out[f"quality/{stage}/identification_rate"] = value
-    for name, value in (record.get("bounds") or {}).items():
-        out[f"bounds/{name}"] = value
-    for name, value in (record.get("run_bounds") or {}).items():
-        out[f"run_bounds/{name}"] = value
-    detection = record.get("detection") or {}
-    if _finite_number(detection.get("power")):
-        out["detection/power"] = detection["power"]
-    for key in ("found_singletons", "true_singletons"):
-        if _finite_number(record.get(key)):
-            out[f"detection/{key}"] = record[key]
-    for entry in record.get("checks") or []:
-        out[f"checks/{entry['name']}/status"] = _RANK[entry["status"]]
-        if _finite_number(entry.get("value")):
-            out[f"checks/{entry['name']}/value"] = entry["value"]
-    if record.get("mode") == "shadow":  # a simulated adversary's numbers: never beside live ones
-        out = {
-            (f"shadow/{tag}" if tag.startswith(("quality/", "detection/")) else tag): value
-            for tag, value in out.items()
-        }
-    return {tag: value for tag, value in out.items() if value is not None}

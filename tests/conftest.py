@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from opacus_dmaudit import ImprintBlock
-from opacus_dmaudit.data import mnist_5k_split
+from opacus_dmaudit.assets.data import mnist_5k_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import shared_data_dir  # noqa: E402  (the benchmarks' locator of ../shared/data)

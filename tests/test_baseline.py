@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import audited_run
-from opacus_dmaudit.baseline import estimate_kappa
-from opacus_dmaudit.bounds import rero_gaussian
-from opacus_dmaudit.metrics import LPIPS, identified, image_metrics, pairwise
-from opacus_dmaudit.summary import verdict
+from opacus_dmaudit.privacy.bounds import rero_gaussian
+from opacus_dmaudit.score.baseline import estimate_kappa
+from opacus_dmaudit.score.metrics import LPIPS, identified, image_metrics, pairwise
+from opacus_dmaudit.sinks.summary import verdict
 
 
 def _astronaut_patches(n: int) -> torch.Tensor:
@@ -63,7 +63,7 @@ def test_identified_needs_strictly_the_nearest_own_image():
 def test_a_fixed_guess_beats_one_over_n_and_kappa_hat_sees_it(mnist5k, shared_data):
     """κ̂ from public digits only; its best guess, never shown a test digit, meets LPIPS ≤ 0.1
     for far more held-out MNIST *test* digits than 1/N, and about as many as κ̂ says."""
-    from opacus_dmaudit.data import load_mnist_idx
+    from opacus_dmaudit.assets.data import load_mnist_idx
 
     lpips = LPIPS()
     digits = mnist5k["prior"][0]  # sorted by class: take a random sample of every class

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from opacus_dmaudit.bounds import (
+from opacus_dmaudit.privacy.bounds import (
     DEFAULT_ORDERS,
     clt_mu,
     clt_mu_history,

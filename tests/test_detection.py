@@ -8,11 +8,13 @@ import torch
 from scipy import stats
 
 from conftest import imprint_model, make_private, train_steps
-from opacus_dmaudit import DMAuditor, read_imprint
-from opacus_dmaudit.capture import GradientCapture
+from opacus_dmaudit import DMAuditor
+from opacus_dmaudit.capture.hooks import GradientCapture
 from opacus_dmaudit.config import AuditConfig
-from opacus_dmaudit.readout import bin_rows, occupancy_test
-from opacus_dmaudit.scoring import score_step
+from opacus_dmaudit.reconstruct.bins import bin_rows
+from opacus_dmaudit.reconstruct.detection import occupancy_test
+from opacus_dmaudit.reconstruct.readout import read_imprint
+from opacus_dmaudit.score.scoring import score_step
 
 SHAPE = (1, 16, 16)
 D = 256

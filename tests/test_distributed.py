@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from opacus_dmaudit.data import mnist_5k_split
+from opacus_dmaudit.assets.data import mnist_5k_split
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import audited_run, imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor
-from opacus_dmaudit.data import load_mnist_idx
+from opacus_dmaudit.assets.data import load_mnist_idx
 
 
 def _audit_run(x, y, public, tmp_path, *, sigma, steps=3, structure="sparse", metrics=("mse",)):

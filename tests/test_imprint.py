@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from opacus_dmaudit import ImprintBlock, expected_singletons
+from opacus_dmaudit import ImprintBlock
+from opacus_dmaudit.reconstruct.bins import expected_singletons
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (2, 5, 7)])

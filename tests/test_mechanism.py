@@ -12,11 +12,13 @@ from torch import nn
 
 from conftest import imprint_model, small_cnn, train_steps
 from opacus_dmaudit import DMAuditor
-from opacus_dmaudit.canaries import Canaries, one_run_epsilon_lower, one_run_p_value
-from opacus_dmaudit.capture import CapturedStep, GradientCapture
-from opacus_dmaudit.checks import AuditCheckFailed, validity_checks
-from opacus_dmaudit.empirical import epsilon_lower_bound, gaussian_mu
-from opacus_dmaudit.mechanism import FALSE_ALARM, check_sampling, mechanism_checks
+from opacus_dmaudit.capture.hooks import GradientCapture
+from opacus_dmaudit.capture.step import CapturedStep
+from opacus_dmaudit.checks.mechanism import FALSE_ALARM, check_sampling, mechanism_checks
+from opacus_dmaudit.checks.validity import validity_checks
+from opacus_dmaudit.errors import AuditCheckFailed
+from opacus_dmaudit.privacy.canaries import Canaries, one_run_epsilon_lower, one_run_p_value
+from opacus_dmaudit.privacy.empirical import epsilon_lower_bound, gaussian_mu
 
 MECHANISM = {"noise_scale", "noise_shape", "clipping", "sampling", "accountant"}
 
@@ -332,7 +334,7 @@ def test_empirical_estimates_on_known_gaussian_scores():
     member, nonmember = rng.normal(2.0, 1.0, 400), rng.normal(0.0, 1.0, 800)
     mu, lo, hi = gaussian_mu(member, nonmember)
     assert lo < 2.0 < hi and hi - lo < 0.5
-    from opacus_dmaudit.bounds import gdp_epsilon
+    from opacus_dmaudit.privacy.bounds import gdp_epsilon
 
     thresholds = tuple(2.0 * k / 4 for k in range(1, 9))
     eps = epsilon_lower_bound(member, nonmember, delta=1e-5, thresholds=thresholds)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from opacus_dmaudit import lpips_weights
-from opacus_dmaudit.metrics import LPIPS, image_metrics, mse, psnr, ssim, stage_metrics
+from opacus_dmaudit.score import lpips_weights
+from opacus_dmaudit.score.metrics import LPIPS, image_metrics, mse, psnr, ssim, stage_metrics
 
 
 def test_mse_psnr_ssim_reference_values():

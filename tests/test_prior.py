@@ -9,10 +9,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from opacus_dmaudit import DiffusionPrior
+from opacus_dmaudit.assets.training import build_unet, train_prior
 from opacus_dmaudit.cli import main as cli_main
-from opacus_dmaudit.metrics import LPIPS, mse, ssim
-from opacus_dmaudit.prior import match_timesteps, sigma_schedule
-from opacus_dmaudit.prior_training import build_unet, train_prior
+from opacus_dmaudit.reconstruct.prior import match_timesteps, sigma_schedule
+from opacus_dmaudit.score.metrics import LPIPS, mse, ssim
 
 
 def linear_schedule():
@@ -285,7 +285,7 @@ def test_hub_id_resolves_through_the_hugging_face_cache(tmp_path, tiny_prior_dir
 
 
 def test_auto_precision_follows_the_hardware(tiny_prior_dir):
-    from opacus_dmaudit.prior import native_bf16
+    from opacus_dmaudit.reconstruct.prior import native_bf16
 
     auto = DiffusionPrior.from_pretrained(tiny_prior_dir)
     assert auto.dtype == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
@@ -338,7 +338,7 @@ def test_train_prior_cli_on_an_npz(tmp_path, mnist5k, capsys):
 
 # -- the embedded prior ---------------------------------------------------------------------------
 def test_embedded_prior_is_small_and_documented(embedded):
-    from opacus_dmaudit.prior import _embedded_path
+    from opacus_dmaudit.reconstruct.prior import _embedded_path
 
     path = _embedded_path("mnist")
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -352,7 +352,7 @@ def test_embedded_prior_never_saw_the_demo_digits(mnist5k):
     """Its recorded training-data hash is the 'prior' split's, which excludes the private digits."""
     import hashlib
 
-    from opacus_dmaudit.prior import _embedded_path
+    from opacus_dmaudit.reconstruct.prior import _embedded_path
 
     record = json.loads((_embedded_path("mnist") / "training.json").read_text())
     prior_imgs, private_imgs = mnist5k["prior"][0], mnist5k["private"][0]
@@ -380,9 +380,9 @@ def test_embedded_natural_prior_learned_photo_patches_never_cifar(shared_data):
     """``embedded:natural``: trained on the bundled photos' patches (hash), none of them CIFAR-10."""
     import hashlib
 
-    from opacus_dmaudit.data import load_cifar10_test, natural_patches
-    from opacus_dmaudit.prior import _embedded_path
-    from opacus_dmaudit.prior_training import load_training_images
+    from opacus_dmaudit.assets.data import load_cifar10_test, natural_patches
+    from opacus_dmaudit.assets.training import load_training_images
+    from opacus_dmaudit.reconstruct.prior import _embedded_path
 
     path = _embedded_path("natural")
     record = json.loads((path / "training.json").read_text())
@@ -437,7 +437,7 @@ def test_grey_images_through_a_colour_prior_stay_grey(colour_prior, mnist5k):
 
 def test_grey_photos_through_the_natural_prior_are_denoised_at_the_luminance_level(shared_data):
     """Real grey CIFAR-10 images through ``embedded:natural``: s·√3 beats the naive s."""
-    from opacus_dmaudit.data import load_cifar10_test
+    from opacus_dmaudit.assets.data import load_cifar10_test
 
     cifar, _ = load_cifar10_test(shared_data / "cifar10" / "cifar10_test_first1017.npz")
     x = cifar[100:116]
@@ -460,7 +460,7 @@ def test_other_sizes_only_through_resize_with_the_noise_level_rescaled(tiny_prio
     assert prior.fit_plan((1, 64, 64)) == (None, "resize")
     assert prior.fit_plan((1, 28, 28)) == (None, "pad")  # its content size: exact, no resizing
     # the noise std the model is told is the std of the resized noise (measured here)
-    from opacus_dmaudit.prior import _resize, _resize_gain
+    from opacus_dmaudit.reconstruct.prior import _resize, _resize_gain
 
     noise = torch.randn(256, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     measured = float(_resize(noise, (32, 32)).std())

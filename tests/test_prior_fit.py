@@ -6,9 +6,9 @@ from torch import nn
 
 from conftest import make_private, small_cnn, train_steps
 from opacus_dmaudit import DiffusionPrior, DMAuditor, ImprintBlock
+from opacus_dmaudit.checks.prior_fit import _verdict, faithful, public_fit
 from opacus_dmaudit.config import AuditConfig
-from opacus_dmaudit.metrics import LPIPS
-from opacus_dmaudit.prior_fit import _verdict, faithful, public_fit
+from opacus_dmaudit.score.metrics import LPIPS
 
 
 def test_the_rule_faithful_hallucinating_or_losing():
@@ -85,8 +85,8 @@ def test_audits_measure_the_prior_on_their_own_lone_images(mnist5k, shared_data,
     in the record, TensorBoard and the report."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from opacus_dmaudit.data import load_cifar10_test
-    from opacus_dmaudit.report import _caption
+    from opacus_dmaudit.assets.data import load_cifar10_test
+    from opacus_dmaudit.sinks.report.build import _caption
 
     digits = _audit_once(mnist5k["private"][0][:256], mnist5k["prior"][0][:512], tmp_path / "d")
     cifar, _ = load_cifar10_test(shared_data / "cifar10" / "cifar10_test_first1017.npz")

@@ -9,7 +9,7 @@ from opacus.accountants import RDPAccountant
 
 from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor
-from opacus_dmaudit.privacy import (
+from opacus_dmaudit.privacy.accountant import (
     NO_GUARANTEE,
     PRV_MIN_SIGMA,
     epsilon_at_audit,

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from opacus_dmaudit import ImprintBlock, read_imprint
+from opacus_dmaudit import ImprintBlock
+from opacus_dmaudit.reconstruct.readout import read_imprint
 
 
 def per_sample_sums(block, x, upstream):

@@ -13,8 +13,9 @@ import pytest
 from conftest import audited_run, imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor, read_audit_log
 from opacus_dmaudit.cli import main
-from opacus_dmaudit.logdir import LogDir, LogDirInUse
-from opacus_dmaudit.report import build_report
+from opacus_dmaudit.errors import LogDirInUse
+from opacus_dmaudit.sinks.logdir import LogDir
+from opacus_dmaudit.sinks.report.build import build_report
 
 FAST = {"metrics": ("mse",), "tensorboard": False}
 
@@ -27,7 +28,7 @@ def test_an_existing_shared_folder_keeps_its_mode_and_is_warned_about(mnist5k, t
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o1777)  # a world-writable sticky folder like /tmp
-    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit.logdir"):
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit.sinks.logdir"):
         auditor, _ = audited_run(mnist5k, shared, sigma=0.01, steps=2, every=2, **FAST)
         auditor.close()
     assert _mode(shared) == 0o1777  # never chmod-ed
@@ -276,8 +277,8 @@ def test_the_report_shows_why_when_nothing_is_recovered(mnist5k, tmp_path):
 def test_report_grids_are_captioned(mnist5k, tmp_path):
     auditor, _ = audited_run(mnist5k, tmp_path, sigma=0.005, steps=1, every=1, **FAST)
     auditor.close()
-    from opacus_dmaudit.logdir import LogDir as _LogDir
-    from opacus_dmaudit.report import _caption
+    from opacus_dmaudit.sinks.logdir import LogDir as _LogDir
+    from opacus_dmaudit.sinks.report.build import _caption
 
     record = auditor.history[-1]
     image = next(im for im in record["images"] if "mse_raw" in im)

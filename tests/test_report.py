@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import audited_run
-from opacus_dmaudit.report import build_report, load_audit_images
+from opacus_dmaudit.sinks.report.build import build_report, load_audit_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ TRAINING_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from conftest import imprint_model, make_private
     from opacus_dmaudit import DMAuditor
-    from opacus_dmaudit.data import mnist_5k_split
+    from opacus_dmaudit.assets.data import mnist_5k_split
 
     split = mnist_5k_split()
     x, y = split["private"]

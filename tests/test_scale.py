@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DiffusionPrior, DMAuditor, ImprintBlock, read_audit_log
-from opacus_dmaudit.checks import AuditCheckFailed
+from opacus_dmaudit.errors import AuditCheckFailed
 
 #: What the capture at 3x256x256, K = 128, batch 64 does in a fresh process (ghost clipping).
 CAPTURE_256 = r"""
@@ -18,9 +18,9 @@ import json, resource, torch
 from torch import nn
 from opacus import PrivacyEngine
 from opacus_dmaudit import ImprintBlock
-from opacus_dmaudit.capture import GradientCapture
+from opacus_dmaudit.capture.hooks import GradientCapture
 from opacus_dmaudit.config import AuditConfig
-from opacus_dmaudit.scoring import read_step
+from opacus_dmaudit.score.scoring import read_step
 
 torch.manual_seed(0)
 size, batch, k = 256, 64, 128

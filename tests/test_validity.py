@@ -9,8 +9,8 @@ from torch import nn
 
 from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor, ImprintBlock
-from opacus_dmaudit.checks import lone_sample_moments
-from opacus_dmaudit.summary import summarize, verdict
+from opacus_dmaudit.reconstruct.bins import lone_sample_moments
+from opacus_dmaudit.sinks.summary import summarize, verdict
 
 FAST = {"metrics": ("mse",), "report": True}
 

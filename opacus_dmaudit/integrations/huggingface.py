@@ -29,7 +29,7 @@ from typing import Any
 
 from ..auditor import DMAuditor
 from ..config import AuditConfig
-from ..logdir import write_private
+from ..sinks.logdir import write_private
 from . import (
     checkpoint_state,
     find_dp_optimizer,

@@ -15,15 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import AuditLogError
 from .logdir import private_mkdir, secure_file, write_private
 
 __all__ = ["AuditLog", "read_audit_log", "AuditLogError"]
 
 logger = logging.getLogger(__name__)
-
-
-class AuditLogError(ValueError):
-    """An audit log that cannot be read as audit records (the message says where and why)."""
 
 
 def _jsonable(value: Any) -> Any:

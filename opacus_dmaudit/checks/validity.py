@@ -18,14 +18,15 @@ in :mod:`.mechanism`, the prior's fit in :mod:`.prior_fit`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from .capture import CapturedStep
-from .schema import check, failed_checks
+from ..capture.step import CapturedStep
+from ..errors import AuditCheckFailed
+from ..reconstruct.bins import lone_count, lone_sample_moments
+from .entries import check, failed_checks
 
 __all__ = [
     "AuditCheckFailed",
@@ -34,22 +35,11 @@ __all__ = [
     "check_blind",
     "check_calibration",
     "check_bins",
-    "lone_sample_moments",
     "raise_on_failure",
 ]
 
 #: Pixels may overshoot the value range by this share of it (float round-off of transforms).
 RANGE_TOLERANCE = 1e-3
-
-
-class AuditCheckFailed(RuntimeError):
-    """A check failed and the auditor runs with ``strict=True``."""
-
-    def __init__(self, step: int, failures: list[Mapping[str, Any]]) -> None:
-        self.step = step
-        self.failures = failures
-        text = "; ".join(f"{c['name']}: {c['detail']}" for c in failures)
-        super().__init__(f"audit of step {step} failed its checks: {text}")
 
 
 def check_value_range(captured: CapturedStep) -> dict[str, Any]:
@@ -88,35 +78,10 @@ def check_value_range(captured: CapturedStep) -> dict[str, Any]:
     )
 
 
-def lone_sample_moments(batch: int, num_bins: int, structure: str) -> tuple[float, float]:
-    """Mean and std of the number of samples alone in a bin, for equal-mass bins.
-
-    ``batch`` samples fall independently into ``m`` equal-mass cells (``m = K`` for the sparse
-    structure; ``K + 1`` for the cumulative one, whose lowest cell is not imprinted), of which
-    ``K`` are read out.
-    """
-    if batch <= 0:
-        return 0.0, 0.0
-    k = num_bins
-    m = k if structure == "sparse" else k + 1
-    p1 = batch / m * (1 - 1 / m) ** (batch - 1)
-    p2 = batch * (batch - 1) / m**2 * (1 - 2 / m) ** (batch - 2) if batch >= 2 else 0.0
-    mean = k * p1
-    var = k * p1 + k * (k - 1) * p2 - mean**2
-    return mean, math.sqrt(max(var, 0.0))
-
-
-def _lone_count(membership: torch.Tensor) -> int:
-    if membership.numel() == 0:
-        return 0
-    per_bin = (membership != 0).sum(dim=1)
-    return int(((per_bin == 1) & (membership.max(dim=1).values == 1)).sum())
-
-
 def check_blind(captured: CapturedStep) -> dict[str, Any]:
     """``fail`` when the batch has samples but none is alone in a bin (nothing can be read)."""
     batch = captured.batch_size
-    lone = _lone_count(captured.imprint.membership)
+    lone = lone_count(captured.imprint.membership)
     if batch == 0:
         return check(
             "blind",
@@ -156,7 +121,7 @@ def check_bins(captured: CapturedStep) -> dict[str, Any]:
     """``warn`` when far fewer samples sit alone in a bin than calibrated bins promise."""
     geo = captured.imprint.geometry
     batch = captured.batch_size
-    lone = _lone_count(captured.imprint.membership)
+    lone = lone_count(captured.imprint.membership)
     mean, std = lone_sample_moments(batch, geo.num_bins, geo.structure)
     if batch == 0 or mean == 0:
         return check("bins", "pass", "no samples at this step", value=None)

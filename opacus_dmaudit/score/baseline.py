@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..schema import HIGHER_IS_BETTER
 from .metrics import LPIPS, pairwise
-from .schema import HIGHER_IS_BETTER
 
 __all__ = ["Baseline", "estimate_kappa", "MIN_TARGETS"]
 

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checks.entries import status_rank
+from ..schema import METRICS, STAGES, parse_metric_key
 from .logdir import EVENTS_GLOB, secure_file
-from .schema import METRICS, STAGES, record_scalars
 
-__all__ = ["TensorBoardSink"]
+__all__ = ["TensorBoardSink", "record_scalars"]
 
 
 def _finite(value: Any) -> bool:
@@ -179,3 +181,55 @@ class TensorBoardSink:
         self._secure()
         if self._owned:
             self.writer.close()
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def record_scalars(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Every chart value of a record as ``{tag: value}`` (TensorBoard tags; ``inf`` kept as is).
+
+    The one place that maps record fields to chart names: ``privacy/*``, ``quality/<stage>/*``,
+    ``bounds/*`` (this step's bounds), ``run_bounds/*`` (whole run), ``checks/<name>/*``. A
+    shadow audit's ``quality/*`` and ``detection/*`` tags are prefixed ``shadow/``: they describe
+    the simulated adversary (:data:`MODES`), not the trained model.
+    """
+    out: dict[str, Any] = {
+        "privacy/epsilon": record.get("epsilon"),
+        "privacy/mu_step": record.get("mu_step"),
+    }
+    for name, value in (record.get("privacy_measured") or {}).items():
+        if _finite_number(value) or (isinstance(value, float) and math.isinf(value)):
+            out[f"privacy/{name}"] = value
+    for key, value in (record.get("summary") or {}).items():
+        parsed = parse_metric_key(key)
+        if parsed is not None:
+            out[f"quality/{parsed[1]}/{parsed[0]}"] = value
+    for stage, value in (record.get("success") or {}).items():
+        out[f"quality/{stage}/success_rate"] = value
+    for key, value in (record.get("prior_fit") or {}).items():  # beside the DM metrics
+        if _finite_number(value):
+            out[f"quality/dm/fit_{key}"] = value
+    for stage, value in (record.get("identification") or {}).items():
+        out[f"quality/{stage}/identification_rate"] = value
+    for name, value in (record.get("bounds") or {}).items():
+        out[f"bounds/{name}"] = value
+    for name, value in (record.get("run_bounds") or {}).items():
+        out[f"run_bounds/{name}"] = value
+    detection = record.get("detection") or {}
+    if _finite_number(detection.get("power")):
+        out["detection/power"] = detection["power"]
+    for key in ("found_singletons", "true_singletons"):
+        if _finite_number(record.get(key)):
+            out[f"detection/{key}"] = record[key]
+    for entry in record.get("checks") or []:
+        out[f"checks/{entry['name']}/status"] = status_rank(entry["status"])
+        if _finite_number(entry.get("value")):
+            out[f"checks/{entry['name']}/value"] = entry["value"]
+    if record.get("mode") == "shadow":  # a simulated adversary's numbers: never beside live ones
+        out = {
+            (f"shadow/{tag}" if tag.startswith(("quality/", "detection/")) else tag): value
+            for tag, value in out.items()
+        }
+    return {tag: value for tag, value in out.items() if value is not None}

@@ -151,7 +151,7 @@ def _embedded_path(name: str) -> Path:
             f"unknown embedded prior {name!r}; available: "
             + ", ".join(f"embedded:{n}" for n in EMBEDDED_PRIORS)
         )
-    ref = importlib.resources.files("opacus_dmaudit") / "priors" / name
+    ref = importlib.resources.files("opacus_dmaudit") / "assets" / "priors" / name
     path = Path(str(ref))
     if not (path / "unet" / "config.json").is_file():
         raise FileNotFoundError(

@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from .classical import CLASSICAL_GRIDS, classical_denoise
-from .metrics import LPIPS, mse, ssim
-from .schema import check
+from ..reconstruct.classical import CLASSICAL_GRIDS, classical_denoise
+from ..score.metrics import LPIPS, mse, ssim
+from .entries import check
 
 __all__ = [
     "FIT_LEVELS",

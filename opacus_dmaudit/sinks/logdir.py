@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import LogDirInUse
+
 __all__ = [
     "LogDir",
     "LogDirInUse",
@@ -47,10 +49,6 @@ REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 IMAGES = "images"
 EVENTS_GLOB = "events.out.tfevents.*"
-
-
-class LogDirInUse(FileExistsError):
-    """``log_dir`` already holds an audit and this run is not its resume."""
 
 
 def private_mkdir(path: str | os.PathLike) -> Path:

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture import CapturedStep
+from ..capture.step import CapturedStep
 
 __all__ = [
     "membership_scores",
@@ -70,7 +70,7 @@ def membership_scores(captured: CapturedStep) -> tuple[np.ndarray, np.ndarray] |
     noise = captured.noise_std
     if sums is None or sums.simulated or not noise > 0 or sums.membership.numel() == 0:
         return None
-    from .readout import bin_rows
+    from ..reconstruct.bins import bin_rows
 
     structure = sums.geometry.structure
     dw, db, factor = bin_rows(sums.weight_noised, sums.bias_noised, structure=structure)

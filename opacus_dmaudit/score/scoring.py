@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
-from .capture import CapturedStep, ImprintSums
-from .config import AuditConfig
+from ..capture.step import CapturedStep, ImprintSums
+from ..config import AuditConfig
+from ..reconstruct.detection import detection_power, occupancy_test
+from ..reconstruct.readout import Readout, read_imprint
+from ..schema import meets, metric_key
 from .metrics import LPIPS, stage_metrics
-from .readout import Readout, detection_power, occupancy_test, read_imprint
-from .schema import meets, metric_key
 
 __all__ = [
     "ScoredStep",

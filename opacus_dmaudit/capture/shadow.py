@@ -32,8 +32,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .capture import CapturedStep, ImprintSums
 from .imprint import ImprintBlock
+from .step import CapturedStep, ImprintSums
 
 __all__ = ["ShadowAdversary", "as_images"]
 

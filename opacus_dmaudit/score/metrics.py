@@ -18,14 +18,12 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 
-import lpips as lpips_lib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.metrics import structural_similarity
 
+from ..schema import HIGHER_IS_BETTER
 from .lpips_weights import load_lpips
-from .schema import HIGHER_IS_BETTER
 
 __all__ = [
     "mse",
@@ -73,6 +71,8 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Structural similarity per image (scikit-image, Gaussian-free 7×7 windows, data range 1)."""
+    from skimage.metrics import structural_similarity
+
     pred, target = _prepare(pred, target)
     win = _ssim_window(pred.shape[-2:])
     out = []
@@ -220,7 +220,9 @@ class LPIPS:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         model = self.model
-        return [lpips_lib.normalize_tensor(f) for f in model.net(model.scaling_layer(x))]
+        from lpips import normalize_tensor
+
+        return [normalize_tensor(f) for f in model.net(model.scaling_layer(x))]
 
     def _distance(self, feats: list[torch.Tensor], ref: list[torch.Tensor]) -> torch.Tensor:
         """The learned, spatially averaged distance between two feature stacks (per image)."""

@@ -26,7 +26,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .schema import METRICS, STAGES, is_valid, upgrade_record
+from ..checks.entries import is_valid
+from ..schema import METRICS, STAGES, upgrade_record
 
 __all__ = [
     "summarize",

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from .audit_log import read_audit_log
-from .logdir import LogDir, load_images, package_versions, private_mkdir, write_private
-from .schema import METRICS, MODES, STAGES, parse_metric_key, upgrade_record
-from .summary import fmt, summarize, verdict
+from ...schema import METRICS, MODES, STAGES, parse_metric_key, upgrade_record
+from ..audit_log import read_audit_log
+from ..logdir import LogDir, load_images, package_versions, private_mkdir, write_private
+from ..summary import fmt, summarize, verdict
 
 __all__ = ["build_report", "build_comparison", "load_audit_images", "PRIVATE_NOTICE"]
 

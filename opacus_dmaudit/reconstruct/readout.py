@@ -7,20 +7,7 @@ rows, except its last row, ``f = 1``). The readout is ``ΔW_i / ŵ_i`` with ``ŵ
 ``w``; its per-pixel noise std is ``σC·f / |ŵ_i|`` and the error of ``ŵ_i`` adds a shared contrast
 error.
 
-**Occupancy.** On an empty bin the row is pure noise, so ``‖(ΔW_i, Δb_i)‖² / (σC f)²`` is exactly
-χ²(d+1) (``"row-chi2"``). The bin also pins the projection ``h·x`` of its sample to the bin's
-interval, so the row's mean lies (up to the bin's width) along the known direction
-``v_i = (c_i·h/‖h‖², 1)`` with ``c_i`` the bin's centre. ``"row-fisher"`` (the auditor's default)
-tests the row's component along ``v_i`` (two-sided normal) and the χ²(d) of the rest, independent
-of it on an empty bin, and combines the two p-values with Fisher's method (exactly χ²(4) on an empty
-bin). For the brightness direction ``|c_i|/‖h‖`` is a large part of ``‖x‖`` (most of it for
-natural images), and this test finds half the lone images at 3.5× the σ of the plain χ² on
-CIFAR-10 and 1.25× on MNIST digits (``benchmarks/detection.py``); for random or DCT directions it
-is within a few points of the χ². Both have an exact per-bin level; the cumulative
-structure's neighbouring differences share one noise row (correlation −½), which changes nothing for
-each bin's level, so the expected number of false bins per audit is the number of empty bins times
-the level, at most ``K × level``.
-``"bias-z"`` is the older test on the bias alone, ``|Δb_i| / σCf > z``.
+**Occupancy** is decided by :mod:`.detection`.
 
 **Normaliser.** ``Δb_i`` estimates ``w`` with noise std ``σCf``. The pinned projection gives a
 second estimate, ``h·ΔW_i / c_i``, with noise std ``σCf·‖h‖/|c_i|`` plus the bin's width; for the
@@ -37,29 +24,12 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from scipy import special, stats
+from scipy import stats
 
-__all__ = [
-    "Readout",
-    "read_imprint",
-    "expected_singletons",
-    "OCCUPANCY_TESTS",
-    "NORMALISERS",
-    "OccupancyTest",
-    "occupancy_test",
-    "detection_power",
-    "bin_rows",
-]
+from .bins import bin_rows, rows_per_sample
+from .detection import occupancy_statistics, occupancy_test, pinned_projection
 
-#: The occupancy tests, by name, with what each one is.
-OCCUPANCY_TESTS: dict[str, str] = {
-    "row-fisher": (
-        "whole imprint row: its component along the projection the bin pins (two-sided z) and "
-        "the χ²(d) of the rest, combined by Fisher's method; exact per-bin level"
-    ),
-    "row-chi2": "whole imprint row: ‖(ΔW, Δb)‖²/(σCf)² against χ²(d+1); exact per-bin level",
-    "bias-z": "bias gradient alone: |Δb|/(σCf) > z (the older test)",
-}
+__all__ = ["Readout", "read_imprint", "NORMALISERS"]
 
 #: The estimates of a bin's gradient weight that divide ``ΔW`` into an image.
 NORMALISERS: dict[str, str] = {
@@ -69,8 +39,6 @@ NORMALISERS: dict[str, str] = {
 
 # Relative size under which a noise-free bin counts as empty (float round-off of the sums).
 _CLEAN_REL_TOL = 1e-5
-# Grid of the Fisher test's power integral over the projected component (normal deviates).
-_POWER_GRID = np.linspace(-8.0, 8.0, 321)
 
 
 @dataclass(frozen=True)
@@ -113,172 +81,6 @@ class Readout:
 
     def __len__(self) -> int:
         return int(self.bins.numel())
-
-
-@dataclass(frozen=True)
-class OccupancyTest:
-    """An occupancy test at a given per-bin level.
-
-    Attributes:
-        name: one of :data:`OCCUPANCY_TESTS`.
-        level: probability that the test declares an empty bin occupied.
-        threshold: the statistic above which a bin is occupied (χ²(d+1) for ``"row-chi2"``,
-            Fisher's ``−2 Σ log p`` for ``"row-fisher"``, ``|z|`` for ``"bias-z"``).
-        num_bins: ``K``; the expected number of false bins per audit is ``K × level`` (at most:
-            bins that hold a sample cannot be false).
-    """
-
-    name: str
-    level: float
-    threshold: float
-    num_bins: int
-
-    @property
-    def false_bins_per_audit(self) -> float:
-        return self.level * self.num_bins
-
-    def describe(self) -> dict[str, float | str]:
-        """JSON-safe description for records."""
-        return {
-            "test": self.name,
-            "description": OCCUPANCY_TESTS[self.name],
-            "threshold": self.threshold,
-            "level": self.level,
-            "false_bins_per_audit": self.false_bins_per_audit,
-        }
-
-
-def occupancy_test(
-    name: str,
-    *,
-    num_bins: int,
-    dim: int,
-    false_bins_per_audit: float = 0.01,
-    occupancy_z: float | None = None,
-) -> OccupancyTest:
-    """The test ``name`` for ``num_bins`` bins of ``dim`` pixels.
-
-    Args:
-        name: one of :data:`OCCUPANCY_TESTS`.
-        num_bins: ``K``.
-        dim: ``d``, pixels per image.
-        false_bins_per_audit: expected empty bins wrongly declared occupied per audit; the
-            per-bin level is ``false_bins_per_audit / K`` (row tests only).
-        occupancy_z: the threshold of ``"bias-z"`` (default 4).
-    """
-    if name not in OCCUPANCY_TESTS:
-        raise ValueError(f"occupancy test must be one of {sorted(OCCUPANCY_TESTS)}, got {name!r}")
-    if name == "bias-z":
-        z = 4.0 if occupancy_z is None else float(occupancy_z)
-        if not z > 0:
-            raise ValueError(f"occupancy_z must be positive, got {occupancy_z}")
-        return OccupancyTest(name, float(2 * stats.norm.sf(z)), z, int(num_bins))
-    if occupancy_z is not None:
-        raise ValueError(f"occupancy_z sets the threshold of 'bias-z' only, not of {name!r}")
-    if not 0 < false_bins_per_audit < num_bins:
-        raise ValueError(
-            f"false_bins_per_audit must be in (0, num_bins={num_bins}), got {false_bins_per_audit}"
-        )
-    level = float(false_bins_per_audit) / num_bins
-    dof = dim + 1 if name == "row-chi2" else 4
-    return OccupancyTest(name, level, float(stats.chi2.isf(level, dof)), int(num_bins))
-
-
-def _chi2_logsf(x: np.ndarray, k: int) -> np.ndarray:
-    """``log P(χ²(k) > x)``, finite far in the tail (Wilson–Hilferty where scipy underflows)."""
-    x = np.asarray(x, dtype=np.float64)
-    out = stats.chi2.logsf(x, k)
-    bad = ~np.isfinite(out) & np.isfinite(x)
-    if bad.any():
-        a = 2.0 / (9.0 * k)
-        z = (np.cbrt(x[bad] / k) - (1.0 - a)) / math.sqrt(a)
-        out[bad] = special.log_ndtr(-z)
-    return out
-
-
-def _bin_differences(weight: torch.Tensor, bias: torch.Tensor, structure: str):
-    if structure == "sparse":
-        return weight, bias, torch.ones(bias.numel(), dtype=torch.float64)
-    if structure == "cumulative":
-        dw = weight - torch.cat([weight[1:], torch.zeros_like(weight[:1])])
-        db = bias - torch.cat([bias[1:], torch.zeros_like(bias[:1])])
-        factor = torch.full((bias.numel(),), math.sqrt(2.0), dtype=torch.float64)
-        factor[-1] = 1.0
-        return dw, db, factor
-    raise ValueError(f"structure must be 'sparse' or 'cumulative', got {structure!r}")
-
-
-def bin_rows(
-    weight_sum: torch.Tensor, bias_sum: torch.Tensor, *, structure: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each readout bin's row ``(ΔW_i, Δb_i)`` and its noise factor ``f`` (float64).
-
-    Returns:
-        ``(dw (K, d), db (K,), f (K,))``.
-    """
-    return _bin_differences(weight_sum.detach().double(), bias_sum.detach().double(), structure)
-
-
-class _Pinned:
-    """The projection each bin pins: centre ``c_i``, half-width, and the direction ``v_i``."""
-
-    def __init__(self, measurement: torch.Tensor, bin_edges: Sequence[float], num_bins: int):
-        h = torch.as_tensor(measurement).detach().double().flatten()
-        edges = torch.as_tensor(list(bin_edges), dtype=torch.float64)
-        if edges.numel() != num_bins + 1:
-            raise ValueError(f"bin_edges must have num_bins + 1 = {num_bins + 1} values")
-        if not bool(torch.isfinite(edges).all()):
-            raise ValueError("bin_edges must be finite (clip the outer edges to the value range)")
-        self.h = h
-        self.h_norm2 = float(h @ h)
-        if not self.h_norm2 > 0:
-            raise ValueError("the measurement direction must be non-zero")
-        self.centre = (edges[1:] + edges[:-1]) / 2
-        # |h·x - c_i| <= half the width; taken as the position's std, a bound that stays honest
-        # in the outer bins, where the mass crowds against the inner edge
-        self.half_width = (edges[1:] - edges[:-1]).abs() / 2
-        # v_i = (c_i h / ‖h‖², 1): the row's mean direction when h·x = c_i
-        self.v_norm = torch.sqrt(self.centre**2 / self.h_norm2 + 1.0)
-
-    def component(self, dw: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
-        """``⟨(ΔW_i, Δb_i), v_i⟩ / ‖v_i‖`` per bin."""
-        return (self.centre * (dw @ self.h) / self.h_norm2 + db) / self.v_norm
-
-
-def _check_pinned(measurement, bin_edges, d: int, k: int) -> _Pinned | None:
-    if measurement is None and bin_edges is None:
-        return None
-    if measurement is None or bin_edges is None:
-        raise ValueError(
-            "give both measurement and bin_edges (ImprintGeometry has them), or neither"
-        )
-    pinned = _Pinned(measurement, bin_edges, k)
-    if pinned.h.numel() != d:
-        raise ValueError(f"measurement has {pinned.h.numel()} values for {d} pixels")
-    return pinned
-
-
-def _statistics(
-    test: OccupancyTest, dw: torch.Tensor, db: torch.Tensor, std: torch.Tensor, pinned
-) -> tuple[np.ndarray, np.ndarray]:
-    """The test statistic and the two-sided-normal-deviate z-score of its p-value, per bin."""
-    d = dw.shape[1]
-    if test.name == "bias-z":
-        z = (db.abs() / std).numpy()
-        return z, z
-    q = ((dw**2).sum(dim=1) + db**2) / std**2
-    if test.name == "row-chi2":
-        stat = q.numpy()
-        logp = _chi2_logsf(stat, d + 1)
-    else:
-        t = (pinned.component(dw, db) / std).numpy()
-        rest = np.clip(q.numpy() - t**2, 0.0, None)
-        logp_v = math.log(2.0) + stats.norm.logsf(np.abs(t))
-        logp_r = _chi2_logsf(rest, d)
-        stat = -2.0 * (logp_v + logp_r)
-        logp = -stat / 2 + np.log1p(stat / 2)  # P(χ²(4) > s) = e^{-s/2} (1 + s/2)
-    zscore = np.clip(-special.ndtri_exp(np.minimum(logp - math.log(2.0), -1e-300)), 0.0, None)
-    return stat, zscore
 
 
 def _weights(
@@ -367,7 +169,7 @@ def read_imprint(
         raise ValueError(f"collision_level must be in (0, 1), got {collision_level}")
     dw, db, factor = bin_rows(weight_sum, bias_sum, structure=structure)
     k, d = dw.shape
-    pinned = _check_pinned(measurement, bin_edges, d, k)
+    pinned = pinned_projection(measurement, bin_edges, d, k)
     if test is None:
         test = "bias-z" if occupancy_z is not None else "row-fisher" if pinned else "row-chi2"
     if test == "row-fisher" and pinned is None:
@@ -388,7 +190,7 @@ def read_imprint(
     std_b = noise_std * factor  # noise std of Δb and of each coordinate of ΔW
 
     if noise_std > 0:
-        stat, z = _statistics(rule, dw, db, std_b, pinned)
+        stat, z = occupancy_statistics(rule, dw, db, std_b, pinned)
         statistic = torch.from_numpy(stat)
         zscore = torch.from_numpy(z)
         occupied = statistic > rule.threshold
@@ -454,13 +256,6 @@ def _out_of_range(dw, weight, var_w, std_b, value_range, level: float) -> torch.
     return ((signed > upper[:, None]) | (signed < lower[:, None])).any(dim=1)
 
 
-def _rows_per_sample(structure: str, k: int) -> torch.Tensor:
-    """How many imprint rows one sample of each readout bin activates."""
-    if structure == "cumulative":
-        return torch.arange(1, k + 1, dtype=torch.float64)
-    return torch.ones(k, dtype=torch.float64)
-
-
 def _over_norm(
     dw, db, std_b, structure: str, clip_norm: float, level: float, occupancy_level: float
 ) -> torch.Tensor:
@@ -477,7 +272,7 @@ def _over_norm(
     """
     k, d = dw.shape
     energy = (dw**2).sum(dim=1) + db**2
-    max_norm2 = clip_norm**2 / _rows_per_sample(structure, k)
+    max_norm2 = clip_norm**2 / rows_per_sample(structure, k)
     if float(std_b.max()) == 0.0:
         return energy > max_norm2 * (1 + 1e-3) ** 2
     nc = (max_norm2 / std_b**2).numpy()
@@ -487,72 +282,3 @@ def _over_norm(
     ok = tail > 1e-12  # below that the test could not flag anything anyway
     threshold[ok] = stats.ncx2.isf(tail[ok], d + 1, nc[ok])
     return energy / std_b**2 > torch.from_numpy(threshold)
-
-
-@torch.no_grad()
-def detection_power(
-    weight_clean: torch.Tensor,
-    bias_clean: torch.Tensor,
-    *,
-    structure: str,
-    noise_std: float,
-    bins: torch.Tensor | Sequence[int],
-    test: OccupancyTest,
-    measurement: torch.Tensor | None = None,
-    bin_edges: Sequence[float] | None = None,
-) -> torch.Tensor:
-    """Probability that ``test`` finds each of ``bins`` at this noise, from the clean sums.
-
-    Exact for each bin: the noised row is its clean row plus independent Gaussian noise, so the
-    statistic is noncentral (χ²(d+1) with noncentrality ``‖clean row‖²/(σCf)²`` for
-    ``"row-chi2"``; for ``"row-fisher"`` a normal and an independent noncentral χ²(d), integrated
-    numerically over the normal; a folded normal for ``"bias-z"``).
-
-    Args:
-        weight_clean, bias_clean: the clean clipped sums ``(K, d)``, ``(K,)``.
-        structure: ``"sparse"`` or ``"cumulative"``.
-        noise_std: ``σC``; without noise the power is 1 for every non-empty bin.
-        bins: the readout bins to evaluate (typically those holding exactly one sample).
-        test: the test and its threshold (:func:`occupancy_test`).
-        measurement, bin_edges: as for :func:`read_imprint` (needed by ``"row-fisher"``).
-
-    Returns:
-        ``(len(bins),)`` float64 probabilities.
-    """
-    dw, db, factor = bin_rows(weight_clean, bias_clean, structure=structure)
-    idx = torch.as_tensor(bins, dtype=torch.long).flatten()
-    if idx.numel() == 0:
-        return torch.zeros(0, dtype=torch.float64)
-    if noise_std <= 0:
-        return ((db[idx] != 0) | (dw[idx] != 0).any(dim=1)).double()
-    std = noise_std * factor
-    dim = dw.shape[1]
-    if test.name == "bias-z":
-        lam = (db[idx].abs() / std[idx]).numpy()
-        z = test.threshold
-        return torch.from_numpy(stats.norm.sf(z - lam) + stats.norm.sf(z + lam))
-    nc = (((dw[idx] ** 2).sum(dim=1) + db[idx] ** 2) / std[idx] ** 2).numpy()
-    if test.name == "row-chi2":
-        return torch.from_numpy(stats.ncx2.sf(test.threshold, dim + 1, nc))
-    pinned = _check_pinned(measurement, bin_edges, dim, dw.shape[0])
-    if pinned is None:
-        raise ValueError("the power of 'row-fisher' needs measurement and bin_edges")
-    lam_v = (pinned.component(dw, db)[idx] / std[idx]).numpy()
-    lam_r = np.clip(nc - lam_v**2, 0.0, None)
-    t = lam_v[:, None] + _POWER_GRID[None, :]  # (n, G): the projected component
-    weights = stats.norm.pdf(_POWER_GRID)
-    weights = weights / weights.sum()
-    # reject when log p_rest < L = -threshold/2 - log p_v(t); sure rejection when L >= 0
-    bound = -test.threshold / 2 - (math.log(2.0) + stats.norm.logsf(np.abs(t)))
-    sure = bound >= 0
-    q_star = stats.chi2.isf(np.exp(np.minimum(bound, 0.0)), dim)
-    nc_grid = np.broadcast_to(lam_r[:, None], t.shape)
-    p_rest = np.where(sure, 1.0, stats.ncx2.sf(q_star, dim, nc_grid))
-    return torch.from_numpy(np.clip((p_rest * weights).sum(axis=1), 0.0, 1.0))
-
-
-def expected_singletons(num_samples: int, num_bins: int) -> float:
-    """Expected number of bins holding exactly one of ``num_samples`` samples (equal-mass bins)."""
-    if num_samples <= 0:
-        return 0.0
-    return num_samples * (1.0 - 1.0 / num_bins) ** (num_samples - 1)

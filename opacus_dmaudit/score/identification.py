@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .capture import CapturedStep
+from ..capture.step import CapturedStep
+from ..schema import HIGHER_IS_BETTER
 from .metrics import LPIPS, identified, pairwise
-from .schema import HIGHER_IS_BETTER
 
 __all__ = ["identification_rates"]
 

@@ -1,0 +1,20 @@
+"""Score: how close each reconstruction comes to its training image, and against what baseline.
+
+* :mod:`.scoring`: readout -> match -> prior -> metrics -> success, for one captured step;
+* :mod:`.metrics`: MSE, PSNR, SSIM, LPIPS (and :mod:`.lpips_weights`, offline backbones);
+* :mod:`.identification`: is a reconstruction nearest its own image among the batch's?;
+* :mod:`.baseline`: κ̂, what a guess without the gradient achieves.
+"""
+
+from .._compat import lazy_exports
+
+_NAMES = {
+    "ScoredStep": "scoring",
+    "score_step": "scoring",
+    "LPIPS": "metrics",
+    "identification_rates": "identification",
+    "estimate_kappa": "baseline",
+    "Baseline": "baseline",
+}
+__all__ = list(_NAMES)
+__getattr__, __dir__ = lazy_exports(__name__, _NAMES)
