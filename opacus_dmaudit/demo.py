@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .assets.data import mnist_5k_split
+from .assets.models import small_cnn
 from .auditor import DMAuditor
 from .capture.imprint import ImprintBlock
 from .reconstruct.prior import DiffusionPrior
@@ -37,17 +38,8 @@ logger = logging.getLogger(__name__)
 
 
 def digit_cnn() -> nn.Module:
-    """A small Opacus-compatible CNN for 28×28 digits (GroupNorm, no BatchNorm)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 5, 2),
-        nn.GroupNorm(4, 16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 5, 2),
-        nn.GroupNorm(4, 32),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 10),
-    )
+    """The demo's CNN for 28×28 digits (:func:`~opacus_dmaudit.assets.models.small_cnn`)."""
+    return small_cnn(1, 28)
 
 
 def run_demo(
