@@ -2,9 +2,9 @@
 
 Per audited step: capture (inside ``optimizer.step``, :mod:`.capture`) -> the audit pipeline
 (:mod:`.pipeline`: shadow, checks, scoring, privacy numbers, the record) -> sinks (images via
-:mod:`.logdir`, the audit log, TensorBoard; the report at ``close``). Everything after the capture
-runs once the parameter update is done (or in a background worker), with the auditor's own
-generator; training is bit-identical with and without it. ``DMAuditor`` itself keeps only
+:mod:`.sinks.logdir`, the audit log, TensorBoard; the report at ``close``). Everything after the
+capture runs once the parameter update is done (or in a background worker), with the auditor's
+own generator; training is bit-identical with and without it. ``DMAuditor`` itself keeps only
 scheduling, lifecycle, resume and the fan-out.
 """
 
@@ -13,8 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,14 +21,18 @@ from .capture.hooks import GradientCapture
 from .capture.imprint import ImprintBlock, find_imprint_block
 from .capture.step import CapturedStep
 from .checks.validity import raise_on_failure
-from .config import DEFAULT_SUCCESS_THRESHOLDS, AuditConfig
+from .config import DEFAULT_SUCCESS_THRESHOLDS, AuditConfig, resolve_config
 from .pipeline import AuditPipeline, AuditResult
 from .privacy.accountant import steps_from_accountant
-from .reconstruct.prior import DiffusionPrior
-from .score.metrics import LPIPS
+from .record import AuditRecord
 from .sinks.audit_log import AuditLog, read_audit_log
 from .sinks.logdir import LogDir, package_versions
 from .worker import AuditWorker
+
+if TYPE_CHECKING:
+    from .capture.shadow import ShadowAdversary
+    from .reconstruct.prior import DiffusionPrior
+    from .sinks.summary import RunSummary
 
 __all__ = ["DMAuditor", "AuditResult", "DEFAULT_SUCCESS_THRESHOLDS"]
 
@@ -69,21 +72,37 @@ def _frozen(accountant):
 class DMAuditor:
     """Audits an Opacus DP-SGD run every ``every_n_steps`` steps.
 
-    With an ``ImprintBlock`` in the model, each audit reads training images out of the
-    privatised gradient; with ``shadow=True`` and no block, a simulated worst-case imprint
-    adversary does the same on the real batch; otherwise the audit checks the DP mechanism.
+    Three modes, decided once at :meth:`attach`: with an ``ImprintBlock`` in the model each audit
+    reads training images out of the privatised gradient (``"imprint"``); with ``shadow=True`` and
+    no block, a simulated worst-case imprint adversary does the same on the real batch
+    (``"shadow"``); otherwise the audit checks the DP mechanism (``"mechanism"``). Every mode
+    checks the mechanism (noise, clipping, sampling, accountant).
 
     Args:
         privacy_engine: the ``PrivacyEngine`` whose accountant gives ε (``None``: ε is not logged).
-        log_dir: where the audit's files go (see :mod:`.logdir`); they hold private training
-            images and are written owner-only.
+        log_dir: where the audit's files go (see :mod:`.sinks.logdir`); they hold private
+            training images and are written owner-only.
+        every_n_steps: audit every N-th optimizer step (default 50).
+        delta: δ for ε (default 1e-5).
+        prior: a :class:`~opacus_dmaudit.DiffusionPrior` or a name for
+            :meth:`~opacus_dmaudit.DiffusionPrior.from_pretrained` (``"embedded:mnist"``,
+            ``"embedded:natural"``, a local folder, a hub id) to denoise every readout.
+        shadow: simulate the worst-case imprint adversary on the real batch when the model has
+            no ``ImprintBlock`` (``True``, or a :class:`~opacus_dmaudit.ShadowAdversary`).
+        public: public images ``(N, C, H, W)`` (never training data) for the shadow adversary's
+            bins, the baseline κ̂ and the prior-fit check.
         writer: your own ``SummaryWriter``, so the audit lands in the run you already log to.
-        config: an :class:`~opacus_dmaudit.config.AuditConfig`; keyword ``settings`` override
-            its fields.
-        **settings: the fields of :class:`~opacus_dmaudit.config.AuditConfig`
-            (``every_n_steps``, ``delta``, ``metrics``, ``prior``, ``sampler``,
-            ``success_metric``, ``kappa``, ``shadow``, ``strict``, ...). A misspelt name raises
-            ``TypeError`` here.
+        config: an :class:`~opacus_dmaudit.AuditConfig` with every other setting (the expert
+            path); the keywords above, when given, override it.
+        **settings: any other :class:`~opacus_dmaudit.AuditConfig` field (``metrics``,
+            ``max_images``, ``strict``, ...); a misspelt name raises ``TypeError`` here.
+
+    Example:
+        >>> auditor = DMAuditor(privacy_engine=engine, log_dir="runs/audit", shadow=True)  # doctest: +SKIP
+        >>> auditor.attach(optimizer, model=model)  # doctest: +SKIP
+        >>> ...  # train
+        >>> summary = auditor.close()  # doctest: +SKIP
+        >>> print(summary.verdict.headline)  # doctest: +SKIP
     """
 
     def __init__(
@@ -91,25 +110,37 @@ class DMAuditor:
         *,
         privacy_engine=None,
         log_dir: str | os.PathLike,
+        every_n_steps: int | None = None,
+        delta: float | None = None,
+        prior: DiffusionPrior | str | None = None,
+        shadow: bool | ShadowAdversary | None = None,
+        public: torch.Tensor | None = None,
         writer=None,
         config: AuditConfig | None = None,
         **settings: Any,
     ) -> None:
-        if config is None:
-            config = AuditConfig.from_kwargs(settings)
-        elif settings:
-            config = config.replace(**settings)
-        prior = config.prior
-        if prior is not None and not isinstance(prior, DiffusionPrior):
-            prior = DiffusionPrior.from_pretrained(prior)
+        config = resolve_config(
+            config,
+            every_n_steps=every_n_steps,
+            delta=delta,
+            prior=prior,
+            shadow=shadow,
+            public=public,
+            **settings,
+        )
         self.config = config
-        self.prior: DiffusionPrior | None = prior
+        self.prior = self._load_prior(config.prior)
         self.privacy_engine = privacy_engine
         self.logdir = LogDir(log_dir)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.lpips = LPIPS(net=config.lpips_net) if "lpips" in config.metrics else None
-        self.history: list[dict[str, Any]] = []
+        self.lpips = None
+        if "lpips" in config.metrics:
+            from .score.metrics import LPIPS
+
+            self.lpips = LPIPS(net=config.lpips_net)
+        self.history: list[AuditRecord] = []
         self.last_result: AuditResult | None = None
+        self.mode: str | None = None  # "imprint", "shadow" or "mechanism", decided at attach
         self._writer = writer
         self._tb = None
         self._resume: dict[str, Any] | None = None
@@ -120,10 +151,19 @@ class DMAuditor:
         self._worker: AuditWorker | None = None  # background scoring (config.background)
         self._last_step = 0  # optimizer steps seen by the last capture, kept after detach
         self._told: set[str] = set()  # failed checks already logged as warnings
+        self._summary: RunSummary | None = None  # set by close()
         # what an audit computes (checks, scoring, privacy numbers, the record)
         self.pipeline = AuditPipeline(
-            config=config, prior=prior, lpips=self.lpips, generator=self.generator
+            config=config, prior=self.prior, lpips=self.lpips, generator=self.generator
         )
+
+    @staticmethod
+    def _load_prior(prior) -> DiffusionPrior | None:
+        from .reconstruct.prior import DiffusionPrior
+
+        if prior is None or isinstance(prior, DiffusionPrior):
+            return prior
+        return DiffusionPrior.from_pretrained(prior)
 
     # -- settings as attributes (read-only views of the configuration) ---------------------------
     @property
@@ -149,15 +189,6 @@ class DMAuditor:
     @property
     def block(self) -> ImprintBlock | None:
         return self._capture.block if self._capture is not None else None
-
-    @property
-    def mode(self) -> str | None:
-        """``"imprint"``, ``"shadow"`` or ``"mechanism"`` once attached."""
-        if self._capture is None:
-            return None
-        if self._capture.block is not None:
-            return "imprint"
-        return "shadow" if self.config.shadow else "mechanism"
 
     # -- lifecycle -------------------------------------------------------------------------------
     def attach(
@@ -186,12 +217,28 @@ class DMAuditor:
         """
         if self._capture is not None:
             raise RuntimeError("the auditor is already attached; call detach() first")
-        sigma = getattr(optimizer, "noise_multiplier", None)
-        if isinstance(sigma, int | float) and not sigma >= 0:
-            raise ValueError(
-                f"the optimizer's noise_multiplier is {sigma}: DP-SGD needs σ ≥ 0; fix the "
-                "noise_multiplier given to make_private"
-            )
+        _check_noise_multiplier(optimizer)
+        self._summary = None
+        block = self._find_block(optimizer, block, model)
+        mode = "imprint" if block is not None else "shadow" if self.config.shadow else "mechanism"
+        capture = self._make_capture(optimizer, block, model)
+        self._check_block(block, optimizer, example_input)
+        self._defer = defer
+        self.mode = mode
+        if capture.distributed and capture.rank != 0:
+            # DDP: this rank only feeds rank 0's capture (inputs, clean sums); no audit work
+            capture.attach()
+            self._capture = capture
+            return self
+        # once, before training goes on: the shadow adversary, κ̂, the prior's fit on public data
+        self.pipeline.prepare(block, mode=mode)
+        if self.config.background:
+            self._worker = AuditWorker()
+        self._open_sinks(capture)
+        self._resume = None
+        return self
+
+    def _find_block(self, optimizer, block, model) -> ImprintBlock | None:
         if block is None:
             try:
                 block = find_imprint_block(list(getattr(optimizer, "params", [])))
@@ -205,35 +252,41 @@ class DMAuditor:
                 "attach(optimizer, model=model)"
             )
         if block is None:
-            logger.info("no ImprintBlock among the optimizer's parameters: %s", self._mode_text())
-        capture = GradientCapture(
+            logger.info(
+                "no ImprintBlock among the optimizer's parameters: %s",
+                "shadow audits (a simulated worst-case imprint adversary on the real batch)"
+                if self.config.shadow
+                else "mechanism checks only",
+            )
+        return block
+
+    def _make_capture(self, optimizer, block, model) -> GradientCapture:
+        start = self._resume["step"] if self._resume else steps_from_accountant(self.accountant)
+        return GradientCapture(
             optimizer,
             block=block,
             model=model if block is None else None,
             should_capture=self._is_audit_step,
             on_capture=self._process,
-            start_step=self._resume["step"]
-            if self._resume is not None
-            else steps_from_accountant(self.accountant),
+            start_step=start,
             mechanism=self.config.mechanism_checks,
             accountant=self.accountant,
         )
-        if example_input is not None and block is not None:
+
+    def _check_block(self, block, optimizer, example_input) -> None:
+        if block is None:
+            return
+        if example_input is not None:
             block._check_input(torch.as_tensor(example_input))
-        if self.prior is not None and block is not None:
+        if self.prior is not None:
             self.prior.check_fits(block.image_shape)
-        if block is not None:
-            _warn_per_sample_memory(block, optimizer)
-        self._defer = defer
-        if capture.distributed and capture.rank != 0:
-            # DDP: this rank only feeds rank 0's capture (inputs, clean sums); no audit work
-            capture.attach()
-            self._capture = capture
-            return self
-        # once, before training goes on: the shadow adversary, κ̂, the prior's fit on public data
-        self.pipeline.prepare(block, shadow=bool(self.config.shadow))
-        if self.config.background:
-            self._worker = AuditWorker()
+        _warn_per_sample_memory(block, optimizer)
+
+    def _open_sinks(self, capture: GradientCapture) -> None:
+        """Prepare the log dir, open the log and TensorBoard, then hook the capture in.
+
+        A failure leaves nothing behind that this attach created.
+        """
         resume = self._resume is not None
         existed, had_audit = self.logdir.path.exists(), self.logdir.holds_audit()
         try:
@@ -242,10 +295,9 @@ class DMAuditor:
                 self._log = AuditLog(self.logdir.audit_log)
             if resume:
                 # audits recorded after the checkpoint will be redone: drop them, keep the rest
-                self._log.keep_through_step(self._resume["step"])
-                self.history = [
-                    r for r in read_audit_log(self._log.path) if r["step"] <= self._resume["step"]
-                ]
+                step = self._resume["step"]
+                self._log.keep_through_step(step)
+                self.history = [r for r in read_audit_log(self._log.path) if r.step <= step]
             self._capture = capture  # the run file describes the capture
             self._write_run_file()
             if (self.config.tensorboard or self._writer is not None) and self._tb is None:
@@ -260,12 +312,11 @@ class DMAuditor:
         except BaseException:
             self._undo_attach(existed=existed, had_audit=had_audit)
             raise
-        self._resume = None
-        return self
 
     def _undo_attach(self, *, existed: bool, had_audit: bool) -> None:
         """A failed attach leaves nothing behind that it created."""
         self._capture = None
+        self.mode = None
         if self._worker is not None:
             worker, self._worker = self._worker, None
             try:
@@ -282,11 +333,6 @@ class DMAuditor:
             self.logdir.remove_audit_files()
             if not existed and not any(self.logdir.path.iterdir()):
                 self.logdir.path.rmdir()
-
-    def _mode_text(self) -> str:
-        if self.config.shadow:
-            return "shadow audits (a simulated worst-case imprint adversary on the real batch)"
-        return "mechanism checks only"
 
     def flush(self) -> AuditResult | None:
         """Score and log the captures that ``attach(defer=True)`` queued; the last result.
@@ -315,12 +361,20 @@ class DMAuditor:
                 worker, self._worker = self._worker, None
                 worker.close()
 
-    def close(self) -> None:
+    def close(self) -> RunSummary:
         """Detach, write the hyper-parameters to TensorBoard, close the log, write the report.
+
+        Returns:
+            The run's :class:`~opacus_dmaudit.RunSummary` (its ``verdict``, ε, the measured
+            numbers), also when no report is written.
 
         An error met while draining the audits (e.g. a failed check under ``strict=True`` with
         ``background=True``) is raised after the log, TensorBoard and the report are written.
         """
+        from .sinks.summary import summarize
+
+        if self._summary is not None:  # closed already
+            return self._summary
         error: BaseException | None = None
         try:
             self.detach()
@@ -334,7 +388,7 @@ class DMAuditor:
         if self._log is not None:
             self._log.close()
             if self.config.report and self._log.path.is_file():
-                from .sinks.report.build import build_report
+                from .sinks.report import build_report
 
                 try:
                     build_report(self.logdir.path)
@@ -342,6 +396,8 @@ class DMAuditor:
                     logger.exception("writing the report into %s failed", self.logdir.path)
         if error is not None:
             raise error
+        self._summary = summarize(self.history)
+        return self._summary
 
     def __enter__(self) -> DMAuditor:
         return self
@@ -361,16 +417,7 @@ class DMAuditor:
                 "mode": self.mode,
                 "prior_details": self.prior.describe() if self.prior is not None else None,
                 "shadow": shadow.describe() if shadow is not None else None,
-                "imprint_block": None
-                if block is None
-                else {
-                    "image_shape": list(block.image_shape),
-                    "num_bins": block.num_bins,
-                    "structure": block.structure,
-                    "value_range": list(block.value_range),
-                    "gradient_scale": block.gradient_scale,
-                    "calibrated": block.calibrated,
-                },
+                "imprint_block": None if block is None else _block_description(block),
                 "noise_multiplier": capture.optimizer.noise_multiplier,
                 "max_grad_norm": float(capture.optimizer.max_grad_norm),
                 # an Opacus accountant is falsy before its first step (len(history) == 0)
@@ -391,7 +438,7 @@ class DMAuditor:
             "version": 1,
             "step": self.step,
             "num_audits": len(self.history),
-            "last_audit_step": self.history[-1]["step"] if self.history else None,
+            "last_audit_step": self.history[-1].step if self.history else None,
             "generator": self.generator.get_state().tolist(),  # JSON-safe
             "config": self.config.to_dict(),
         }
@@ -406,8 +453,9 @@ class DMAuditor:
         if self._capture is not None:
             raise RuntimeError("load_state_dict before attach()")
         if not isinstance(state, dict) or state.get("version") != 1:
+            version = state.get("version") if isinstance(state, dict) else None
             raise ValueError(
-                f"unknown auditor state (version {getattr(state, 'get', lambda k: None)('version')!r}); "
+                f"unknown auditor state (version {version!r}); "
                 "pass what DMAuditor.state_dict() returned"
             )
         saved_every = (state.get("config") or {}).get("every_n_steps")
@@ -444,36 +492,34 @@ class DMAuditor:
             self._score_and_log(captured)
 
     def _score_and_log(self, captured: CapturedStep, accountant=None) -> AuditResult | None:
-        start = time.perf_counter()
         try:
             result = self.audit(captured, accountant=accountant)
         except Exception:  # the audit must never take training down
             logger.exception("audit of step %d failed; training continues", captured.step)
             return None
-        result.record["audit_seconds"] = time.perf_counter() - start
         self._emit(result)
         self._tell_failures(result.record)
         if self.config.strict:
-            raise_on_failure(captured.step, result.record["checks"])
+            raise_on_failure(captured.step, [c.to_json() for c in result.record.checks])
         return result
 
-    def _tell_failures(self, record: dict[str, Any]) -> None:
+    def _tell_failures(self, record: AuditRecord) -> None:
         """Log each failed check once while training goes on (the report shows every one)."""
-        for c in record.get("checks") or []:
-            if c["status"] == "fail" and c["name"] not in self._told:
-                self._told.add(c["name"])
+        for c in record.failed_checks:
+            if c.name not in self._told:
+                self._told.add(c.name)
                 logger.warning(
                     "audit of step %d is invalid: %s failed: %s (logged once per check; see the "
                     "report for every audit)",
-                    record["step"],
-                    c["name"],
-                    c["detail"],
+                    record.step,
+                    c.name,
+                    c.detail,
                 )
 
     def _emit(self, result: AuditResult) -> None:
         """Fan a finished audit out: images first (atomic), then the log line, then TensorBoard."""
         record = result.record
-        step = record["step"]
+        step = record.step
         self.history.append(record)
         self.last_result = result
         if self.config.save_images and result.has_images:
@@ -510,3 +556,23 @@ class DMAuditor:
             mode=self.mode,
             expected_batch_size=getattr(self._capture.optimizer, "expected_batch_size", None),
         )
+
+
+def _check_noise_multiplier(optimizer) -> None:
+    sigma = getattr(optimizer, "noise_multiplier", None)
+    if isinstance(sigma, int | float) and not sigma >= 0:
+        raise ValueError(
+            f"the optimizer's noise_multiplier is {sigma}: DP-SGD needs σ ≥ 0; fix the "
+            "noise_multiplier given to make_private"
+        )
+
+
+def _block_description(block: ImprintBlock) -> dict[str, Any]:
+    return {
+        "image_shape": list(block.image_shape),
+        "num_bins": block.num_bins,
+        "structure": block.structure,
+        "value_range": list(block.value_range),
+        "gradient_scale": block.gradient_scale,
+        "calibrated": block.calibrated,
+    }

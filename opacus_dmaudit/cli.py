@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import SAMPLER_NAMES
+from .reconstruct.sampler import SAMPLERS, SamplerSettings
 
 __all__ = ["main"]
 
@@ -44,7 +44,6 @@ def _quiet_known_warnings() -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .reconstruct.prior import check_prior_name
-    from .sinks.summary import VERDICT_STATUSES, fmt
 
     if args.prior != "none":
         check_prior_name(args.prior)  # a missing local prior fails before any run
@@ -60,53 +59,58 @@ def _demo(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         broken_noise=args.broken_noise,
     )
+    _print_demo(runs, Path(args.out))
+    return 0
+
+
+def _print_table(runs) -> None:
+    from .sinks.summary import fmt
+    from .sinks.verdict import VERDICT_STATUSES
+
     print(
         f"\n{'sigma':>8} {'epsilon':>10} {'lone found/in batch':>20} {'LPIPS raw':>10} "
         f"{'LPIPS DM':>9} {'success raw':>12} {'DM':>6}  verdict"
     )
     for run in runs:
-        s = run["summary"]
-        rates, means = s.get("mean_success_rate") or {}, s.get("mean_metrics") or {}
-        found = f"{s.get('found_singletons', 0)}/{s.get('true_singletons', 0)}"
-        label = f"{run['noise_multiplier']:g}" + ("*" if run.get("broken") else "")
+        s = run.summary
+        label = f"{run.noise_multiplier:g}" + ("*" if run.broken else "")
         print(
-            f"{label:>8} {fmt(s.get('final_epsilon')):>10} {found:>20} "
-            f"{fmt(means.get('lpips_raw'), '.3f'):>10} {fmt(means.get('lpips_dm'), '.3f'):>9} "
-            f"{fmt(rates.get('raw'), '.0%'):>12} {fmt(rates.get('dm'), '.0%'):>6}  "
-            f"{VERDICT_STATUSES[run['verdict']['status']]}"
+            f"{label:>8} {fmt(s.epsilon):>10} {f'{s.lone_found}/{s.lone_in_batch}':>20} "
+            f"{fmt(s.means.get('lpips_raw'), '.3f'):>10} {fmt(s.means.get('lpips_dm'), '.3f'):>9} "
+            f"{fmt(s.success_rate.get('raw'), '.0%'):>12} {fmt(s.success_rate.get('dm'), '.0%'):>6}  "
+            f"{VERDICT_STATUSES[s.verdict.status]}"
         )
     print(
         "lone: training images alone in an imprint bin, summed over audits; success: the share "
         "of each audited batch reconstructed to LPIPS <= 0.1 (mean over audits); LPIPS: mean over "
         "the recovered images, lower is closer to the real image"
     )
-    if any(run.get("broken") for run in runs):
+    if any(run.broken for run in runs):
         print("*: the --broken-noise run, whose optimizer adds half the noise it reports")
+
+
+def _print_demo(runs, out: Path) -> None:
+    _print_table(runs)
     print("\nMechanism checks (every audit: noise, clipping, sampling, accountant):")
     for run in runs:
-        print(f"  sigma {_run_label(run)}: {_mechanism_line(run['summary'])}")
+        print(f"  sigma {run.label}: {_mechanism_line(run.summary)}")
     print("\nVerdicts:")
     for run in runs:
-        print(f"  sigma {_run_label(run)}: {run['verdict']['text']}")
+        print(f"  sigma {run.label}: {run.summary.verdict.text}")
     print("\nReports and audit logs (they contain private training images; owner-only):")
     for run in runs:
-        run_dir = Path(run["log"]).parent
-        print(f"  {run_dir / 'report.html'}   {run['log']}")
-    print(f"\nAll runs compared: {Path(args.out) / 'comparison.html'}")
-    print(f"TensorBoard:  tensorboard --logdir {args.out}")
-    return 0
+        print(f"  {run.report}   {run.log}")
+    print(f"\nAll runs compared: {out / 'comparison.html'}")
+    print(f"TensorBoard:  tensorboard --logdir {out}")
 
 
-def _run_label(run: dict) -> str:
-    return f"{run['noise_multiplier']:g}" + (" (broken noise)" if run.get("broken") else "")
-
-
-def _mechanism_line(summary: dict) -> str:
+def _mechanism_line(summary) -> str:
     """``name status`` of each mechanism check over the run's audits (its worst status)."""
     from .checks.mechanism import CHECK_NAMES
 
-    checks = summary.get("checks") or {}
-    parts = [f"{name} {checks[name]['status']}" for name in CHECK_NAMES if name in checks]
+    parts = [
+        f"{name} {summary.checks[name].status}" for name in CHECK_NAMES if name in summary.checks
+    ]
     return ", ".join(parts) if parts else "not run"
 
 
@@ -137,8 +141,8 @@ def _train_prior(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .sinks.audit_log import AuditLogError
-    from .sinks.report.build import build_report
+    from .errors import AuditLogError
+    from .sinks.report import build_report
 
     for log_dir in args.log_dirs:
         try:
@@ -150,14 +154,8 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from . import __version__
-
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="dmaudit", description=__doc__, formatter_class=formatter)
-    parser.add_argument("--version", action="version", version=f"dmaudit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_demo(sub, formatter) -> None:
+    """``dmaudit demo``: the offline demo."""
     demo = sub.add_parser(
         "demo",
         help="offline demo: audited DP-SGD on real digits",
@@ -187,7 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="embedded:mnist",
         help="diffusion prior: embedded:mnist, a local diffusers directory, a hub id, or 'none'",
     )
-    demo.add_argument("--sampler", default="ddim", choices=list(SAMPLER_NAMES), help="DM sampler")
+    demo.add_argument(
+        "--sampler", default=SamplerSettings().name, choices=list(SAMPLERS), help="DM sampler"
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument(
         "--broken-noise",
@@ -197,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.set_defaults(func=_demo)
 
+
+def _add_report(sub, formatter) -> None:
+    """``dmaudit report``: reports from log dirs."""
     rep = sub.add_parser(
         "report",
         help="build report.json and report.html from an audit log dir (even a crashed one)",
@@ -207,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("log_dirs", nargs="+", metavar="LOGDIR", help="an auditor's log_dir")
     rep.set_defaults(func=_report)
 
+
+def _add_train_prior(sub, formatter) -> None:
+    """``dmaudit train-prior``: a prior on offline images."""
     tp = sub.add_parser(
         "train-prior",
         help="train a small diffusion prior on offline images",
@@ -239,6 +245,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     tp.add_argument("--seed", type=int, default=0, help="seed of the training run")
     tp.add_argument("--quiet", action="store_true", help="no progress bar")
     tp.set_defaults(func=_train_prior)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from . import __version__
+
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="dmaudit", description=__doc__, formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"dmaudit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub, formatter)
+    _add_report(sub, formatter)
+    _add_train_prior(sub, formatter)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:

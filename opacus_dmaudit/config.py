@@ -9,20 +9,28 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .schema import HIGHER_IS_BETTER, METRICS
+from .reconstruct.sampler import SAMPLERS, SamplerSettings
+from .record import SuccessCriterion
+from .schema import METRICS, SUCCESS_PREFERENCE
 
-__all__ = ["AuditConfig", "DEFAULT_SUCCESS_THRESHOLDS", "SAMPLER_NAMES", "EXISTING_POLICIES"]
+__all__ = [
+    "AuditConfig",
+    "SamplerSettings",
+    "resolve_config",
+    "DEFAULT_SUCCESS_THRESHOLDS",
+    "SAMPLER_NAMES",
+    "EXISTING_POLICIES",
+]
 
 #: A reconstruction "succeeds" at LPIPS <= 0.1 (SSIM >= 0.7, PSNR >= 20 dB, MSE <= 0.01) by default.
-DEFAULT_SUCCESS_THRESHOLDS = {"lpips": 0.1, "ssim": 0.7, "psnr": 20.0, "mse": 0.01}
+DEFAULT_SUCCESS_THRESHOLDS = {name: m.default_threshold for name, m in METRICS.items()}
 
-#: The prior's samplers (see :mod:`.prior`); kept here so the configuration needs no diffusers.
-SAMPLER_NAMES = ("ddim", "ddim-every-step", "ancestral", "posterior-mean")
+#: The prior's samplers (release 0.1's name of ``reconstruct.sampler.SAMPLERS``).
+SAMPLER_NAMES = SAMPLERS
 
 #: What to do when ``log_dir`` already holds an audit and the run is not a resume.
 EXISTING_POLICIES = ("error", "overwrite")
@@ -33,9 +41,19 @@ def _positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _probability(name: str, value: Any, *, what: str = "in (0, 1)") -> float:
+    """``value`` as a float strictly between 0 and 1 (a number, never a string)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number {what}, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class AuditConfig:
-    """Everything that decides what an audit computes and writes.
+    """Everything that decides what an audit computes and writes (the expert path).
+
+    ``DMAuditor(config=AuditConfig(...))`` takes it whole; ``DMAuditor``'s own keywords set the
+    essentials. Every setting is checked when the object is built.
 
     Args:
         every_n_steps: audit every N-th optimizer step (steps are counted from 1).
@@ -52,31 +70,30 @@ class AuditConfig:
         prior: a :class:`~opacus_dmaudit.DiffusionPrior`, a name for
             :meth:`~opacus_dmaudit.DiffusionPrior.from_pretrained` (``"embedded:mnist"``, a
             local directory, a hub id), or ``None`` for no DM reconstruction.
-        sampler: the prior's sampler: ``"ddim"`` (DDIM η = 0 on a coarse grid, default),
-            ``"ddim-every-step"`` (the paper's Algorithm 1: DDIM η = 0 at every timestep from t*),
-            ``"ancestral"`` (DDPM ancestral sampling at every timestep) or ``"posterior-mean"``.
-        sampler_steps: the most DDIM steps from the matched timestep ``t*`` (``"ddim"`` only).
-        sampler_min_stride: fewest timesteps one DDIM step spans (``"ddim"`` only).
+        sampler: the prior's sampler, a
+            :class:`~opacus_dmaudit.reconstruct.sampler.SamplerSettings` or a sampler's name
+            (``"ddim"``, ``"ddim-every-step"``, ``"ancestral"``, ``"posterior-mean"``).
         success_metric: the metric that decides whether a reconstruction succeeded (default:
-            ``"lpips"`` if computed, else SSIM, PSNR or MSE).
-        success_threshold: the threshold of that metric (default: ``DEFAULT_SUCCESS_THRESHOLDS``).
+            the first of ``schema.SUCCESS_PREFERENCE`` that is computed, LPIPS first).
+        success_threshold: the threshold of that metric (default: the metric's
+            ``default_threshold`` in ``schema.METRICS``).
         kappa: baseline success rate κ of the ReRo bounds; ``None``: the larger of the measured
             baseline κ̂ (needs ``public``) and ``1/N``.
         public: public images ``(N, C, H, W)`` in the block's value range (never training data):
             the prior-fit check and the measured baseline κ̂ use them. ``None``: the images given
             to ``ImprintBlock.calibrate`` when the block kept them, else none.
         shadow: without an ``ImprintBlock`` in the model, simulate the worst-case imprint
-            adversary on the real batch at this run's mechanism (see :mod:`.shadow`): ``True``
-            (128 sparse bins, calibrated on ``public`` when given) or a
-            :class:`~opacus_dmaudit.shadow.ShadowAdversary` for another geometry.
+            adversary on the real batch at this run's mechanism (see
+            :mod:`~opacus_dmaudit.capture.shadow`): ``True`` or a
+            :class:`~opacus_dmaudit.ShadowAdversary` for another geometry.
         mechanism_checks: check the DP mechanism (noise, clipping, sampling, accountant) at every
             audit.
-        strict: raise :class:`~opacus_dmaudit.checks.AuditCheckFailed` on a failed check instead
-            of only recording it.
+        strict: raise :class:`~opacus_dmaudit.AuditCheckFailed` on a failed check instead of
+            only recording it.
         background: score audits in a background worker (off the training path); results are
-            written in step order as they complete, and :meth:`~DMAuditor.close` drains them.
+            written in step order as they complete, and ``DMAuditor.close`` drains them.
         prior_fit_public: public images the prior restores per noise level in the prior-fit
-            check at attach (see :mod:`.prior_fit`; 0 skips it).
+            check at attach (see :mod:`~opacus_dmaudit.checks.prior_fit`; 0 skips it).
         prior_fit_audit: lone images per audit whose clean readouts are re-noised and restored
             by the prior to measure its fit on this data (0 skips it).
         tensorboard: write TensorBoard events (ignored when a ``writer`` is given).
@@ -85,6 +102,11 @@ class AuditConfig:
         existing: when ``log_dir`` already holds an audit and the run is not a resume:
             ``"error"`` (default; refuse) or ``"overwrite"`` (delete the auditor's own files there).
         seed: seed of the auditor's own generator (never the global RNG).
+
+    Example:
+        >>> config = AuditConfig(every_n_steps=20, prior="embedded:mnist", max_images=16)
+        >>> config.replace(every_n_steps=50).every_n_steps
+        50
     """
 
     every_n_steps: int = 50
@@ -95,9 +117,7 @@ class AuditConfig:
     occupancy_z: float | None = None
     max_images: int | None = None
     prior: Any = None
-    sampler: str = "ddim"
-    sampler_steps: int = 20
-    sampler_min_stride: int = 20
+    sampler: SamplerSettings = SamplerSettings()
     success_metric: str | None = None
     success_threshold: float | None = None
     kappa: float | None = None
@@ -115,64 +135,15 @@ class AuditConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         _positive_int("every_n_steps", self.every_n_steps)
-        if not 0 < float(self.delta) < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
-        if isinstance(self.metrics, str):
-            raise ValueError(
-                f"metrics must be a sequence of names, got the string {self.metrics!r}"
-            )
-        metrics = tuple(self.metrics)
-        unknown = set(metrics) - set(METRICS)
-        if unknown or not metrics:
-            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {sorted(METRICS)}")
-        set_("metrics", metrics)
-        if self.lpips_net not in ("vgg", "alex"):
-            raise ValueError(f"lpips_net must be 'vgg' or 'alex', got {self.lpips_net!r}")
-        if not 0 < float(self.false_bins_per_audit) < 1:
-            raise ValueError(
-                f"false_bins_per_audit must be in (0, 1), got {self.false_bins_per_audit}"
-            )
-        if self.occupancy_z is not None and not float(self.occupancy_z) > 0:
-            raise ValueError(f"occupancy_z must be positive or None, got {self.occupancy_z}")
+        self._set("delta", _probability("delta", self.delta))
+        self._check_metrics()
+        self._check_detection()
         if self.max_images is not None:
             _positive_int("max_images", self.max_images)
-        if self.sampler == "ddpm":
-            warnings.warn(
-                "sampler='ddpm' is now called 'ancestral' (DDPM ancestral sampling); the paper's "
-                "Algorithm 1 is 'ddim-every-step'",
-                DeprecationWarning,
-                stacklevel=4,
-            )
-            set_("sampler", "ancestral")
-        if self.sampler not in SAMPLER_NAMES:
-            raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {self.sampler!r}")
-        _positive_int("sampler_steps", self.sampler_steps)
-        _positive_int("sampler_min_stride", self.sampler_min_stride)
-        success_metric = self.success_metric
-        if success_metric is None:  # LPIPS, the paper's perceptual criterion, when computed
-            success_metric = next(m for m in ("lpips", "ssim", "psnr", "mse") if m in metrics)
-        if success_metric not in metrics:
-            raise ValueError(
-                f"success_metric {success_metric!r} must be one of the metrics {metrics}"
-            )
-        set_("success_metric", success_metric)
-        threshold = self.success_threshold
-        if threshold is None:
-            threshold = DEFAULT_SUCCESS_THRESHOLDS[success_metric]
-        if not math.isfinite(float(threshold)):
-            raise ValueError(f"success_threshold must be finite, got {threshold}")
-        set_("success_threshold", float(threshold))
-        if self.kappa is not None and not 0 < float(self.kappa) < 1:
-            raise ValueError(f"kappa must be in (0, 1) or None, got {self.kappa}")
-        if not isinstance(self.shadow, bool):
-            from .capture.shadow import ShadowAdversary
-
-            if not isinstance(self.shadow, ShadowAdversary):
-                raise ValueError(
-                    f"shadow must be True, False or a ShadowAdversary, got {self.shadow!r}"
-                )
+        self._set("sampler", SamplerSettings.of(self.sampler))
+        self._check_success()
+        self._check_inputs()
         for name in ("prior_fit_public", "prior_fit_audit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -181,6 +152,69 @@ class AuditConfig:
             raise ValueError(f"existing must be one of {EXISTING_POLICIES}, got {self.existing!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for name in (
+            "mechanism_checks",
+            "strict",
+            "background",
+            "tensorboard",
+            "save_images",
+            "report",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # the dataclass is frozen
+
+    def _check_metrics(self) -> None:
+        if isinstance(self.metrics, str):
+            raise ValueError(
+                f"metrics must be a sequence of names, got the string {self.metrics!r}"
+            )
+        metrics = tuple(self.metrics)
+        unknown = set(metrics) - set(METRICS)
+        if unknown or not metrics:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {sorted(METRICS)}")
+        self._set("metrics", metrics)
+        if self.lpips_net not in ("vgg", "alex"):
+            raise ValueError(f"lpips_net must be 'vgg' or 'alex', got {self.lpips_net!r}")
+
+    def _check_detection(self) -> None:
+        self._set(
+            "false_bins_per_audit", _probability("false_bins_per_audit", self.false_bins_per_audit)
+        )
+        z = self.occupancy_z
+        if z is not None and (isinstance(z, bool) or not isinstance(z, int | float) or not z > 0):
+            raise ValueError(f"occupancy_z must be a positive number or None, got {z!r}")
+
+    def _check_success(self) -> None:
+        metric = self.success_metric
+        if metric is None:
+            metric = next(m for m in SUCCESS_PREFERENCE if m in self.metrics)
+        if metric not in self.metrics:
+            raise ValueError(f"success_metric {metric!r} must be one of the metrics {self.metrics}")
+        self._set("success_metric", metric)
+        threshold = self.success_threshold
+        if threshold is None:
+            threshold = METRICS[metric].default_threshold
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not math.isfinite(threshold)
+        ):
+            raise ValueError(f"success_threshold must be a finite number, got {threshold!r}")
+        self._set("success_threshold", float(threshold))
+        if self.kappa is not None:
+            _probability("kappa", self.kappa, what="in (0, 1) or None")
+
+    def _check_inputs(self) -> None:
+        if not isinstance(self.shadow, bool):
+            from .capture.shadow import ShadowAdversary
+
+            if not isinstance(self.shadow, ShadowAdversary):
+                raise ValueError(
+                    f"shadow must be True, False or a ShadowAdversary, got {self.shadow!r}"
+                )
         if self.public is not None:
             shape = getattr(self.public, "shape", None)
             if shape is None or len(shape) != 4 or shape[0] < 1:
@@ -190,10 +224,20 @@ class AuditConfig:
 
             check_prior_name(self.prior)  # a path that looks local and is missing fails here
 
+    # -- release 0.1's sampler knobs -------------------------------------------------------------
+    @property
+    def sampler_steps(self) -> int:
+        return self.sampler.steps
+
+    @property
+    def sampler_min_stride(self) -> int:
+        return self.sampler.min_stride
+
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any], *, where: str = "DMAuditor") -> AuditConfig:
         """Build from keyword arguments; an unknown name raises ``TypeError`` with a suggestion."""
+        kwargs = _legacy_sampler(kwargs)
         names = [f.name for f in fields(cls)]
         for key in kwargs:
             if key not in names:
@@ -210,12 +254,12 @@ class AuditConfig:
 
     # -- description ----------------------------------------------------------------------------
     @property
-    def success_criterion(self) -> dict[str, Any]:
-        return {
-            "metric": self.success_metric,
-            "threshold": self.success_threshold,
-            "higher_is_better": HIGHER_IS_BETTER[self.success_metric],
-        }
+    def success_criterion(self) -> SuccessCriterion:
+        return SuccessCriterion(
+            metric=self.success_metric,
+            threshold=self.success_threshold,
+            higher_is_better=METRICS[self.success_metric].higher_is_better,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe settings for ``run.json``, reports and TensorBoard's hyper-parameters."""
@@ -230,8 +274,44 @@ class AuditConfig:
                 value = ",".join(value)
             elif f.name == "shadow":
                 value = bool(value)
+            elif f.name == "sampler":
+                settings = value.describe()
+                value = settings["sampler"]
+                out["sampler_steps"] = settings["steps"] or self.sampler.steps
+                out["sampler_min_stride"] = settings["min_stride"] or self.sampler.min_stride
             out[f.name] = value
         if self.prior is None:
             for name in ("sampler", "sampler_steps", "sampler_min_stride"):
                 out[name] = None
         return out
+
+
+def resolve_config(
+    config: AuditConfig | None, *, where: str = "DMAuditor", **settings: Any
+) -> AuditConfig:
+    """``config`` (or the defaults) with ``settings`` on top; settings given as ``None`` are unset.
+
+    The one way ``DMAuditor`` and both callbacks turn their keywords into a configuration: the
+    essentials of their signatures and any other :class:`AuditConfig` field, validated here.
+    """
+    given = {k: v for k, v in settings.items() if v is not None}
+    if config is None:
+        return AuditConfig.from_kwargs(given, where=where)
+    if not isinstance(config, AuditConfig):
+        raise TypeError(f"{where}: config must be an AuditConfig, got {type(config).__name__}")
+    return config.replace(**given) if given else config
+
+
+def _legacy_sampler(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Release 0.1's ``sampler``/``sampler_steps``/``sampler_min_stride`` as one settings value."""
+    kwargs = dict(kwargs)
+    steps, stride = kwargs.pop("sampler_steps", None), kwargs.pop("sampler_min_stride", None)
+    if steps is None and stride is None:
+        return kwargs
+    base = SamplerSettings.of(kwargs.get("sampler", SamplerSettings()))
+    kwargs["sampler"] = SamplerSettings(
+        name=base.name,
+        steps=base.steps if steps is None else steps,
+        min_stride=base.min_stride if stride is None else stride,
+    )
+    return kwargs

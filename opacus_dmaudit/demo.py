@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,11 +31,33 @@ from .assets.models import small_cnn
 from .auditor import DMAuditor
 from .capture.imprint import ImprintBlock
 from .reconstruct.prior import DiffusionPrior
-from .sinks.summary import summarize, verdict
+from .sinks.summary import RunSummary, summarize
 
 __all__ = ["run_demo", "digit_cnn"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoRun:
+    """One run of the demo: its σ, whether it is the broken-noise run, its folder and summary."""
+
+    noise_multiplier: float
+    broken: bool
+    log_dir: Path
+    summary: RunSummary
+
+    @property
+    def log(self) -> Path:
+        return self.log_dir / "audit.jsonl"
+
+    @property
+    def report(self) -> Path:
+        return self.log_dir / "report.html"
+
+    @property
+    def label(self) -> str:
+        return f"{self.noise_multiplier:g}" + (" (broken noise)" if self.broken else "")
 
 
 def digit_cnn() -> nn.Module:
@@ -54,7 +77,7 @@ def run_demo(
     sampler: str = "ddim",
     progress: bool = True,
     broken_noise: bool = False,
-) -> list[dict]:
+) -> list[DemoRun]:
     """Train and audit one run per noise multiplier.
 
     Args:
@@ -62,9 +85,7 @@ def run_demo(
             the noise (a deliberately broken mechanism the checks must catch).
 
     Returns:
-        One dict per run: ``noise_multiplier``, ``broken`` (the broken-noise run), ``log`` and
-        ``report`` paths, the run's
-        :func:`~opacus_dmaudit.summary.summarize` as ``summary`` and its ``verdict``.
+        One :class:`DemoRun` per run.
     """
     if steps < 1 or every_n_steps < 1:
         raise ValueError("steps and every_n_steps must be positive")
@@ -126,30 +147,27 @@ def run_demo(
                     optimizer.step()
                     done += 1
                     bar.update(1)
-                    if auditor.history and auditor.history[-1]["step"] == done:
-                        s = auditor.history[-1]["summary"]
+                    if auditor.history and auditor.history[-1].step == done:
+                        last = auditor.history[-1]
                         bar.set_postfix(
-                            ssim_raw=f"{s.get('ssim_raw') or float('nan'):.2f}",
-                            ssim_dm=f"{s.get('ssim_dm') or float('nan'):.2f}",
+                            ssim_raw=f"{last.mean('ssim', 'raw') or float('nan'):.2f}",
+                            ssim_dm=f"{last.mean('ssim', 'dm') or float('nan'):.2f}",
                         )
                     if done == steps:
                         break
         bar.close()
-        summary = summarize(auditor.history)
         summaries.append(
-            {
-                "noise_multiplier": sigma,
-                "broken": broken,
-                "log": str(run_dir / "audit.jsonl"),
-                "report": str(run_dir / "report.html"),
-                "summary": summary,
-                "verdict": verdict(summary),
-            }
+            DemoRun(
+                noise_multiplier=sigma,
+                broken=broken,
+                log_dir=run_dir,
+                summary=summarize(auditor.history),
+            )
         )
     if summaries:
-        from .sinks.report.build import build_comparison
+        from .sinks.report import build_comparison
 
-        build_comparison(out_dir, [Path(s["log"]).parent for s in summaries])
+        build_comparison(out_dir, [run.log_dir for run in summaries])
     return summaries
 
 

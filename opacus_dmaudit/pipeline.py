@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import torch
 
 from .capture.imprint import ImprintBlock
 from .capture.step import CapturedStep
-from .checks.entries import is_valid
 from .checks.mechanism import mechanism_checks
 from .checks.prior_fit import PublicFit, audit_fit, public_fit
 from .checks.validity import validity_checks
@@ -35,7 +35,14 @@ from .privacy.accountant import history_from_accountant, read_epsilon, sample_ra
 from .privacy.bounds import run_bounds, step_bounds
 from .privacy.empirical import EmpiricalPrivacy
 from .reconstruct.prior import DiffusionPrior
-from .schema import RECORD_VERSION
+from .record import (
+    AuditRecord,
+    CheckEntry,
+    Counts,
+    ImageScore,
+    MissedImage,
+    validity,
+)
 from .score.baseline import Baseline, estimate_kappa
 from .score.identification import identification_rates
 from .score.metrics import LPIPS
@@ -50,7 +57,7 @@ class AuditResult:
     """Tensors of one audit, kept in memory for image sinks (the log holds only numbers).
 
     Attributes:
-        record: the JSON record written to the log.
+        record: the typed record (:class:`~opacus_dmaudit.record.AuditRecord`) the log writes.
         truth: ``(M, C, H, W)`` matched real images (in [0, 1]).
         raw: ``(M, C, H, W)`` raw readouts, clipped to [0, 1].
         clean: ``(M, C, H, W)`` readouts of the clean clipped sum, clipped to [0, 1].
@@ -60,7 +67,7 @@ class AuditResult:
     """
 
     def __init__(
-        self, record: dict[str, Any], truth, raw, clean, dm=None, missed_truth=None, missed_raw=None
+        self, record: AuditRecord, truth, raw, clean, dm=None, missed_truth=None, missed_raw=None
     ) -> None:
         self.record, self.truth, self.raw, self.clean, self.dm = record, truth, raw, clean, dm
         self.missed_truth, self.missed_raw = missed_truth, missed_raw
@@ -100,15 +107,16 @@ class AuditPipeline:
         self._explained: set[str] = set()  # ε notes already explained in the log
 
     # -- once per run ----------------------------------------------------------------------------
-    def prepare(self, block: ImprintBlock | None, *, shadow: bool) -> None:
+    def prepare(self, block: ImprintBlock | None, *, mode: str) -> None:
         """Set up what every audit of the run shares, before training goes on.
 
         Args:
             block: the run's ``ImprintBlock`` (``None`` for shadow or mechanism-only audits).
-            shadow: simulate the worst-case imprint adversary (used when ``block`` is ``None``).
+            mode: ``"imprint"``, ``"shadow"`` (simulate the worst-case imprint adversary) or
+                ``"mechanism"``, as the auditor decided at attach.
         """
         self.shadow = None
-        if block is None and shadow:
+        if mode == "shadow":
             from .capture.shadow import ShadowAdversary
 
             given = self.config.shadow
@@ -217,6 +225,7 @@ class AuditPipeline:
             mode: ``"imprint"``, ``"shadow"`` or ``"mechanism"`` (recorded).
             expected_batch_size: the optimizer's expected batch size (for κ = 1/N).
         """
+        start = time.perf_counter()
         scored = None
         if captured.imprint is None and self.shadow is not None:
             captured = self.shadow.simulate(captured, generator=self.generator)
@@ -232,23 +241,21 @@ class AuditPipeline:
         if self.config.mechanism_checks:
             checks = checks + mechanism_checks(captured)
         fit_checks, fit_summary = self._prior_fit_checks(scored)
-        checks = checks + fit_checks
+        measured = self.empirical.estimate() if self.empirical.add(captured) else None
+        parts = {
+            "checks": [CheckEntry.from_json(c) for c in checks + fit_checks],
+            "prior_fit": fit_summary,
+            "privacy_measured": measured,
+        }
         record = self._record(
             captured,
             scored,
-            checks,
+            parts,
             accountant=accountant,
             mode=mode,
             expected_batch_size=expected_batch_size,
+            seconds=time.perf_counter() - start,
         )
-        if fit_summary is not None:
-            record["prior_fit"] = fit_summary
-        if self.empirical.add(captured):  # pooled over the run's audits (see .empirical)
-            record["privacy_measured"] = {
-                **(record.get("privacy_measured") or {}),
-                **self.empirical.estimate(),
-            }
-        _add_bound_at_measured_mu(record)
         if scored is None:
             empty = torch.zeros((0,))
             return AuditResult(record, empty, empty, empty, None)
@@ -306,95 +313,94 @@ class AuditPipeline:
         self,
         captured: CapturedStep,
         scored: ScoredStep | None,
-        checks: list[dict[str, Any]],
+        parts: dict[str, Any],
         *,
         accountant,
         mode: str | None,
         expected_batch_size: int | None,
-    ) -> dict[str, Any]:
-        """The record of one audit (the fields are described in :mod:`.schema`)."""
+        seconds: float,
+    ) -> AuditRecord:
+        """The record of one audit, built once (its fields: :class:`~.record.AuditRecord`)."""
         cfg = self.config
         sigma = captured.noise_multiplier
-        batch = captured.batch_size
         sample_rate = sample_rate_from_accountant(accountant)
         kappa, kappa_baseline, kappa_uniform = self.kappa(sample_rate, expected_batch_size)
-        # this step's own event (the one `success` measures) and, apart, the whole run's
-        bounds = step_bounds(
-            noise_multiplier=sigma,
-            kappa=kappa,
-            candidates=batch if scored is not None and batch else None,
-        )
-        history = history_from_accountant(accountant)
-        whole_run = run_bounds(kappa=kappa, history=history) if kappa and history else None
         reading = read_epsilon(
             accountant, delta=cfg.delta, noise_multiplier=sigma, explained=self._explained
         )
-        record: dict[str, Any] = {
-            "record_version": RECORD_VERSION,
-            "step": captured.step,
-            "mode": mode,
-            "epsilon": reading.epsilon,
-            "epsilon_accountant": reading.accountant,
-            "epsilon_note": reading.note,
-            "delta": cfg.delta,
-            "noise_multiplier": sigma,
-            "mu_step": (1.0 / sigma) if sigma > 0 else math.inf,
-            "max_grad_norm": captured.max_grad_norm,
-            "sample_rate": sample_rate,
-            "clipping": captured.clipping,
-            "batch_size": batch,
-        }
-        if scored is not None:
-            record.update(scored.counts)
-            record["detection"] = scored.detection
-            record["summary"] = scored.summary(cfg.metrics)
-            record["success_criterion"] = cfg.success_criterion
-            # fraction of the batch's samples reconstructed to the criterion, per stage
-            record["success"] = {
-                stage: (n / batch if batch else None) for stage, n in scored.success.items()
-            }
-            # share of the batch whose reconstruction is nearest its own image (κ = 1/N exact)
-            record["identification"] = identification_rates(
-                scored, captured, metric=cfg.success_metric, lpips=self.lpips
+        measured = parts["privacy_measured"]
+        history = history_from_accountant(accountant)
+        return AuditRecord(
+            step=captured.step,
+            mode=mode,
+            epsilon=reading.epsilon,
+            epsilon_accountant=reading.accountant,
+            epsilon_note=reading.note,
+            delta=cfg.delta,
+            noise_multiplier=sigma,
+            mu_step=(1.0 / sigma) if sigma > 0 else math.inf,
+            max_grad_norm=captured.max_grad_norm,
+            sample_rate=sample_rate,
+            clipping=captured.clipping,
+            batch_size=captured.batch_size,
+            **(self._scores(captured, scored) if scored is not None else {}),
+            kappa=kappa,
+            kappa_baseline=kappa_baseline,
+            kappa_uniform=kappa_uniform,
+            # this step's own event (the one `success` measures) and, apart, the whole run's
+            bounds=step_bounds(
+                noise_multiplier=sigma,
+                kappa=kappa,
+                mu_measured=(measured or {}).get("mu_step_measured"),
+                candidates=captured.batch_size
+                if scored is not None and captured.batch_size
+                else None,
             )
-        else:
-            record["summary"] = {}
-            record["success"] = {}
-        record.update(
-            {
-                "kappa": kappa,
-                "kappa_baseline": kappa_baseline,
-                "kappa_uniform": kappa_uniform,
-                "bounds": bounds or None,
-                "run_bounds": whole_run,
-                "privacy_measured": None,
-                "denoiser": None
-                if self.prior is None or scored is None
-                else {
-                    "prior": self.prior.source,
-                    "sampler": cfg.sampler,
-                    "steps": cfg.sampler_steps if cfg.sampler == "ddim" else None,
-                    "min_stride": cfg.sampler_min_stride if cfg.sampler == "ddim" else None,
-                },
-                "checks": checks,
-                "valid": is_valid(checks),
-                "images": scored.images if scored is not None else [],
-                "missed": scored.missed if scored is not None else [],
-            }
+            or None,
+            run_bounds=run_bounds(kappa=kappa, history=history) if kappa and history else None,
+            privacy_measured=measured,
+            denoiser=self._denoiser() if scored is not None else None,
+            checks=parts["checks"],
+            valid=validity(parts["checks"]),
+            prior_fit=parts["prior_fit"],
+            audit_seconds=seconds,
         )
-        return record
 
+    def _scores(self, captured: CapturedStep, scored: ScoredStep) -> dict[str, Any]:
+        """The record's readout and score fields of a scored step."""
+        cfg = self.config
+        batch = captured.batch_size
+        rows = iter(range(len(scored.truth_index)))
+        images = [
+            ImageScore.from_json(d, row=None if t is None else next(rows))
+            for d, t in zip(scored.images, scored.truth_index)
+        ]
+        return {
+            "counts": Counts.from_json(scored.counts, "counts"),
+            "detection": scored.detection,
+            "means": scored.summary(cfg.metrics),
+            "success_criterion": cfg.success_criterion,
+            # the share of the batch's samples reconstructed to the criterion, per stage
+            "success": {
+                stage: (n / batch if batch else None) for stage, n in scored.success.items()
+            },
+            # the share of the batch whose reconstruction is nearest its own image
+            "identification": identification_rates(
+                scored, captured, metric=cfg.success_metric, lpips=self.lpips
+            ),
+            "images": images,
+            "missed": [MissedImage.from_json(m) for m in scored.missed],
+        }
 
-def _add_bound_at_measured_mu(record: dict[str, Any]) -> None:
-    """Add this step's bound at the imprint's measured per-step µ, when one was measured."""
-    mu = (record.get("privacy_measured") or {}).get("mu_step_measured")
-    if mu is None or record.get("kappa") is None:
-        return
-    extra = step_bounds(
-        noise_multiplier=record["noise_multiplier"], kappa=record["kappa"], mu_measured=mu
-    )
-    if "single_step_measured_mu" in extra:
-        record["bounds"] = {
-            **(record.get("bounds") or {}),
-            "single_step_measured_mu": extra["single_step_measured_mu"],
+    def _denoiser(self) -> dict[str, Any] | None:
+        """How the DM reconstructions were made (``None`` without a prior)."""
+        cfg = self.config
+        if self.prior is None:
+            return None
+        ddim = cfg.sampler == "ddim"
+        return {
+            "prior": self.prior.source,
+            "sampler": cfg.sampler,
+            "steps": cfg.sampler_steps if ddim else None,
+            "min_stride": cfg.sampler_min_stride if ddim else None,
         }

@@ -1,54 +1,34 @@
-"""The audit record: what one line of ``audit.jsonl`` holds, written down once for every sink.
+"""The audit's vocabulary, written down once: stages, modes and metrics.
 
-An audit *record* is a JSON object per audited step. Its parts, in the order of the data flow:
+* :data:`STAGES`: the reconstruction stages (``raw``, ``dm``, ``clean``), what each one is and its
+  short label (:func:`stage_label`);
+* :data:`MODES`: how a record was produced (live imprint, shadow, mechanism checks only);
+* :data:`METRICS`: the image-quality metrics, their direction, label, unit and default success
+  threshold; :data:`SUCCESS_PREFERENCE` the order in which the success metric is chosen;
+  :func:`metric_key` names a metric at a stage (``"lpips_dm"``), :func:`meets` applies a
+  threshold.
 
-* the step and the mechanism it ran under: ``step``, ``mode`` (:data:`MODES`),
-  ``noise_multiplier``, ``max_grad_norm``, ``sample_rate``, ``clipping``, ``batch_size``;
-* the accountant's view: ``epsilon``, ``epsilon_accountant``, ``delta``, ``mu_step`` (1/σ) and
-  ``epsilon_note`` (why a large ε carries no meaningful guarantee, or ``None``);
-* the readout: ``num_bins``, ``occupied_bins``, ``true_singletons``, ``found_singletons``,
-  ``collisions_flagged``, ``detection`` (the occupancy test, its threshold and power);
-* the scores: ``images`` (one dict per recovered image, metric keys ``<metric>_<stage>``, see
-  :func:`metric_key`), ``summary`` (their means), ``success_criterion`` and ``success``
-  (per stage, the share of the batch reconstructed to the criterion), ``identification``;
-* bounds on the *same* event as ``success``: ``kappa`` (used), ``kappa_baseline`` (κ̂, measured on
-  public data), ``kappa_uniform`` (1/N) and ``bounds`` (this step's own Gaussian mechanism);
-  whole-run bounds (any step, subsampled and composed) are a separate quantity, ``run_bounds``;
-* ``privacy_measured``: empirical estimates (a measured per-step µ, an ε lower bound);
-* ``prior_fit`` (with a prior): how faithful the prior was on this audit's lone images,
-  re-noised at their noise std (``images``, ``noise_std``, ``faithful_share``, ``mse_dm``,
-  ``mse_classical``, ``lpips_dm``/``ssim_dm``, ``..._classical``; see :mod:`.prior_fit`); each
-  image dict then carries ``dm_faithful``;
-* ``checks``: a list of :func:`check` entries; ``valid`` is ``False`` when any check failed, in
-  which case no "no leakage" reading may be drawn from the record.
-
-Records without ``record_version`` are version 1 (before ``checks``); :func:`upgrade_record` reads
-them, so ``dmaudit report`` works on logs of either version.
+The audit record itself is :class:`opacus_dmaudit.record.AuditRecord`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from .checks.entries import is_valid
 
 __all__ = [
-    "RECORD_VERSION",
     "STAGES",
+    "STAGE_LABELS",
+    "stage_label",
     "MODES",
     "MetricSpec",
     "METRICS",
     "HIGHER_IS_BETTER",
+    "SUCCESS_PREFERENCE",
     "metric_key",
     "parse_metric_key",
     "meets",
-    "upgrade_record",
 ]
-
-RECORD_VERSION = 2
 
 #: The reconstruction stages, with what each one is (shown in reports and TensorBoard).
 STAGES: dict[str, str] = {
@@ -56,6 +36,19 @@ STAGES: dict[str, str] = {
     "dm": "DM reconstruction (the raw readout denoised with the diffusion prior)",
     "clean": "clean clipped sum (the same readout without DP noise)",
 }
+
+#: Short names of the stages in sentences and image captions.
+STAGE_LABELS: dict[str, str] = {
+    "raw": "raw readout",
+    "dm": "diffusion prior",
+    "clean": "without noise",
+}
+
+
+def stage_label(stage: str) -> str:
+    """``"raw readout"``, ``"diffusion prior"``, ``"without noise"`` (unknown stages as given)."""
+    return STAGE_LABELS.get(stage, stage)
+
 
 #: How a record was produced.
 MODES: dict[str, str] = {
@@ -67,22 +60,27 @@ MODES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """One image-quality metric: its name, direction and unit."""
+    """One image-quality metric: its name, direction, label, unit and default success threshold."""
 
     name: str
     higher_is_better: bool
     label: str
     unit: str = ""
+    default_threshold: float | None = None
 
 
 METRICS: dict[str, MetricSpec] = {
-    "mse": MetricSpec("mse", False, "MSE"),
-    "psnr": MetricSpec("psnr", True, "PSNR", "dB"),
-    "ssim": MetricSpec("ssim", True, "SSIM"),
-    "lpips": MetricSpec("lpips", False, "LPIPS"),
+    "mse": MetricSpec("mse", False, "MSE", default_threshold=0.01),
+    "psnr": MetricSpec("psnr", True, "PSNR", "dB", default_threshold=20.0),
+    "ssim": MetricSpec("ssim", True, "SSIM", default_threshold=0.7),
+    "lpips": MetricSpec("lpips", False, "LPIPS", default_threshold=0.1),
 }
 
 HIGHER_IS_BETTER: dict[str, bool] = {name: m.higher_is_better for name, m in METRICS.items()}
+
+#: The success metric, when none is given: the first of these that the audit computes (LPIPS,
+#: the paper's perceptual criterion, first).
+SUCCESS_PREFERENCE = ("lpips", "ssim", "psnr", "mse")
 
 
 def metric_key(metric: str, stage: str) -> str:
@@ -105,31 +103,3 @@ def meets(metric: str, value: float, threshold: float) -> bool:
     if value is None or math.isnan(value):
         return False
     return value >= threshold if HIGHER_IS_BETTER[metric] else value <= threshold
-
-
-# -- reading ----------------------------------------------------------------------------------
-def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A record of any version in the current layout (missing parts are ``None`` or empty).
-
-    Version 1 records have no ``checks``: their ``valid`` is ``None`` (unknown), never ``True``.
-    """
-    out = dict(record)
-    version = int(out.get("record_version") or 1)
-    out["record_version"] = version
-    out.setdefault("mode", "imprint")
-    out.setdefault("checks", [])
-    out.setdefault("summary", {})
-    out.setdefault("images", [])
-    out.setdefault("success", {})
-    out.setdefault("bounds", None)
-    out.setdefault("run_bounds", None)
-    out.setdefault("privacy_measured", None)
-    if version == 1:
-        out.setdefault("valid", None)
-        bounds = out.get("bounds") or {}
-        if out["run_bounds"] is None and bounds:  # v1 mixed one-step and whole-run bounds
-            out["run_bounds"] = {k: v for k, v in bounds.items() if k != "single_step"}
-            out["bounds"] = {"single_step": bounds.get("single_step")}
-    else:
-        out.setdefault("valid", is_valid(out["checks"]))
-    return out

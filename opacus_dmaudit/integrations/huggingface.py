@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..auditor import DMAuditor
-from ..config import AuditConfig
+from ..config import AuditConfig, resolve_config
 from ..sinks.logdir import write_private
 from . import (
     checkpoint_state,
@@ -62,9 +62,11 @@ class DMAuditTrainerCallback(TrainerCallback):
         trainer: the ``Trainer``, so the callback can log through its TensorBoard writer.
         model: the module whose forward receives each batch (default: the ``GradSampleModule``
             in the Trainer's model, else that model).
-        **auditor_kwargs: keyword arguments of :class:`~opacus_dmaudit.DMAuditor`
-            (``shadow=True`` for a shadow audit of a model without an ``ImprintBlock``; without
-            a block and without ``shadow`` the mechanism checks run alone).
+        every_n_steps, delta, prior, shadow, public, config: as for
+            :class:`~opacus_dmaudit.DMAuditor` (``shadow=True`` for a shadow audit of a model
+            without an ``ImprintBlock``; without a block and without ``shadow`` the mechanism
+            checks run alone).
+        **auditor_kwargs: any other :class:`~opacus_dmaudit.AuditConfig` field.
 
     Only the world's process zero audits and writes; under Opacus's DDP the other processes
     attach a capture that feeds it.
@@ -77,6 +79,12 @@ class DMAuditTrainerCallback(TrainerCallback):
         log_dir: str | os.PathLike | None = None,
         trainer=None,
         model: Any = None,
+        every_n_steps: int | None = None,
+        delta: float | None = None,
+        prior: Any = None,
+        shadow: Any = None,
+        public: Any = None,
+        config: AuditConfig | None = None,
         **auditor_kwargs: Any,
     ) -> None:
         if "writer" in auditor_kwargs:
@@ -88,7 +96,16 @@ class DMAuditTrainerCallback(TrainerCallback):
         self.trainer = trainer
         self.model = model
         # validated now: a misspelt keyword fails here, not when training starts
-        self.config = AuditConfig.from_kwargs(auditor_kwargs, where="DMAuditTrainerCallback")
+        self.config = resolve_config(
+            config,
+            where="DMAuditTrainerCallback",
+            every_n_steps=every_n_steps,
+            delta=delta,
+            prior=prior,
+            shadow=shadow,
+            public=public,
+            **auditor_kwargs,
+        )
         self.auditor: DMAuditor | None = None
 
     def _writer(self):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..auditor import DMAuditor
-from ..config import AuditConfig
+from ..config import AuditConfig, resolve_config
 from . import (
     checkpoint_state,
     find_dp_optimizer,
@@ -49,11 +49,13 @@ class DMAuditCallback(pl.Callback):
         privacy_engine: the ``PrivacyEngine`` (default: the module's ``privacy_engine``).
         model: the module whose forward receives each batch (default: the ``GradSampleModule``
             inside the ``LightningModule``, else the ``LightningModule`` itself).
-        **auditor_kwargs: keyword arguments of :class:`~opacus_dmaudit.DMAuditor`
-            (``every_n_steps``, ``prior``, ``delta``, ``shadow``, ...). With an
-            ``ImprintBlock`` in the model the audit is live; without one, ``shadow=True``
-            simulates the worst-case imprint adversary on the module's real batches, and
-            otherwise the mechanism checks run alone.
+        every_n_steps, delta, prior, shadow, public, config: as for
+            :class:`~opacus_dmaudit.DMAuditor` (the essentials, and an
+            :class:`~opacus_dmaudit.AuditConfig` for everything else). With an ``ImprintBlock``
+            in the model the audit is live; without one, ``shadow=True`` simulates the
+            worst-case imprint adversary on the module's real batches, and otherwise the
+            mechanism checks run alone.
+        **auditor_kwargs: any other :class:`~opacus_dmaudit.AuditConfig` field.
 
     Only global rank zero audits and writes. Under Opacus's DDP every rank attaches a capture
     that feeds rank zero; otherwise the other ranks do nothing. The audit state (step, generator)
@@ -67,6 +69,12 @@ class DMAuditCallback(pl.Callback):
         log_dir: str | os.PathLike | None = None,
         privacy_engine=None,
         model: Any = None,
+        every_n_steps: int | None = None,
+        delta: float | None = None,
+        prior: Any = None,
+        shadow: Any = None,
+        public: Any = None,
+        config: AuditConfig | None = None,
         **auditor_kwargs: Any,
     ) -> None:
         if "writer" in auditor_kwargs:
@@ -75,7 +83,16 @@ class DMAuditCallback(pl.Callback):
         self.privacy_engine = privacy_engine
         self.model = model
         # validated now: a misspelt keyword fails here, not when training starts
-        self.config = AuditConfig.from_kwargs(auditor_kwargs, where="DMAuditCallback")
+        self.config = resolve_config(
+            config,
+            where="DMAuditCallback",
+            every_n_steps=every_n_steps,
+            delta=delta,
+            prior=prior,
+            shadow=shadow,
+            public=public,
+            **auditor_kwargs,
+        )
         self.auditor: DMAuditor | None = None
         self._restored: dict[str, Any] | None = None
         self._last_state: dict[str, Any] | None = None

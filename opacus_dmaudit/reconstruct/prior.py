@@ -24,13 +24,14 @@ import json
 import logging
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .sampler import SAMPLERS, SamplerSettings, sampler_name
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +45,6 @@ __all__ = [
     "match_timesteps",
     "native_bf16",
 ]
-
-SAMPLERS = ("ddim", "ddim-every-step", "ancestral", "posterior-mean")
-
-#: The sampler's old name: ``"ddpm"`` was the ancestral sampler.
-_RENAMED = {"ddpm": "ancestral"}
-
-
-def sampler_name(sampler: str) -> str:
-    """The sampler's current name (``"ddpm"`` -> ``"ancestral"``, with a warning)."""
-    if sampler in _RENAMED:
-        warnings.warn(
-            f"sampler={sampler!r} is now called {_RENAMED[sampler]!r} (DDPM ancestral "
-            "sampling); the paper's Algorithm 1 is 'ddim-every-step'",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        return _RENAMED[sampler]
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    return sampler
 
 
 def check_prior_name(name_or_path: str | os.PathLike) -> None:
@@ -431,9 +412,9 @@ class DiffusionPrior:
         images: torch.Tensor,
         *,
         noise_std: float | Sequence[float] | torch.Tensor | None = None,
-        sampler: str = "ddim",
-        steps: int = 20,
-        min_stride: int = 10,
+        sampler: str | SamplerSettings = "ddim",
+        steps: int | None = None,
+        min_stride: int | None = None,
         generator: torch.Generator | None = None,
         batch_size: int = 256,
     ) -> torch.Tensor:
@@ -443,12 +424,14 @@ class DiffusionPrior:
             images: ``(N, C, H, W)`` noisy images in [0, 1] units (values outside are allowed).
             noise_std: per-pixel Gaussian noise std in [0, 1] units: one for all, one per image, or
                 ``None`` to estimate it per image (``skimage.restoration.estimate_sigma``).
-            sampler: ``"ddim"``, ``"ddim-every-step"`` (the paper's loop), ``"ancestral"`` or
-                ``"posterior-mean"`` (see the module docstring).
-            steps: the most DDIM steps from ``t*`` (``"ddim"`` only).
+            sampler: a :class:`~opacus_dmaudit.reconstruct.sampler.SamplerSettings` or a
+                sampler's name: ``"ddim"``, ``"ddim-every-step"`` (the paper's loop),
+                ``"ancestral"`` or ``"posterior-mean"`` (see the module docstring).
+            steps: the most DDIM steps from ``t*`` (``"ddim"`` only; default: the settings').
             min_stride: fewest timesteps one DDIM step spans: an image whose ``t*`` is small
                 takes ``ceil((t* + 1) / min_stride)`` steps instead of ``steps`` (a readout with
-                little noise needs few steps). 1 always takes ``steps``.
+                little noise needs few steps). 1 always takes ``steps`` (default: the
+                settings').
             generator: drives the noise of the ``"ancestral"`` sampler (a fresh seeded one if ``None``;
                 the global RNG is never used).
             batch_size: images per model call.
@@ -456,10 +439,13 @@ class DiffusionPrior:
         Returns:
             ``(N, C, H, W)`` reconstructions in [0, 1], on the CPU.
         """
-        sampler = sampler_name(sampler)
-        if not isinstance(steps, int) or steps < 1:
+        settings = SamplerSettings.of(sampler)
+        sampler = settings.name
+        steps = settings.steps if steps is None else steps
+        min_stride = settings.min_stride if min_stride is None else min_stride
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if not isinstance(min_stride, int) or min_stride < 1:
+        if isinstance(min_stride, bool) or not isinstance(min_stride, int) or min_stride < 1:
             raise ValueError(f"min_stride must be a positive integer, got {min_stride!r}")
         images = torch.as_tensor(images)
         if images.dim() == 3:

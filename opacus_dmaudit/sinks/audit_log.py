@@ -10,29 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import AuditLogError
+from ..record import AuditRecord
 from .logdir import private_mkdir, secure_file, write_private
 
-__all__ = ["AuditLog", "read_audit_log", "AuditLogError"]
+__all__ = ["AuditLog", "read_audit_log", "read_json_lines", "AuditLogError"]
 
 logger = logging.getLogger(__name__)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return _jsonable(value.item())
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 class AuditLog:
@@ -67,7 +55,7 @@ class AuditLog:
 
         The log is rewritten atomically, so a crash leaves the old or the new log, never a mix.
         """
-        records = read_audit_log(self.path)
+        records = read_json_lines(self.path)
         keep = [r for r in records if int(r.get("step", 0)) <= step]
         dropped = len(records) - len(keep)
         if dropped:
@@ -83,9 +71,9 @@ class AuditLog:
             )
         return dropped
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: AuditRecord) -> None:
         """Write one record as a line (``inf`` as JSON ``Infinity``, NaN as ``null``)."""
-        line = json.dumps(_jsonable(record), allow_nan=True, separators=(",", ":"))
+        line = json.dumps(record.to_json(), allow_nan=True, separators=(",", ":"))
         self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -99,12 +87,12 @@ class AuditLog:
         return self._file.closed
 
 
-def read_audit_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read every complete record; a torn (partially written) last line is skipped.
+def read_json_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete line of an audit log as a JSON object; a torn last line is skipped.
 
     Raises:
-        AuditLogError: a line other than the last is not JSON, or a line is not an audit record
-            (a JSON object with an integer ``step``); the message names the line.
+        AuditLogError: a line other than the last is not JSON, or a line is not an object with an
+            integer ``step``; the message names the line.
     """
     records = []
     try:
@@ -121,6 +109,10 @@ def read_audit_log(path: str | os.PathLike) -> list[dict[str, Any]]:
             if i == len(lines) - 1:  # the last line, cut off by a crash
                 continue
             raise AuditLogError(f"{path}: line {i + 1} is not valid JSON") from None
+        except RecursionError:
+            raise AuditLogError(
+                f"{path}: line {i + 1} is nested too deeply to be a record"
+            ) from None
         if not isinstance(record, dict):
             raise AuditLogError(f"{path}: line {i + 1} is not a JSON object (an audit record)")
         step = record.get("step")
@@ -128,3 +120,28 @@ def read_audit_log(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise AuditLogError(f"{path}: line {i + 1} has no integer 'step': not an audit record")
         records.append(record)
     return records
+
+
+def read_audit_log(
+    path: str | os.PathLike, *, problems: list[str] | None = None
+) -> list[AuditRecord]:
+    """Every complete record of an audit log, typed (any record version).
+
+    Args:
+        path: an ``audit.jsonl``.
+        problems: when given, a record that cannot be read is skipped and the reason appended
+            here (``dmaudit report`` shows them) instead of raising.
+
+    Raises:
+        AuditLogError: the file is not an audit log, or (without ``problems``) a record in it is
+            malformed; the message names the line and the field.
+    """
+    out = []
+    for i, data in enumerate(read_json_lines(path)):
+        try:
+            out.append(AuditRecord.from_json(data))
+        except AuditLogError as err:
+            if problems is None:
+                raise AuditLogError(f"{path}: record {i + 1}: {err}") from None
+            problems.append(f"record {i + 1}: {err}")
+    return out

@@ -1,75 +1,45 @@
-"""One run summary and one verdict, for every place that tells the reader what an audit found.
+"""The run summary: what a run's audits add up to, typed, in one place.
 
-The CLI, the demo, ``report.json``, ``report.html`` and ``comparison.html`` all show
-:func:`summarize` and :func:`verdict`; nothing else words a conclusion.
+:func:`summarize` turns a run's :class:`~opacus_dmaudit.record.AuditRecord` list into a
+:class:`RunSummary`, one helper per group of the record (the accountant's view, success and
+identification, detection, the membership test, the checks). The CLI, the demo,
+``report.json``/``report.html``, ``comparison.html`` and ``DMAuditor.close()`` all show this
+object; its :attr:`RunSummary.verdict` (:mod:`.verdict`) is the only place a conclusion is
+worded. :meth:`RunSummary.to_json` keeps the keys ``report.json`` had in release 0.1.
 
-The verdict is a claim and is earned (DESIGN §6):
-
-* any failed check makes the run's audit **invalid**, and the verdict says why instead of
-  drawing a conclusion;
-* reconstructions that meet the success criterion are reported with their counts, and compared
-  with the baseline κ (what a guess without the gradient achieves at the same criterion): a rate
-  at or below κ is not evidence of leakage;
-* reconstructions that single out their own image among the N images of their batch more often
-  than chance (≤ 1/N for any guess without the gradient, an exact baseline) are leakage too,
-  whether or not they meet the success criterion (a one-sided test at level
-  :data:`IDENTIFICATION_LEVEL`);
-* "no visible leakage" is said only when every check passed, the occupancy test had high power
-  against a lone image of this data (measured from the clean sums), and no reconstruction beat
-  either baseline; a positive membership lower bound (``epsilon_lower``) is stated beside it. Where nothing rose above the noise with low power, the verdict says the audit
-  could not tell, and gives the power.
+Example:
+    >>> from opacus_dmaudit import read_audit_log
+    >>> from opacus_dmaudit.sinks.summary import summarize
+    >>> summary = summarize(read_audit_log("runs/audit/audit.jsonl"))  # doctest: +SKIP
+    >>> print(summary.verdict.headline, summary.epsilon)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..checks.entries import is_valid
-from ..schema import METRICS, STAGES, upgrade_record
+from ..checks.entries import status_rank
+from ..record import AuditRecord, RecordError, SuccessCriterion, json_view, stages_of
 
-__all__ = [
-    "summarize",
-    "verdict",
-    "fmt",
-    "POWER_FOR_NEGATIVE",
-    "IDENTIFICATION_LEVEL",
-    "VERDICT_STATUSES",
-]
-
-#: A negative verdict needs the occupancy test to detect a lone image with at least this
-#: probability (mean over audits).
-POWER_FOR_NEGATIVE = 0.9
-
-#: Identification above chance is leakage when its one-sided p-value is below this level.
-IDENTIFICATION_LEVEL = 1e-3
-
-VERDICT_STATUSES = {
-    "no_audits": "no audit recorded",
-    "invalid": "audit invalid",
-    "leakage": "training images recovered",
-    "not_above_baseline": "no reconstruction beyond what a guess achieves",
-    "no_visible_leakage": "no visible leakage to this attack",
-    "undetectable": "nothing detectable; the audit cannot tell",
-    "mechanism_ok": "mechanism checks passed (no images audited)",
-}
+__all__ = ["RunSummary", "CheckOverview", "Verdict", "summarize", "fmt", "finite"]
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
+    """Whether ``value`` is a finite real number (not a bool)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _mean(values: Iterable[Any]) -> float | None:
-    vals = [v for v in values if _finite(v)]
+    vals = [v for v in values if finite(v)]
     return sum(vals) / len(vals) if vals else None
 
 
 def fmt(value: Any, spec: str = ".3g") -> str:
     """A number for people: ``n/a`` for missing, ``∞`` for infinite."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) and math.isnan(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, float) and math.isinf(value):
         return "∞" if value > 0 else "-∞"
@@ -78,374 +48,319 @@ def fmt(value: Any, spec: str = ".3g") -> str:
     return str(value)
 
 
-def _check_overview(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per check name: how often it passed, warned and failed, and its first non-pass detail."""
-    out: dict[str, dict[str, Any]] = {}
-    for r in records:
-        for c in r.get("checks") or []:
-            entry = out.setdefault(
-                c["name"], {"pass": 0, "warn": 0, "fail": 0, "detail": None, "first_step": None}
+@dataclass(frozen=True)
+class Verdict:
+    """What the audit found: a status (:data:`~.verdict.VERDICT_STATUSES`), a headline a
+    non-expert can act on, and the evidence in words."""
+
+    status: str
+    headline: str
+    text: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"status": self.status, "headline": self.headline, "text": self.text}
+
+    def __getitem__(self, key: str) -> str:
+        """Release 0.1's ``verdict["status"]``; read the attributes instead."""
+        return json_view(self)[key]
+
+
+@dataclass
+class CheckOverview:
+    """One check over a run's audits: how often it passed, warned and failed.
+
+    Attributes:
+        status: the worst status it reached.
+        detail: the detail of its first audit at that status.
+        first_step: the step of that audit.
+    """
+
+    name: str
+    passed: int = 0
+    warned: int = 0
+    failed: int = 0
+    status: str = "pass"
+    detail: str | None = None
+    first_step: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pass": self.passed,
+            "warn": self.warned,
+            "fail": self.failed,
+            "detail": self.detail,
+            "first_step": self.first_step,
+            "status": self.status,
+        }
+
+
+#: RunSummary attribute -> report.json key, where they differ.
+_JSON_KEYS = {
+    "epsilon": "final_epsilon",
+    "success_rate": "mean_success_rate",
+    "identification_rate": "mean_identification_rate",
+    "run_bounds": "final_run_bounds",
+    "means": "mean_metrics",
+    "lone_found": "found_singletons",
+    "lone_in_batch": "true_singletons",
+}
+
+
+@dataclass
+class RunSummary:
+    """A run's audits in numbers (see :func:`summarize`), and its :class:`Verdict`.
+
+    Attributes:
+        audits: how many audits were recorded; ``first_step``/``last_step`` their range.
+        mode: ``"imprint"``, ``"shadow"`` or ``"mechanism"``.
+        epsilon: the accountant's ε at the last audit (``epsilon_accountant``: how computed;
+            ``epsilon_note``: why it carries no meaningful guarantee, or ``None``).
+        success_rate, max_success_rate: per stage, the mean and the largest share of an audited
+            batch reconstructed to ``success_criterion``; ``recovered``: how many samples.
+        identification_rate, identified: per stage, the mean share and the number of audited
+            samples whose reconstruction is nearest its own image; ``identification_chance``:
+            how many a guess without the gradient would single out (at most one per audit).
+        bounds, run_bounds: the last audit's bounds of one step and of the whole run.
+        means: per ``<metric>_<stage>``, the mean over audits of the per-audit means.
+        lone_found, lone_in_batch: lone samples the audits found, and those in their batches.
+        detection_power: mean over audits of the occupancy test's power.
+        measured: the membership test's estimates at the last audit (``epsilon_lower``,
+            ``epsilon_step_claimed``, ``mu_step_measured``, ``mu_step_ci``).
+        checks: per check, a :class:`CheckOverview`.
+        valid: ``False`` if a check failed, ``None`` if validity is unknown (audits that ran no
+            check), else ``True``.
+        verdict: what it adds up to.
+    """
+
+    audits: int = 0
+    first_step: int | None = None
+    last_step: int | None = None
+    mode: str | None = None
+    epsilon: float | None = None
+    epsilon_accountant: str | None = None
+    epsilon_note: str | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    noise_multipliers: list[float] = field(default_factory=list)
+    mu_step: float | None = None
+    sample_rate: float | None = None
+    kappa: float | None = None
+    kappa_baseline: float | None = None
+    kappa_uniform: float | None = None
+    success_criterion: SuccessCriterion | None = None
+    success_rate: dict[str, float | None] = field(default_factory=dict)
+    max_success_rate: dict[str, float | None] = field(default_factory=dict)
+    recovered: dict[str, int] = field(default_factory=dict)
+    identification_rate: dict[str, float | None] = field(default_factory=dict)
+    identified: dict[str, int] = field(default_factory=dict)
+    identification_chance: int = 0
+    bounds: dict[str, float | None] | None = None
+    run_bounds: dict[str, float | None] | None = None
+    means: dict[str, float | None] = field(default_factory=dict)
+    lone_found: int = 0
+    lone_in_batch: int = 0
+    occupied_bins: int = 0
+    detection_power: float | None = None
+    detection_test: str | None = None
+    measured: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, CheckOverview] = field(default_factory=dict)
+    valid: bool | None = None
+    verdict: Verdict | None = None
+
+    @property
+    def failed_checks(self) -> list[str]:
+        return [name for name, c in self.checks.items() if c.status == "fail"]
+
+    def __getitem__(self, key: str) -> Any:
+        """Release 0.1's ``summary["final_epsilon"]``; read the attributes instead."""
+        return json_view(self)[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Release 0.1's ``summary.get(key)``; read the attributes instead."""
+        return json_view(self).get(key, default)
+
+    @property
+    def warned_checks(self) -> list[str]:
+        return [name for name, c in self.checks.items() if c.status == "warn"]
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as ``report.json`` holds it (release 0.1's keys; the verdict apart)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in ("verdict", "measured"):
+                continue
+            value = getattr(self, f.name)
+            if f.name == "checks":
+                value = {name: c.to_json() for name, c in value.items()}
+            elif isinstance(value, SuccessCriterion):
+                value = value.to_json()
+            out[_JSON_KEYS.get(f.name, f.name)] = value
+        for key in ("epsilon_lower", "epsilon_step_claimed", "mu_step_measured", "mu_step_ci"):
+            out[key] = self.measured.get(key)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], verdict: Mapping[str, Any] | None = None):
+        """Read a summary written by :meth:`to_json` (``report.json``'s ``summary``)."""
+        if not isinstance(data, Mapping):
+            raise RecordError(f"a run summary must be an object, got {data!r}")
+        names = {f.name for f in fields(cls)} - {"verdict", "measured", "checks"}
+        keys = {_JSON_KEYS.get(n, n): n for n in names}
+        values = {keys[k]: v for k, v in data.items() if k in keys}
+        if isinstance(values.get("success_criterion"), Mapping):
+            values["success_criterion"] = SuccessCriterion.from_json(values["success_criterion"])
+        checks = data.get("checks") if isinstance(data.get("checks"), Mapping) else {}
+        values["checks"] = {
+            name: CheckOverview(
+                name=name,
+                passed=int(c.get("pass", 0)),
+                warned=int(c.get("warn", 0)),
+                failed=int(c.get("fail", 0)),
+                status=str(c.get("status", "pass")),
+                detail=c.get("detail"),
+                first_step=c.get("first_step"),
             )
-            entry[c["status"]] += 1
-            rank = {"pass": 0, "warn": 1, "fail": 2}
-            shown = entry.get("shown_status", "pass")
-            if entry["detail"] is None or rank[c["status"]] > rank[shown]:
-                entry["detail"] = c["detail"]
-                entry["shown_status"] = c["status"]
-                entry["first_step"] = r.get("step")
-    for entry in out.values():
-        entry["status"] = "fail" if entry["fail"] else "warn" if entry["warn"] else "pass"
-        entry.pop("shown_status", None)
-    return out
+            for name, c in checks.items()
+            if isinstance(c, Mapping)
+        }
+        values["measured"] = {
+            k: data.get(k)
+            for k in ("epsilon_lower", "epsilon_step_claimed", "mu_step_measured", "mu_step_ci")
+        }
+        if isinstance(verdict, Mapping):
+            values["verdict"] = Verdict(
+                status=str(verdict.get("status", "")),
+                headline=str(verdict.get("headline", "")),
+                text=str(verdict.get("text", "")),
+            )
+        return cls(**values)
 
 
-def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Run-level numbers from audit records (any record version)."""
-    records = [upgrade_record(r) for r in records]
-    if not records:
-        return {"audits": 0, "valid": None, "checks": {}}
+# -- summarize ----------------------------------------------------------------------------------
+def _accounting(records: Sequence[AuditRecord]) -> dict[str, Any]:
+    """The run's mechanism and the accountant's view at the last audit."""
     last = records[-1]
-    keys = sorted({k for r in records for k in r["summary"]})
-    means = {k: _mean(r["summary"].get(k) for r in records) for k in keys}
-    stages = [s for s in STAGES if any(s in (r.get("success") or {}) for r in records)]
-    success = {s: _mean((r.get("success") or {}).get(s) for r in records) for s in stages}
-    best = {
-        s: max((v for r in records if _finite(v := (r.get("success") or {}).get(s))), default=None)
-        for s in stages
-    }
-    ident_stages = [s for s in STAGES if any(s in (r.get("identification") or {}) for r in records)]
-    identification = {
-        s: _mean((r.get("identification") or {}).get(s) for r in records) for s in ident_stages
-    }
-    # per stage, the number of audited samples whose reconstruction singles out its own image,
-    # and how many a guess without the gradient would (≤ 1/N of each batch of N: ≤ 1 per audit)
-    identified = {
-        s: sum(
-            round((r.get("identification") or {}).get(s) * (r.get("batch_size") or 0))
-            for r in records
-            if _finite((r.get("identification") or {}).get(s))
-        )
-        for s in ident_stages
-    }
-    identification_chance = sum(
-        1 for r in records if (r.get("batch_size") or 0) > 1 and r.get("identification")
-    )
-    # per stage, the number of audited samples reconstructed to the criterion
-    recovered = {
-        s: sum(
-            round((r.get("success") or {}).get(s) * (r.get("batch_size") or 0))
-            for r in records
-            if _finite((r.get("success") or {}).get(s))
-        )
-        for s in stages
-    }
-    sigmas = sorted(
-        {r.get("noise_multiplier") for r in records if r.get("noise_multiplier") is not None}
-    )
-    checks = _check_overview(records)
-    versions = {r["record_version"] for r in records}
-    valid = None if versions == {1} else all(is_valid(r.get("checks") or []) for r in records)
-    powers = [(r.get("detection") or {}).get("power") for r in records]
-    measured = last.get("privacy_measured") or {}
     return {
         "audits": len(records),
-        "first_step": records[0]["step"],
-        "last_step": last["step"],
-        "mode": last.get("mode", "imprint"),
-        "final_epsilon": last.get("epsilon"),
-        "epsilon_accountant": last.get("epsilon_accountant"),
-        "epsilon_note": last.get("epsilon_note"),
-        "delta": last.get("delta"),
-        "noise_multiplier": last.get("noise_multiplier"),
-        "noise_multipliers": sigmas,
-        "mu_step": last.get("mu_step"),
-        "sample_rate": last.get("sample_rate"),
-        "kappa": last.get("kappa"),
-        "kappa_baseline": last.get("kappa_baseline"),
-        "kappa_uniform": last.get("kappa_uniform"),
-        "success_criterion": last.get("success_criterion"),
-        "mean_success_rate": success,
-        "max_success_rate": best,
-        "recovered": recovered,
-        "mean_identification_rate": identification,
-        "identified": identified,
-        "identification_chance": identification_chance,
-        "bounds": last.get("bounds"),
-        "final_run_bounds": last.get("run_bounds"),
-        "mean_metrics": means,
-        "found_singletons": sum(r.get("found_singletons") or 0 for r in records),
-        "true_singletons": sum(r.get("true_singletons") or 0 for r in records),
-        "occupied_bins": sum(r.get("occupied_bins") or 0 for r in records),
-        "detection_power": _mean(powers),
-        "detection_test": (last.get("detection") or {}).get("test"),
-        "epsilon_lower": measured.get("epsilon_lower"),
-        "epsilon_step_claimed": measured.get("epsilon_step_claimed"),
-        "mu_step_measured": measured.get("mu_step_measured"),
-        "mu_step_ci": measured.get("mu_step_ci"),
-        "checks": checks,
-        "valid": valid,
+        "first_step": records[0].step,
+        "last_step": last.step,
+        "mode": last.mode or "imprint",
+        "epsilon": last.epsilon,
+        "epsilon_accountant": last.epsilon_accountant,
+        "epsilon_note": last.epsilon_note,
+        "delta": last.delta,
+        "noise_multiplier": last.noise_multiplier,
+        "noise_multipliers": sorted(
+            {r.noise_multiplier for r in records if r.noise_multiplier is not None}
+        ),
+        "mu_step": last.mu_step,
+        "sample_rate": last.sample_rate,
+        "kappa": last.kappa,
+        "kappa_baseline": last.kappa_baseline,
+        "kappa_uniform": last.kappa_uniform,
+        "bounds": last.bounds,
+        "run_bounds": last.run_bounds,
     }
 
 
-def _criterion_text(summary: Mapping[str, Any]) -> str:
-    crit = summary.get("success_criterion") or {}
-    metric = str(crit.get("metric", "?"))
-    label = METRICS[metric].label if metric in METRICS else metric.upper()
-    op = "≥" if crit.get("higher_is_better") else "≤"
-    return f"{label} {op} {fmt(crit.get('threshold'))}"
+def _count(records: Sequence[AuditRecord], rate_of, stage: str) -> int:
+    """Samples behind a per-batch share, summed over audits (share × batch size)."""
+    return sum(
+        round(rate_of(r)[stage] * (r.batch_size or 0))
+        for r in records
+        if finite((rate_of(r) or {}).get(stage))
+    )
 
 
-def verdict(summary: Mapping[str, Any]) -> dict[str, str]:
-    """What the audit found, as ``{"status", "headline", "text"}`` (see :data:`VERDICT_STATUSES`)."""
-    if not summary.get("audits"):
-        return {
-            "status": "no_audits",
-            "headline": "No audit was recorded.",
-            "text": "No audit was recorded, so nothing can be said about this run.",
-        }
-    n = summary["audits"]
-    sigma = fmt(summary.get("noise_multiplier"))
-    context = (
-        f"Over {n} audit{'s' if n != 1 else ''} (steps {summary['first_step']}–"
-        f"{summary['last_step']}) at noise multiplier σ = {sigma} (ε = "
-        f"{fmt(summary.get('final_epsilon'))} at δ = {fmt(summary.get('delta'))})"
-    )
-    note = summary.get("epsilon_note")
-    tail = [note.rstrip(".") + "."] if note else []
-    tail += _bound_text(summary)
-    checks = summary.get("checks") or {}
-    failed = {name: c for name, c in checks.items() if c["status"] == "fail"}
-    if failed:
-        reasons = "; ".join(
-            f"{name} failed in {c['fail']} of {n} audits (first at step {c['first_step']}): "
-            f"{c['detail'].rstrip('.')}"
-            for name, c in failed.items()
-        )
-        return {
-            "status": "invalid",
-            "headline": "This audit is invalid: " + ", ".join(failed) + " failed.",
-            "text": f"This audit is invalid: {reasons}. Nothing in this report can be read as "
-            "'no leakage'." + _seen(summary),
-        }
-    if summary.get("mode") == "mechanism" and not checks:
-        return {
-            "status": "undetectable",
-            "headline": "Nothing was audited.",
-            "text": f"{context}, nothing was audited: no ImprintBlock, no shadow audit and no "
-            "mechanism checks.",
-        }
-    if summary.get("mode") == "mechanism":
-        warned = [name for name, c in checks.items() if c["status"] == "warn"]
-        return {
-            "status": "mechanism_ok",
-            "headline": "The DP mechanism matched the accountant at every audit.",
-            "text": f"{context}, the noise, clipping, sampling and accountant checks found the "
-            "mechanism the accountant assumes"
-            + (f" (warnings: {', '.join(warned)})" if warned else "")
-            + ". No images were audited (no ImprintBlock, no shadow audit), so this says nothing "
-            "about what an attacker could reconstruct.",
-        }
-    rates = summary.get("mean_success_rate") or {}
-    recovered = summary.get("recovered") or {}
-    kappa = summary.get("kappa")
-    rule = _criterion_text(summary)
-    attack = {s: recovered.get(s, 0) for s in ("raw", "dm") if s in rates}
-    best_stage = max(attack, key=lambda s: rates.get(s) or 0.0, default=None)
-    ident = _identification_leak(summary)
-    tail += _membership_text(summary)
-    if ident is not None and not (
-        best_stage is not None
-        and attack[best_stage] > 0
-        and (kappa is None or (rates.get(best_stage) or 0.0) > kappa)
-    ):
-        stage, count, chance, p_value = ident
-        visible = stage == "raw"
-        return {
-            "status": "leakage",
-            "headline": "Reconstructions single out their own training images"
-            + ("." if visible else " (with the diffusion prior)."),
-            "text": f"{context}, {count} {stage_name(stage)} reconstructions were nearer to "
-            f"their own training image than to every other image of their batch, where a "
-            f"guess without the gradient would manage at most {chance} (1/N per batch; "
-            f"one-sided p {_p_text(p_value)}). That is leakage: the attacker tells which "
-            "training image was in the step"
-            + (
-                f", even though no reconstruction met the criterion {rule} more often than a guess"
-                if attack
-                else ""
-            )
-            + ". "
-            + " ".join(tail),
-        }
-    if best_stage is not None and attack[best_stage] > 0:
-        parts = [
-            f"{stage_name(s)}: {fmt(rates.get(s), '.1%')} of each audited batch on average "
-            f"({_images(attack[s])})"
-            for s in attack
-        ]
-        above = kappa is None or (rates.get(best_stage) or 0.0) > kappa
-        if above:
-            visible = "raw" in attack and attack["raw"] > 0
-            return {
-                "status": "leakage",
-                "headline": "Training images were reconstructed from single privatised gradients"
-                + ("." if visible else " (only with the diffusion prior)."),
-                "text": f"{context}, reconstructions met the criterion {rule}: "
-                + "; ".join(parts)
-                + ". Training images are recoverable from one privatised step by an attacker "
-                "who controls the model"
-                + ("" if visible else " and has a prior for this kind of image")
-                + ". "
-                + " ".join(tail),
-            }
-        return {
-            "status": "not_above_baseline",
-            "headline": "Some reconstructions met the criterion, but no more than a guess would.",
-            "text": f"{context}, reconstructions met the criterion {rule}: "
-            + "; ".join(parts)
-            + f". That is no more than the baseline κ = {fmt(kappa)}, the success of the best "
-            "guess without the gradient at the same criterion, so it is not evidence of leakage. "
-            + " ".join(tail),
-        }
-    warned = [name for name, c in checks.items() if c["status"] == "warn"]
-    power = summary.get("detection_power")
-    found = summary.get("found_singletons") or 0
-    true = summary.get("true_singletons") or 0
-    power_text = (
-        f"the occupancy test detects a lone image of this data at this σ with probability "
-        f"{fmt(power, '.0%')} (measured from the clean gradient sums)"
-        if power is not None
-        else "the occupancy test's power at this σ is unknown"
-    )
-    if found == 0:
-        head = (
-            f"{context}, no lone image rose above the noise ({true} lone images were in the "
-            f"audited batches); {power_text}"
-        )
-    else:
-        head = (
-            f"{context}, {found} of {true} lone images rose above the noise, but none was "
-            f"reconstructed to the criterion {rule} or identified more often than chance; "
-            f"{power_text}"
-        )
-    if power is not None and power >= POWER_FOR_NEGATIVE:
-        return {
-            "status": "no_visible_leakage",
-            "headline": "No visible leakage to this attack at this noise level.",
-            "text": f"{head}. "
-            + (
-                f"No check failed (warnings: {', '.join(warned)})"
-                if warned
-                else "Every check passed"
-            )
-            + ", so at this noise level the audit shows no visible leakage: evidence about this "
-            "attack with this prior, not a proof. " + " ".join(tail),
-        }
+def _success(records: Sequence[AuditRecord]) -> dict[str, Any]:
+    """Success to the criterion and identification, per stage."""
+    success = stages_of(records, "success")
+    ident = stages_of(records, "identification")
+    rate = {s: _mean(r.success.get(s) for r in records) for s in success}
+    best = {
+        s: max((v for r in records if finite(v := r.success.get(s))), default=None) for s in success
+    }
+    criterion = next((r.success_criterion for r in reversed(records) if r.success_criterion), None)
     return {
-        "status": "undetectable",
-        "headline": "Nothing rose above the noise; the audit cannot tell whether images leak.",
-        "text": f"{head}. The test is too weak at this σ to find most lone images, so this is "
-        "not evidence of privacy: it shows only that single images are mostly buried in noise "
-        "for this attacker. " + " ".join(tail),
+        "success_criterion": criterion,
+        "success_rate": rate,
+        "max_success_rate": best,
+        "recovered": {s: _count(records, lambda r: r.success, s) for s in success},
+        "identification_rate": {
+            s: _mean((r.identification or {}).get(s) for r in records) for s in ident
+        },
+        "identified": {s: _count(records, lambda r: r.identification, s) for s in ident},
+        # a guess without the gradient is nearest its own image with probability ≤ 1/N per
+        # batch of N: at most one sample per audit in expectation
+        "identification_chance": sum(
+            1 for r in records if (r.batch_size or 0) > 1 and r.identification
+        ),
+        "means": {
+            k: _mean(r.means.get(k) for r in records)
+            for k in sorted({k for r in records for k in r.means})
+        },
     }
 
 
-def _identification_leak(summary: Mapping[str, Any]) -> tuple[str, int, int, float] | None:
-    """``(stage, identified, chance, p)`` for the stage that identifies above chance, if any.
+def _detection(records: Sequence[AuditRecord]) -> dict[str, Any]:
+    """Lone samples found and in the batches, and the occupancy test's power."""
+    return {
+        "lone_found": sum(r.lone_found for r in records),
+        "lone_in_batch": sum(r.lone_in_batch for r in records),
+        "occupied_bins": sum((r.counts.occupied_bins or 0) if r.counts else 0 for r in records),
+        "detection_power": _mean(r.detection_power for r in records),
+        "detection_test": (records[-1].detection or {}).get("test"),
+    }
 
-    A guess without the gradient is nearest its own image among the N of its batch with
-    probability ≤ 1/N, so at most one sample per audit in expectation (``chance``); the count is
-    tested against a Poisson tail with that mean (conservative for sums of independent trials).
+
+def _measured(records: Sequence[AuditRecord]) -> dict[str, Any]:
+    """The membership test's pooled estimates, as of the last audit."""
+    last = records[-1]
+    keys = ("epsilon_lower", "epsilon_step_claimed", "mu_step_measured", "mu_step_ci")
+    return {"measured": {k: last.measured(k) for k in keys}}
+
+
+def _checks(records: Sequence[AuditRecord]) -> dict[str, Any]:
+    """Per check, its counts and the first detail at its worst status; and the run's validity."""
+    out: dict[str, CheckOverview] = {}
+    for r in records:
+        for c in r.checks:
+            entry = out.setdefault(c.name, CheckOverview(name=c.name))
+            counter = {"pass": "passed", "warn": "warned", "fail": "failed"}[c.status]
+            setattr(entry, counter, getattr(entry, counter) + 1)
+            if entry.detail is None or status_rank(c.status) > status_rank(entry.status):
+                entry.status, entry.detail, entry.first_step = c.status, c.detail, r.step
+    for entry in out.values():  # the worst status over all audits
+        entry.status = "fail" if entry.failed else "warn" if entry.warned else "pass"
+    validity = [r.valid for r in records]
+    valid = False if False in validity else None if None in validity else True
+    return {"checks": out, "valid": valid}
+
+
+def summarize(records: Sequence[AuditRecord | Mapping[str, Any]]) -> RunSummary:
+    """A run's audits in one :class:`RunSummary` with its :class:`Verdict`.
+
+    Args:
+        records: the run's audit records (typed, or their JSON objects of any record version).
     """
-    from scipy import stats
+    from .verdict import verdict
 
-    identified = summary.get("identified") or {}
-    chance = summary.get("identification_chance") or 0
-    if not identified or chance <= 0:
-        return None
-    for stage in ("raw", "dm"):  # the raw readout first: leakage visible without a prior
-        count = identified.get(stage)
-        if not count:
-            continue
-        p_value = float(stats.poisson.sf(count - 1, chance))
-        if p_value < IDENTIFICATION_LEVEL:
-            return stage, int(count), int(chance), p_value
-    return None
+    records = [r if isinstance(r, AuditRecord) else AuditRecord.from_json(r) for r in records]
+    if not records:
+        summary = RunSummary()
+    else:
+        values: dict[str, Any] = {}
+        for group in (_accounting, _success, _detection, _measured, _checks):
+            values.update(group(records))
+        summary = RunSummary(**values)
+    summary.verdict = verdict(summary)
+    return summary
 
 
-def _p_text(p_value: float) -> str:
-    return "< 1e-12" if p_value < 1e-12 else f"= {p_value:.1g}"
+def __getattr__(name: str) -> Any:
+    """Release 0.1 kept the verdict here; it lives in :mod:`.verdict` now."""
+    if name in ("verdict", "VERDICT_STATUSES", "POWER_FOR_NEGATIVE", "IDENTIFICATION_LEVEL"):
+        from . import verdict as module
 
-
-def _membership_text(summary: Mapping[str, Any]) -> list[str]:
-    """The membership lower bound, where it is positive (it rules out a clean reading)."""
-    lower = summary.get("epsilon_lower")
-    if not _finite(lower) or lower <= 0:
-        return []
-    return [
-        f"The membership test on the imprint bins measured ε ≥ {fmt(lower)} for one step "
-        "(95 % confidence, given the sample is in the step): whether a known image was in a "
-        "step is detectable from its gradient."
-    ]
-
-
-def _bound_text(summary: Mapping[str, Any]) -> list[str]:
-    """The one-step ReRo bounds, stated only where no guess without the gradient beats them."""
-    bounds = summary.get("bounds") or {}
-    out = []
-    bound, kappa = bounds.get("single_step"), summary.get("kappa")
-    measured, uniform = summary.get("kappa_baseline"), summary.get("kappa_uniform")
-    if bound is not None and measured is None and kappa == uniform:
-        out.append(
-            f"No public images measured what a guess without the gradient achieves at this "
-            f"criterion, so its bound (κ = 1/N = {fmt(kappa)}: {fmt(bound)}) may be beaten by a "
-            "fixed guess and is not stated as a limit; give public images for a baseline."
-        )
-    elif bound is not None and bound >= 0.9995:
-        out.append(
-            f"The ReRo bound of one step is {fmt(bound)} at this σ: it rules out nothing here."
-        )
-    elif bound is not None:
-        base = (
-            f"the larger of κ̂ = {fmt(measured)}, what the best fixed guess achieves on public "
-            "images at this criterion, and 1/N"
-            if measured is not None and summary.get("kappa") == max(measured, uniform or 0.0)
-            else "as configured"
-        )
-        out.append(
-            f"For the step an audit reads, no attack can reach a success rate above "
-            f"{fmt(bound)} at this criterion (ReRo bound of one Gaussian step, baseline κ = "
-            f"{fmt(kappa)}: {base})."
-        )
-    ident = bounds.get("single_step_identification")
-    if ident is not None and ident < 0.9995:
-        out.append(
-            f"No attack can make a reconstruction nearer to its own image than to every other "
-            f"image of its batch with probability above {fmt(ident)} (κ = 1/N exact)."
-        )
-    return out
-
-
-def _images(n: int) -> str:
-    return f"{n} image" if n == 1 else f"{n} images"
-
-
-def stage_name(stage: str) -> str:
-    return {"raw": "raw readout", "dm": "diffusion prior", "clean": "without noise"}.get(
-        stage, stage
-    )
-
-
-def _seen(summary: Mapping[str, Any]) -> str:
-    rates = summary.get("mean_success_rate") or {}
-    recovered = summary.get("recovered") or {}
-    seen = [
-        f"{stage_name(s)} {fmt(rates.get(s), '.1%')} ({_images(recovered.get(s, 0))})"
-        for s in ("raw", "dm")
-        if s in rates
-    ]
-    if not seen:
-        return ""
-    return (
-        " What was measured all the same: reconstructions to the criterion " + ", ".join(seen) + "."
-    )
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..checks.entries import status_rank
+from ..record import AuditRecord
 from ..schema import METRICS, STAGES, parse_metric_key
 from .logdir import EVENTS_GLOB, secure_file
 
@@ -121,23 +121,22 @@ class TensorBoardSink:
         else:
             self.writer.add_text(tag, f"{tag} = {value} at step {step}", step)
 
-    def log_audit(self, record: dict[str, Any], result=None) -> None:
+    def log_audit(self, record: AuditRecord, result=None) -> None:
         """Log one audit record (and its images, when ``result`` is an :class:`AuditResult`)."""
-        step = int(record["step"])
+        step = record.step
         if not self._layout_written:
             self._layout()
         for tag, value in record_scalars(record).items():
             self._scalar(tag, value, step)
-        note = record.get("epsilon_note")
+        note = record.epsilon_note
         if note and note != self._last_note:  # written when it first appears or changes
             self.writer.add_text("privacy/epsilon_note", note, step)
         self._last_note = note
-        failed = [c for c in record.get("checks") or [] if c["status"] == "fail"]
-        if failed:
-            text = "\n".join(f"* **{c['name']}**: {c['detail']}" for c in failed)
+        if record.failed_checks:
+            text = "\n".join(f"* **{c.name}**: {c.detail}" for c in record.failed_checks)
             self.writer.add_text("checks/failed", text, step)
         if result is not None and result.truth.dim() == 4 and result.truth.shape[0] > 0:
-            shadow = record.get("mode") == "shadow"
+            shadow = record.mode == "shadow"
             tag = "shadow/reconstructions" if shadow else "audit/reconstructions"
             self.writer.add_image(tag, self.grid(result), step)
         self.writer.flush()
@@ -183,53 +182,49 @@ class TensorBoardSink:
             self.writer.close()
 
 
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def record_scalars(record: Mapping[str, Any]) -> dict[str, Any]:
+def record_scalars(record: AuditRecord) -> dict[str, float]:
     """Every chart value of a record as ``{tag: value}`` (TensorBoard tags; ``inf`` kept as is).
 
     The one place that maps record fields to chart names: ``privacy/*``, ``quality/<stage>/*``,
-    ``bounds/*`` (this step's bounds), ``run_bounds/*`` (whole run), ``checks/<name>/*``. A
-    shadow audit's ``quality/*`` and ``detection/*`` tags are prefixed ``shadow/``: they describe
-    the simulated adversary (:data:`MODES`), not the trained model.
+    ``bounds/*`` (this step's bounds), ``run_bounds/*`` (whole run), ``detection/*``,
+    ``checks/<name>/*``. A shadow audit's ``quality/*`` and ``detection/*`` tags are prefixed
+    ``shadow/``: they describe the simulated adversary, not the trained model.
     """
-    out: dict[str, Any] = {
-        "privacy/epsilon": record.get("epsilon"),
-        "privacy/mu_step": record.get("mu_step"),
-    }
-    for name, value in (record.get("privacy_measured") or {}).items():
-        if _finite_number(value) or (isinstance(value, float) and math.isinf(value)):
-            out[f"privacy/{name}"] = value
-    for key, value in (record.get("summary") or {}).items():
-        parsed = parse_metric_key(key)
-        if parsed is not None:
-            out[f"quality/{parsed[1]}/{parsed[0]}"] = value
-    for stage, value in (record.get("success") or {}).items():
-        out[f"quality/{stage}/success_rate"] = value
-    for key, value in (record.get("prior_fit") or {}).items():  # beside the DM metrics
-        if _finite_number(value):
-            out[f"quality/dm/fit_{key}"] = value
-    for stage, value in (record.get("identification") or {}).items():
-        out[f"quality/{stage}/identification_rate"] = value
-    for name, value in (record.get("bounds") or {}).items():
-        out[f"bounds/{name}"] = value
-    for name, value in (record.get("run_bounds") or {}).items():
-        out[f"run_bounds/{name}"] = value
-    detection = record.get("detection") or {}
-    if _finite_number(detection.get("power")):
-        out["detection/power"] = detection["power"]
-    for key in ("found_singletons", "true_singletons"):
-        if _finite_number(record.get(key)):
-            out[f"detection/{key}"] = record[key]
-    for entry in record.get("checks") or []:
-        out[f"checks/{entry['name']}/status"] = status_rank(entry["status"])
-        if _finite_number(entry.get("value")):
-            out[f"checks/{entry['name']}/value"] = entry["value"]
-    if record.get("mode") == "shadow":  # a simulated adversary's numbers: never beside live ones
+    out: dict[str, Any] = {"privacy/epsilon": record.epsilon, "privacy/mu_step": record.mu_step}
+    for name, value in (record.privacy_measured or {}).items():
+        out[f"privacy/{name}"] = value
+    for key, value in record.means.items():
+        metric, stage = parse_metric_key(key) or (None, None)
+        if metric is not None:
+            out[f"quality/{stage}/{metric}"] = value
+    groups = (
+        ("quality/{}/success_rate", record.success),
+        ("quality/{}/identification_rate", record.identification or {}),
+        ("quality/dm/fit_{}", record.prior_fit or {}),  # beside the DM metrics
+        ("bounds/{}", record.bounds or {}),
+        ("run_bounds/{}", record.run_bounds or {}),
+    )
+    for pattern, values in groups:
+        out.update({pattern.format(name): value for name, value in values.items()})
+    out["detection/power"] = record.detection_power
+    if record.counts is not None:
+        out["detection/found_singletons"] = record.counts.lone_found
+        out["detection/true_singletons"] = record.counts.lone_in_batch
+    for entry in record.checks:
+        out[f"checks/{entry.name}/status"] = status_rank(entry.status)
+        out[f"checks/{entry.name}/value"] = entry.value
+    if record.mode == "shadow":  # a simulated adversary's numbers: never beside live ones
         out = {
             (f"shadow/{tag}" if tag.startswith(("quality/", "detection/")) else tag): value
             for tag, value in out.items()
         }
-    return {tag: value for tag, value in out.items() if value is not None}
+    return {tag: value for tag, value in out.items() if _chartable(tag, value)}
+
+
+def _chartable(tag: str, value: Any) -> bool:
+    """A number for a chart, never a bool or text; ``inf`` (written as text under the tag) only
+    where it means something: ε, µ, metrics, bounds (not check values, fit or detection)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return False
+    finite_only = tag.endswith("/value") or "/fit_" in tag or "detection/" in tag
+    return math.isfinite(value) or not finite_only
