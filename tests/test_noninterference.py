@@ -5,8 +5,8 @@ import torch
 from opacus import PrivacyEngine
 from torch import nn
 
-from conftest import imprint_model
 from opacus_dmaudit import DMAuditor
+from tests.helpers import imprint_model
 
 
 def _train(
@@ -99,7 +99,7 @@ def _train_plain(mnist5k, tmp_path, *, audit: bool, steps: int = 6):
 
     The prior and LPIPS are covered by the live-imprint test above; here the simulated
     adversary's noise and bins must not touch training either."""
-    from conftest import small_cnn
+    from tests.helpers import small_cnn
 
     torch.manual_seed(1234)
     x, y = mnist5k["private"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DiffusionPrior, DMAuditor, ImprintBlock, read_audit_log
 from opacus_dmaudit.errors import AuditCheckFailed
+from tests.helpers import imprint_model, make_private, train_steps
 
 #: What the capture at 3x256x256, K = 128, batch 64 does in a fresh process (ghost clipping).
 CAPTURE_256 = r"""

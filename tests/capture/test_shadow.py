@@ -8,10 +8,10 @@ import torch
 from scipy import stats
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import imprint_model, make_private, small_cnn, train_steps
 from opacus_dmaudit import DMAuditor, read_audit_log
 from opacus_dmaudit.capture.shadow import ShadowAdversary, as_images
 from opacus_dmaudit.schema import MODES
+from tests.helpers import imprint_model, make_private, small_cnn, train_steps
 
 
 def _audit(mnist5k, log_dir, *, mode, sigma, steps, **kwargs):

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_private, small_cnn, train_steps
 from opacus_dmaudit import DiffusionPrior, DMAuditor, ImprintBlock
 from opacus_dmaudit.checks.prior_fit import _verdict, faithful, public_fit
 from opacus_dmaudit.config import AuditConfig
 from opacus_dmaudit.score.metrics import LPIPS
+from tests.helpers import make_private, small_cnn, train_steps
 
 
 def test_the_rule_faithful_hallucinating_or_losing():

@@ -10,7 +10,6 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
-from conftest import imprint_model, small_cnn, train_steps
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.capture.hooks import GradientCapture
 from opacus_dmaudit.capture.step import CapturedStep
@@ -19,6 +18,7 @@ from opacus_dmaudit.checks.validity import validity_checks
 from opacus_dmaudit.errors import AuditCheckFailed
 from opacus_dmaudit.privacy.canaries import Canaries, one_run_epsilon_lower, one_run_p_value
 from opacus_dmaudit.privacy.empirical import epsilon_lower_bound, gaussian_mu
+from tests.helpers import imprint_model, small_cnn, train_steps
 
 MECHANISM = {"noise_scale", "noise_shape", "clipping", "sampling", "accountant"}
 

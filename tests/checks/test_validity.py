@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor, ImprintBlock
 from opacus_dmaudit.reconstruct.bins import lone_sample_moments
 from opacus_dmaudit.sinks.summary import summarize, verdict
+from tests.helpers import imprint_model, make_private, train_steps
 
 FAST = {"metrics": ("mse",), "report": True}
 

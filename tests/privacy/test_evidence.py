@@ -5,9 +5,9 @@ import statistics
 import pytest
 import torch
 
-from conftest import audited_run, imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.assets.data import load_mnist_idx
+from tests.helpers import audited_run, imprint_model, make_private, train_steps
 
 
 def _audit_run(x, y, public, tmp_path, *, sigma, steps=3, structure="sparse", metrics=("mse",)):
@@ -74,7 +74,7 @@ def test_real_mnist_test_set(shared_data, mnist5k, tmp_path):
 def test_auditor_denoises_every_recovered_image_with_the_embedded_prior(mnist5k, tmp_path):
     """``_dm`` metrics per recovered image, at the readout's predicted noise, better than raw."""
     auditor, _ = audited_run(
-        mnist5k, tmp_path, sigma=0.03, steps=3, public=2000, prior="embedded:mnist"
+        mnist5k, tmp_path, sigma=0.03, steps=3, calibration=2000, prior="embedded:mnist"
     )
     auditor.close()
     scored = [im for r in auditor.history for im in r["images"] if "mse_raw" in im]

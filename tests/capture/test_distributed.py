@@ -24,8 +24,8 @@ def _worker(rank, world, port, out_dir, sigma, steps):
     import torch.distributed as dist
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
-    from conftest import imprint_model, make_private
     from opacus_dmaudit import DMAuditor
+    from tests.helpers import imprint_model, make_private
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)

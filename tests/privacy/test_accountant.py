@@ -7,7 +7,6 @@ import warnings
 import pytest
 from opacus.accountants import RDPAccountant
 
-from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.privacy.accountant import (
     NO_GUARANTEE,
@@ -16,6 +15,7 @@ from opacus_dmaudit.privacy.accountant import (
     epsilon_note,
     read_epsilon,
 )
+from tests.helpers import imprint_model, make_private, train_steps
 
 
 def _prv_run(mnist5k, tmp_path, sigma):

@@ -6,8 +6,8 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
-from conftest import imprint_model, make_private, small_cnn, train_steps
 from opacus_dmaudit import DMAuditor, ImprintBlock
+from tests.helpers import imprint_model, make_private, small_cnn, train_steps
 
 FAST_METRICS = ("mse", "ssim")
 
