@@ -7,16 +7,22 @@ import torch
 
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.assets.data import load_mnist_idx
-from tests.helpers import audited_run, imprint_model, make_private, train_steps
+from tests.helpers import audited_run, make_private
 
 
 def _audit_run(x, y, public, tmp_path, *, sigma, steps=3, structure="sparse", metrics=("mse",)):
-    model = imprint_model(public, num_bins=128, structure=structure)
-    model, opt, loader, engine = make_private(model, x, y, sigma=sigma)
-    auditor = DMAuditor(privacy_engine=engine, log_dir=tmp_path, every_n_steps=1, metrics=metrics)
-    auditor.attach(opt)
-    train_steps(model, opt, loader, steps)
-    auditor.close()
+    """Every step of a run on ``(x, y)`` audited, the bins calibrated on ``public``; closed."""
+    auditor, _ = audited_run(
+        None,
+        tmp_path,
+        sigma=sigma,
+        steps=steps,
+        train=(x, y),
+        calibration=public,
+        block={"structure": structure},
+        metrics=metrics,
+        close=True,
+    )
     return auditor
 
 
