@@ -144,7 +144,7 @@ def celebahq_prior(tmp_path_factory):
 def test_audit_at_256px_with_a_celebahq_layout_prior(celebahq_prior, tmp_path):
     prior = celebahq_prior
     assert prior.model_shape == (3, 256, 256) and prior.source == "google/ddpm-celebahq-256"
-    assert prior.timesteps_for(0.5).item() == 258  # the linear schedule of DESIGN.md §4
+    assert prior.timesteps_for(0.5).item() == 258  # linear β: σ_t nearest 2·0.5 (in [-1, 1] units)
     torch.manual_seed(0)
     x = nn.functional.interpolate(torch.rand(80, 3, 8, 8), size=(256, 256), mode="bilinear")
     block = ImprintBlock(image_shape=(3, 256, 256), num_bins=32).calibrate(x[48:])

@@ -49,7 +49,8 @@ def test_measured_noise_matches_prediction_on_mnist5k(mnist5k, tmp_path, structu
     mean = statistics.mean(ratios)
     assert 0.85 < mean < 1.15, mean
     if structure == "sparse":
-        # the σ·‖x‖ regime of a dominating imprint (DESIGN §4); ‖x‖ ≈ 9.5 for MNIST digits.
+        # an imprint that dominates the per-sample norm, clipped: per-pixel noise std ≈ σ·‖x‖,
+        # and ‖x‖ ≈ 9.5 for MNIST digits
         # (cumulative readouts are noisier by √2 and by √rows of the sample's bin)
         stds = [
             im["noise_std"] for r in auditor.history for im in r["images"] if im["true_count"] == 1
