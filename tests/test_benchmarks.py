@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
-def _run(script: str, *args: str, cwd: Path = ROOT) -> str:
+def _run(script: str, *args: str, cwd: Path = REPO) -> str:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
         cwd=cwd,
         capture_output=True,
         text=True,

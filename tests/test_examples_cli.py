@@ -1,14 +1,12 @@
 import json
 import runpy
 import sys
-from pathlib import Path
 
 import pytest
 
 from opacus_dmaudit import read_audit_log
 from opacus_dmaudit.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def test_plain_mnist_example_fast(tmp_path, monkeypatch):
@@ -26,7 +24,7 @@ def test_plain_mnist_example_fast(tmp_path, monkeypatch):
             "2",
         ],
     )
-    runpy.run_path(str(ROOT / "examples" / "plain_mnist.py"), run_name="__main__")
+    runpy.run_path(str(REPO / "examples" / "plain_mnist.py"), run_name="__main__")
     records = read_audit_log(tmp_path / "audit.jsonl")
     assert [r["step"] for r in records] == [2, 4]
     assert records[-1]["found_singletons"] >= 10
@@ -71,7 +69,7 @@ def test_demo_cli_short_run(tmp_path, capsys):
 @pytest.mark.slow
 def test_cifar10_resnet9_example_on_real_cifar10(tmp_path, shared_data):
     """The GroupNorm ResNet-9 example on the real CIFAR-10 test images, with the small RGB prior."""
-    example = runpy.run_path(str(ROOT / "examples" / "cifar10_resnet9.py"))
+    example = runpy.run_path(str(REPO / "examples" / "cifar10_resnet9.py"))
     args = ["--log-dir", str(tmp_path), "--prior", "embedded:natural", "--steps", "2"]
     args += ["--every", "2", "--width", "8", "--batch-size", "64", "--noise-multiplier", "0.001"]
     history = example["main"](args)

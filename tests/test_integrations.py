@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from opacus_dmaudit import read_audit_log
 from opacus_dmaudit.integrations import find_dp_optimizer
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
 
 
@@ -28,7 +28,7 @@ def _framework(name: str):
 
 
 def _example(name: str, argv: list[str]):
-    return runpy.run_path(str(ROOT / "examples" / name))["main"](argv)
+    return runpy.run_path(str(REPO / "examples" / name))["main"](argv)
 
 
 def _tags(log_dir) -> dict:
@@ -185,7 +185,7 @@ def test_huggingface_callback_runs_shadow_and_mechanism_modes(mnist5k, tmp_path)
     from opacus_dmaudit.demo import digit_cnn
     from opacus_dmaudit.integrations.huggingface import DMAuditTrainerCallback
 
-    ex = runpy.run_path(str(ROOT / "examples" / "huggingface_mnist.py"))
+    ex = runpy.run_path(str(REPO / "examples" / "huggingface_mnist.py"))
 
     class Plain(nn.Module):
         def __init__(self):

@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-from opacus import PrivacyEngine
-from torch import nn
 
-from conftest import imprint_model
 from opacus_dmaudit import DMAuditor
+from tests.helpers import imprint_model, make_private, private_training, small_cnn, train_steps
 
 
 def _train(
@@ -23,51 +21,38 @@ def _train(
     torch.manual_seed(1234)
     x, y = mnist5k["private"]
     model = imprint_model(mnist5k["prior"][0][:1000], num_bins=64, seed=7)
-    gen_kwargs = {}
-    loader_gen = None
+    generators = {}
     if explicit_generators:
-        gen_kwargs["noise_generator"] = torch.Generator().manual_seed(99)
-        loader_gen = torch.Generator().manual_seed(98)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y), batch_size=50, generator=loader_gen
-    )
-    engine = PrivacyEngine(accountant="rdp")
-    crit = nn.CrossEntropyLoss()
-    out = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-        data_loader=loader,
-        noise_multiplier=sigma,
-        max_grad_norm=1.0,
+        generators["noise_generator"] = torch.Generator().manual_seed(99)
+        generators["loader_generator"] = torch.Generator().manual_seed(98)
+    p = private_training(
+        model,
+        x,
+        y,
+        sigma=sigma,
+        batch_size=50,
+        lr=0.1,
+        momentum=0.9,
         grad_sample_mode=grad_sample_mode,
-        **({"criterion": crit} if grad_sample_mode == "ghost" else {}),
-        **gen_kwargs,
+        **generators,
     )
-    model, opt, *rest = out
-    loader = rest[-1]
-    crit = rest[0] if grad_sample_mode == "ghost" else crit
     auditor = None
     if audit:
         # LPIPS and the embedded prior too: loading and running them must not touch the global RNG
         auditor = DMAuditor(
-            privacy_engine=engine,
+            privacy_engine=p.engine,
             log_dir=tmp_path,
             every_n_steps=2,
             prior="embedded:mnist",
             background=background,  # the worker thread runs while training goes on
-        ).attach(opt)
-    for i, (xb, yb) in enumerate(loader):
-        opt.zero_grad()
-        crit(model(xb), yb).backward()
-        opt.step()
-        if i + 1 == steps:
-            break
+        ).attach(p.optimizer)
+    train_steps(p.model, p.optimizer, p.loader, steps, criterion=p.criterion)
     if auditor is not None:
         auditor.close()
         assert len(auditor.history) == steps // 2
         assert any("lpips_dm" in im for r in auditor.history for im in r["images"])
-    params = [p.detach().clone() for p in model.parameters()]
-    return params, engine.get_epsilon(1e-5), torch.rand(4)
+    params = [q.detach().clone() for q in p.model.parameters()]
+    return params, p.engine.get_epsilon(1e-5), torch.rand(4)
 
 
 @pytest.mark.parametrize(
@@ -99,19 +84,10 @@ def _train_plain(mnist5k, tmp_path, *, audit: bool, steps: int = 6):
 
     The prior and LPIPS are covered by the live-imprint test above; here the simulated
     adversary's noise and bins must not touch training either."""
-    from conftest import small_cnn
-
     torch.manual_seed(1234)
     x, y = mnist5k["private"]
-    model = small_cnn()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50)
-    engine = PrivacyEngine(accountant="rdp")
-    model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-        data_loader=loader,
-        noise_multiplier=0.02,
-        max_grad_norm=1.0,
+    model, opt, loader, engine = make_private(
+        small_cnn(), x, y, sigma=0.02, batch_size=50, lr=0.1, momentum=0.9
     )
     auditor = None
     if audit:
@@ -123,12 +99,7 @@ def _train_plain(mnist5k, tmp_path, *, audit: bool, steps: int = 6):
             public=mnist5k["prior"][0][:500],
             metrics=("mse", "ssim"),
         ).attach(opt, model=model)
-    for i, (xb, yb) in enumerate(loader):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(xb), yb).backward()
-        opt.step()
-        if i + 1 == steps:
-            break
+    train_steps(model, opt, loader, steps)
     if auditor is not None:
         auditor.close()
         assert [r["mode"] for r in auditor.history] == ["shadow"] * (steps // 2)

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from conftest import audited_run, imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor, read_audit_log
 from opacus_dmaudit.cli import main
 from opacus_dmaudit.errors import LogDirInUse
 from opacus_dmaudit.sinks.logdir import LogDir
 from opacus_dmaudit.sinks.report.build import build_report
+from tests.helpers import audited_run, imprint_model, make_private, train_steps
 
 FAST = {"metrics": ("mse",), "tensorboard": False}
 

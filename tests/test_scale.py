@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DiffusionPrior, DMAuditor, ImprintBlock, read_audit_log
 from opacus_dmaudit.errors import AuditCheckFailed
+from tests.helpers import audited_run, make_private, train_steps
 
 #: What the capture at 3x256x256, K = 128, batch 64 does in a fresh process (ghost clipping).
 CAPTURE_256 = r"""
@@ -144,7 +144,7 @@ def celebahq_prior(tmp_path_factory):
 def test_audit_at_256px_with_a_celebahq_layout_prior(celebahq_prior, tmp_path):
     prior = celebahq_prior
     assert prior.model_shape == (3, 256, 256) and prior.source == "google/ddpm-celebahq-256"
-    assert prior.timesteps_for(0.5).item() == 258  # the linear schedule of DESIGN.md §4
+    assert prior.timesteps_for(0.5).item() == 258  # linear β: σ_t nearest 2·0.5 (in [-1, 1] units)
     torch.manual_seed(0)
     x = nn.functional.interpolate(torch.rand(80, 3, 8, 8), size=(256, 256), mode="bilinear")
     block = ImprintBlock(image_shape=(3, 256, 256), num_bins=32).calibrate(x[48:])
@@ -177,21 +177,19 @@ def test_audit_at_256px_with_a_celebahq_layout_prior(celebahq_prior, tmp_path):
 
 # -- background audits ---------------------------------------------------------------------------
 def _run(mnist5k, log_dir, *, background, steps=4, **kwargs):
-    x, y = mnist5k["private"]
-    model = imprint_model(mnist5k["prior"][0][:512], num_bins=128, seed=3)
-    model, opt, loader, engine = make_private(model, x, y, sigma=0.02)
-    auditor = DMAuditor(
-        privacy_engine=engine,
-        log_dir=log_dir,
-        every_n_steps=2,
+    auditor, _ = audited_run(
+        mnist5k,
+        log_dir,
+        sigma=0.02,
+        steps=steps,
+        every=2,
+        calibration=512,
+        seed=3,
         background=background,
         tensorboard=False,
+        close=True,
         **kwargs,
-    ).attach(opt)
-    try:
-        train_steps(model, opt, loader, steps)
-    finally:
-        auditor.close()
+    )
     return auditor
 
 
@@ -216,21 +214,20 @@ def test_background_audits_write_the_same_records_in_step_order(mnist5k, tmp_pat
 def test_a_failed_check_in_the_background_reaches_the_training_loop(mnist5k, tmp_path):
     """strict=True: the worker's AuditCheckFailed is raised in the training thread."""
     x, y = mnist5k["private"]
-    model = imprint_model(mnist5k["prior"][0][:512], num_bins=128, seed=3)
-    model, opt, loader, engine = make_private(model, x * 255, y, sigma=0.02)  # 0..255 pixels
-    auditor = DMAuditor(
-        privacy_engine=engine,
-        log_dir=tmp_path,
-        every_n_steps=1,
-        background=True,
-        strict=True,
-        metrics=("mse",),
-        tensorboard=False,
-        report=False,
-    ).attach(opt)
     with pytest.raises(AuditCheckFailed, match="value_range"):
-        try:
-            train_steps(model, opt, loader, 3)
-        finally:
-            auditor.close()
+        audited_run(
+            mnist5k,
+            tmp_path,
+            sigma=0.02,
+            steps=3,
+            train=(x * 255, y),  # 0..255 pixels
+            calibration=512,
+            seed=3,
+            background=True,
+            strict=True,
+            metrics=("mse",),
+            tensorboard=False,
+            report=False,
+            close=True,
+        )
     assert read_audit_log(tmp_path / "audit.jsonl")  # the failing audit was logged first

@@ -7,10 +7,7 @@ import numpy as np
 import pytest
 import torch
 from opacus import PrivacyEngine
-from opacus.utils.batch_memory_manager import BatchMemoryManager
-from torch import nn
 
-from conftest import imprint_model, small_cnn, train_steps
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.capture.hooks import GradientCapture
 from opacus_dmaudit.capture.step import CapturedStep
@@ -19,68 +16,30 @@ from opacus_dmaudit.checks.validity import validity_checks
 from opacus_dmaudit.errors import AuditCheckFailed
 from opacus_dmaudit.privacy.canaries import Canaries, one_run_epsilon_lower, one_run_p_value
 from opacus_dmaudit.privacy.empirical import epsilon_lower_bound, gaussian_mu
+from tests.helpers import imprint_model, private_training, small_cnn, train_steps
 
 MECHANISM = {"noise_scale", "noise_shape", "clipping", "sampling", "accountant"}
 
 
-def _private(
-    mnist5k,
-    *,
-    imprint=False,
-    sigma=1.0,
-    batch_size=64,
-    n=1000,
-    poisson=True,
-    shuffle=False,
-    grad_sample_mode="hooks",
-    loss_reduction="mean",
-    clipping="flat",
-    seed=0,
-):
+#: Opacus's adaptive clipping, starting at C = 1.
+ADAPTIVE = dict(
+    target_unclipped_quantile=0.5,
+    clipbound_learning_rate=0.2,
+    max_clipbound=10.0,
+    min_clipbound=0.1,
+)
+
+
+def _private(mnist5k, *, imprint=False, sigma=1.0, n=1000, poisson=True, seed=0, **private):
     """A small model made private on the real digits; returns model, optimizer, loader, engine,
-    criterion."""
+    criterion. ``private``: ``private_training`` keywords (batch size, modes, clipping...)."""
     x, y = mnist5k["private"]
-    x, y = x[:n], y[:n]
     torch.manual_seed(seed)
     model = imprint_model(mnist5k["prior"][0][:1000], num_bins=128) if imprint else small_cnn()
-    engine = PrivacyEngine(accountant="rdp")
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle
-    )
-    criterion = nn.CrossEntropyLoss(reduction=loss_reduction)
-    n_params = len(list(model.parameters()))
-    kwargs = {}
-    if clipping == "per_layer":
-        kwargs["max_grad_norm"] = [1.0 / math.sqrt(n_params)] * n_params
-    elif clipping == "adaptive":
-        kwargs.update(
-            max_grad_norm=1.0,
-            target_unclipped_quantile=0.5,
-            clipbound_learning_rate=0.2,
-            max_clipbound=10.0,
-            min_clipbound=0.1,
-            unclipped_num_std=max(sigma, 1.0),
-        )
-    else:
-        kwargs["max_grad_norm"] = 1.0
-    if grad_sample_mode == "ghost":
-        kwargs["criterion"] = criterion
-    out = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-        data_loader=loader,
-        noise_multiplier=sigma,
-        poisson_sampling=poisson,
-        grad_sample_mode=grad_sample_mode,
-        loss_reduction=loss_reduction,
-        clipping=clipping,
-        **kwargs,
-    )
-    if grad_sample_mode == "ghost":
-        model, opt, criterion, loader = out
-    else:
-        model, opt, loader = out
-    return model, opt, loader, engine, criterion
+    if private.get("clipping") == "adaptive":
+        private.update(ADAPTIVE, unclipped_num_std=max(sigma, 1.0))
+    p = private_training(model, x[:n], y[:n], sigma=sigma, poisson_sampling=poisson, **private)
+    return p.model, p.optimizer, p.loader, p.engine, p.criterion
 
 
 def _auditor(tmp_path, engine, opt, model, *, every, imprint=False, **kwargs):
@@ -95,35 +54,6 @@ def _auditor(tmp_path, engine, opt, model, *, every, imprint=False, **kwargs):
         **kwargs,
     )
     return auditor.attach(opt, model=None if imprint else model)
-
-
-def _run(model, opt, loader, criterion, steps, after_step=None, bmm=None):
-    done = 0
-
-    def loop(batches):
-        nonlocal done
-        for xb, yb in batches:
-            opt.zero_grad()
-            criterion(model(xb), yb).backward()
-            opt.step()
-            if getattr(opt, "_is_last_step_skipped", False):
-                continue
-            done += 1
-            if after_step is not None:
-                after_step(done)
-            if done == steps:
-                return True
-        return False
-
-    while True:
-        if bmm:
-            with BatchMemoryManager(
-                data_loader=loader, max_physical_batch_size=bmm, optimizer=opt
-            ) as mem:
-                if loop(mem):
-                    return
-        elif loop(loader):
-            return
 
 
 def _statuses(record):
@@ -196,7 +126,7 @@ def test_a_broken_mechanism_fails_at_the_first_audit_after_it_starts(
         else:
             _sigma_behind_accountant(opt, engine, 1.0)
 
-    _run(model, opt, loader, criterion, 10, after_step)
+    train_steps(model, opt, loader, 10, after_step, criterion=criterion)
     auditor.close()
     before, after = auditor.history
     assert set(_statuses(before)) == MECHANISM
@@ -214,7 +144,7 @@ def test_a_broken_mechanism_fails_at_the_first_audit_after_it_starts(
 def test_fixed_shuffled_batches_under_poisson_accounting_warn(mnist5k, tmp_path):
     model, opt, loader, engine, criterion = _private(mnist5k, poisson=False, shuffle=True)
     auditor = _auditor(tmp_path, engine, opt, model, every=8)
-    _run(model, opt, loader, criterion, 8)
+    train_steps(model, opt, loader, 8, criterion=criterion)
     auditor.close()
     (record,) = auditor.history
     statuses = _statuses(record)
@@ -231,7 +161,7 @@ def test_clipping_off_in_ghost_mode_is_caught_by_the_lone_imprint_bins(mnist5k, 
     auditor = _auditor(tmp_path, engine, opt, model, every=2, imprint=True)
     model.max_grad_norm = 1e6  # the module stops clipping; the optimizer's noise stays σC
 
-    _run(model, opt, loader, criterion, 2)
+    train_steps(model, opt, loader, 2, criterion=criterion)
     auditor.close()
     (record,) = auditor.history
     clipping = next(c for c in record["checks"] if c["name"] == "clipping")
@@ -243,7 +173,7 @@ def test_strict_raises_after_logging_the_failed_audit(mnist5k, tmp_path, monkeyp
     auditor = _auditor(tmp_path, engine, opt, model, every=2, strict=True)
     _halve_noise(monkeypatch)
     with pytest.raises(AuditCheckFailed, match="noise_scale"):
-        _run(model, opt, loader, criterion, 2)
+        train_steps(model, opt, loader, 2, criterion=criterion)
     auditor.close()
     assert auditor.history and _statuses(auditor.history[-1])["noise_scale"] == "fail"
 
@@ -282,7 +212,7 @@ def test_correct_runs_pass_every_mechanism_check_over_200_audits(mnist5k):
             accountant=engine.accountant,
         )
         capture.attach()
-        _run(model, opt, loader, criterion, 24, bmm=bmm)
+        train_steps(model, opt, loader, 24, criterion=criterion, bmm=bmm)
         capture.detach()
         assert len(captured) == 24, name
         for step in captured:
@@ -355,7 +285,7 @@ def test_measured_mu_sees_halved_noise_that_the_claimed_mu_hides(mnist5k, tmp_pa
             _halve_noise(monkeypatch)
         model, opt, loader, engine, criterion = _private(mnist5k, imprint=True, sigma=1.0)
         auditor = _auditor(tmp_path / label, engine, opt, model, every=1, imprint=True)
-        _run(model, opt, loader, criterion, 6)
+        train_steps(model, opt, loader, 6, criterion=criterion)
         auditor.close()
         results[label] = auditor.history[-1]["privacy_measured"]
     ok, bad = results["correct"], results["halved"]

@@ -5,18 +5,24 @@ import statistics
 import pytest
 import torch
 
-from conftest import audited_run, imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.assets.data import load_mnist_idx
+from tests.helpers import audited_run, make_private
 
 
 def _audit_run(x, y, public, tmp_path, *, sigma, steps=3, structure="sparse", metrics=("mse",)):
-    model = imprint_model(public, num_bins=128, structure=structure)
-    model, opt, loader, engine = make_private(model, x, y, sigma=sigma)
-    auditor = DMAuditor(privacy_engine=engine, log_dir=tmp_path, every_n_steps=1, metrics=metrics)
-    auditor.attach(opt)
-    train_steps(model, opt, loader, steps)
-    auditor.close()
+    """Every step of a run on ``(x, y)`` audited, the bins calibrated on ``public``; closed."""
+    auditor, _ = audited_run(
+        None,
+        tmp_path,
+        sigma=sigma,
+        steps=steps,
+        train=(x, y),
+        calibration=public,
+        block={"structure": structure},
+        metrics=metrics,
+        close=True,
+    )
     return auditor
 
 
@@ -43,7 +49,8 @@ def test_measured_noise_matches_prediction_on_mnist5k(mnist5k, tmp_path, structu
     mean = statistics.mean(ratios)
     assert 0.85 < mean < 1.15, mean
     if structure == "sparse":
-        # the σ·‖x‖ regime of a dominating imprint (DESIGN §4); ‖x‖ ≈ 9.5 for MNIST digits.
+        # an imprint that dominates the per-sample norm, clipped: per-pixel noise std ≈ σ·‖x‖,
+        # and ‖x‖ ≈ 9.5 for MNIST digits
         # (cumulative readouts are noisier by √2 and by √rows of the sample's bin)
         stds = [
             im["noise_std"] for r in auditor.history for im in r["images"] if im["true_count"] == 1
@@ -74,7 +81,7 @@ def test_real_mnist_test_set(shared_data, mnist5k, tmp_path):
 def test_auditor_denoises_every_recovered_image_with_the_embedded_prior(mnist5k, tmp_path):
     """``_dm`` metrics per recovered image, at the readout's predicted noise, better than raw."""
     auditor, _ = audited_run(
-        mnist5k, tmp_path, sigma=0.03, steps=3, public=2000, prior="embedded:mnist"
+        mnist5k, tmp_path, sigma=0.03, steps=3, calibration=2000, prior="embedded:mnist"
     )
     auditor.close()
     scored = [im for r in auditor.history for im in r["images"] if "mse_raw" in im]

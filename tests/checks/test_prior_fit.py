@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_private, small_cnn, train_steps
-from opacus_dmaudit import DiffusionPrior, DMAuditor, ImprintBlock
+from opacus_dmaudit import DiffusionPrior
 from opacus_dmaudit.checks.prior_fit import _verdict, faithful, public_fit
 from opacus_dmaudit.config import AuditConfig
 from opacus_dmaudit.score.metrics import LPIPS
+from tests.helpers import audited_run
 
 
 def test_the_rule_faithful_hallucinating_or_losing():
@@ -59,22 +59,20 @@ def test_public_fit_tells_a_fitting_prior_from_a_guessing_one(mnist5k):
 
 def _audit_once(train_x, public, tmp_path, **kwargs):
     """One real DP-SGD step (σ small enough that lone images are found), audited once."""
-    torch.manual_seed(0)
-    block = ImprintBlock(image_shape=tuple(train_x.shape[1:]), num_bins=128).calibrate(public)
-    model = nn.Sequential(block, small_cnn(train_x.shape[1], train_x.shape[-1]))
-    y = torch.zeros(train_x.shape[0], dtype=torch.long)
-    model, opt, loader, engine = make_private(model, train_x, y, sigma=0.01, batch_size=64)
-    auditor = DMAuditor(
-        privacy_engine=engine,
-        log_dir=tmp_path,
-        every_n_steps=1,
+    auditor, _ = audited_run(
+        None,
+        tmp_path,
+        sigma=0.01,
+        steps=1,
+        train=(train_x, torch.zeros(train_x.shape[0], dtype=torch.long)),
+        calibration=public,
+        metrics=AuditConfig().metrics,  # the auditor's default metrics
         prior="embedded:mnist",
         max_images=12,
         prior_fit_public=4,
+        close=True,
         **kwargs,
-    ).attach(opt)
-    train_steps(model, opt, loader, 1)
-    auditor.close()
+    )
     assert len(auditor.history) == 1
     return auditor.history[0]
 

@@ -8,20 +8,17 @@ import stat
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from conftest import audited_run
 from opacus_dmaudit.sinks.report.build import build_report, load_audit_images
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, audited_run
 
 TRAINING_SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    sys.path.insert(0, {tests!r})
-    from conftest import imprint_model, make_private
+    sys.path.insert(0, {repo!r})
+    from tests.helpers import imprint_model, make_private
     from opacus_dmaudit import DMAuditor
     from opacus_dmaudit.assets.data import mnist_5k_split
 
@@ -46,7 +43,7 @@ TRAINING_SCRIPT = textwrap.dedent(
 def test_report_from_a_killed_training_process(tmp_path):
     log_dir = tmp_path / "run"
     script = tmp_path / "train.py"
-    script.write_text(TRAINING_SCRIPT.format(tests=str(ROOT / "tests"), log_dir=str(log_dir)))
+    script.write_text(TRAINING_SCRIPT.format(repo=str(REPO), log_dir=str(log_dir)))
     proc = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )

@@ -24,8 +24,8 @@ def _worker(rank, world, port, out_dir, sigma, steps):
     import torch.distributed as dist
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
-    from conftest import imprint_model, make_private
     from opacus_dmaudit import DMAuditor
+    from tests.helpers import imprint_model, make_private, train_steps
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -44,15 +44,12 @@ def _worker(rank, world, port, out_dir, sigma, steps):
             tensorboard=False,
             report=False,
         ).attach(opt)
-        truths = []
-        for i, (xb, yb) in enumerate(loader, start=1):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
-            if rank == 0:
-                truths.append(auditor.last_result.truth.clone())
-            if i == steps:
-                break
+        truths = []  # rank 0: the real images of each audited step (the ground truth)
+
+        def keep_truth(step):
+            truths.append(auditor.last_result.truth.clone())
+
+        train_steps(model, opt, loader, steps, keep_truth if rank == 0 else None)
         auditor.close()
         torch.save(
             {"seen": seen, "truths": truths, "history": auditor.history},

@@ -7,8 +7,6 @@ import warnings
 import pytest
 from opacus.accountants import RDPAccountant
 
-from conftest import imprint_model, make_private, train_steps
-from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.privacy.accountant import (
     NO_GUARANTEE,
     PRV_MIN_SIGMA,
@@ -16,18 +14,21 @@ from opacus_dmaudit.privacy.accountant import (
     epsilon_note,
     read_epsilon,
 )
+from tests.helpers import audited_run
 
 
 def _prv_run(mnist5k, tmp_path, sigma):
-    x, y = mnist5k["private"]
-    model = imprint_model(mnist5k["prior"][0][:1000], num_bins=64)
-    # Opacus's default accountant: PRV
-    model, opt, loader, engine = make_private(model, x, y, sigma=sigma, accountant="prv")
-    auditor = DMAuditor(
-        privacy_engine=engine, log_dir=tmp_path, every_n_steps=2, metrics=("mse",)
-    ).attach(opt)
-    train_steps(model, opt, loader, 2)
-    auditor.close()
+    auditor, engine = audited_run(
+        mnist5k,
+        tmp_path,
+        sigma=sigma,
+        steps=2,
+        every=2,
+        block={"num_bins": 64},
+        private={"accountant": "prv"},  # Opacus's default accountant
+        metrics=("mse",),
+        close=True,
+    )
     return engine, auditor.history[-1]
 
 

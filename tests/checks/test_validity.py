@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor, ImprintBlock
 from opacus_dmaudit.reconstruct.bins import lone_sample_moments
 from opacus_dmaudit.sinks.summary import summarize, verdict
+from tests.helpers import audited_run, imprint_model, make_private
 
 FAST = {"metrics": ("mse",), "report": True}
 
@@ -18,13 +18,16 @@ FAST = {"metrics": ("mse",), "report": True}
 def _run(mnist5k, log_dir, *, scale=1.0, sigma=0.01, steps=2, **block_kwargs):
     """Audit ``steps`` DP-SGD steps whose inputs are the private digits times ``scale``."""
     x, y = mnist5k["private"]
-    block_kwargs.setdefault("num_bins", 128)
-    model = imprint_model(mnist5k["prior"][0][:1000], **block_kwargs)
-    model, opt, loader, engine = make_private(model, x * scale, y, sigma=sigma)
-    auditor = DMAuditor(privacy_engine=engine, log_dir=log_dir, every_n_steps=1, **FAST)
-    auditor.attach(opt)
-    train_steps(model, opt, loader, steps)
-    auditor.close()
+    auditor, _ = audited_run(
+        mnist5k,
+        log_dir,
+        sigma=sigma,
+        steps=steps,
+        train=(x * scale, y),
+        block=block_kwargs,
+        close=True,
+        **FAST,
+    )
     return auditor
 
 

@@ -47,7 +47,8 @@ def embedded():
     return DiffusionPrior.from_pretrained("embedded:mnist")
 
 
-# -- Algorithm 1: reference values of DESIGN.md §4 ------------------------------------------------
+# -- Algorithm 1: reference values of the linear schedule (β 1e-4..0.02, T = 1000), where
+# σ_t = √((1 − ᾱ_t)/ᾱ_t) and a noise level s is matched at argmin_t |σ_t − s| ------------------
 def test_reference_sigmas_and_timesteps():
     sigma_t = sigma_schedule(linear_schedule().alphas_cumprod)
     assert sigma_t[99].item() == pytest.approx(0.33883, abs=5e-6)

@@ -7,7 +7,6 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.capture.hooks import GradientCapture
 from opacus_dmaudit.config import AuditConfig
@@ -15,6 +14,7 @@ from opacus_dmaudit.reconstruct.bins import bin_rows
 from opacus_dmaudit.reconstruct.detection import occupancy_test
 from opacus_dmaudit.reconstruct.readout import read_imprint
 from opacus_dmaudit.score.scoring import score_step
+from tests.helpers import imprint_model, make_private, train_steps
 
 SHAPE = (1, 16, 16)
 D = 256

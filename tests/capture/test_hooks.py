@@ -2,18 +2,11 @@
 
 import pytest
 import torch
-from opacus import PrivacyEngine
-from opacus.utils.batch_memory_manager import BatchMemoryManager
-from torch import nn
 
-from conftest import imprint_model, make_private, small_cnn, train_steps
 from opacus_dmaudit import DMAuditor, ImprintBlock
+from tests.helpers import audited_run, imprint_model, make_private, small_cnn, train_steps
 
 FAST_METRICS = ("mse", "ssim")
-
-
-def _loader(x, y, batch_size=64):
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
 
 
 def train_audited(
@@ -23,66 +16,30 @@ def train_audited(
     sigma=0.0,
     steps=4,
     every=2,
-    grad_sample_mode="hooks",
-    loss_reduction="mean",
     structure="sparse",
-    clipping="flat",
-    batch_size=64,
     bmm_physical=None,
     n_train=1000,
     metrics=FAST_METRICS,
+    **private,
 ):
+    """Audit ``steps`` steps on ``n_train`` private digits; ``private``: Opacus settings
+    (``grad_sample_mode``, ``loss_reduction``, ``clipping``, ``batch_size``)."""
     x, y = mnist5k["private"]
     x, y = x[:: 1000 // n_train][:n_train], y[:: 1000 // n_train][:n_train]
-    model = imprint_model(mnist5k["prior"][0][:2000], num_bins=128, structure=structure)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    engine = PrivacyEngine(accountant="rdp")
-    n_params = len(list(model.parameters()))
-    extra = {"max_grad_norm": [1.0 / n_params**0.5] * n_params} if clipping == "per_layer" else {}
-    out = engine.make_private(
-        module=model,
-        optimizer=opt,
-        data_loader=_loader(x, y, batch_size),
-        noise_multiplier=sigma,
-        max_grad_norm=extra.pop("max_grad_norm", 1.0),
-        grad_sample_mode=grad_sample_mode,
-        loss_reduction=loss_reduction,
-        clipping=clipping,
-        **(
-            {"criterion": nn.CrossEntropyLoss(reduction=loss_reduction)}
-            if grad_sample_mode == "ghost"
-            else {}
-        ),
+    return audited_run(
+        mnist5k,
+        tmp_path,
+        sigma=sigma,
+        steps=steps,
+        every=every,
+        train=(x, y),
+        calibration=2000,
+        block={"structure": structure},
+        private=private,
+        bmm=bmm_physical,
+        close=True,
+        metrics=metrics,
     )
-    if grad_sample_mode == "ghost":
-        model, opt, criterion, loader = out
-    else:
-        model, opt, loader = out
-        criterion = nn.CrossEntropyLoss(reduction=loss_reduction)
-    auditor = DMAuditor(
-        privacy_engine=engine, log_dir=tmp_path, every_n_steps=every, metrics=metrics
-    )
-    auditor.attach(opt)
-
-    def run(batches):
-        done = 0
-        for xb, yb in batches:
-            opt.zero_grad()
-            criterion(model(xb), yb).backward()
-            opt.step()
-            done += 0 if getattr(opt, "_is_last_step_skipped", False) else 1
-            if done >= steps:
-                return
-
-    if bmm_physical:
-        with BatchMemoryManager(
-            data_loader=loader, max_physical_batch_size=bmm_physical, optimizer=opt
-        ) as mem_loader:
-            run(mem_loader)
-    else:
-        run(loader)
-    auditor.close()
-    return auditor, opt, engine
 
 
 def assert_exact(auditor, min_found=10):
@@ -101,7 +58,7 @@ def assert_exact(auditor, min_found=10):
 @pytest.mark.parametrize("grad_sample_mode", ["hooks", "functorch", "ghost"])
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
 def test_exact_recovery_without_noise(mnist5k, tmp_path, grad_sample_mode, loss_reduction):
-    auditor, _, _ = train_audited(
+    auditor, _ = train_audited(
         mnist5k, tmp_path, grad_sample_mode=grad_sample_mode, loss_reduction=loss_reduction
     )
     assert [r["step"] for r in auditor.history] == [2, 4]
@@ -109,14 +66,14 @@ def test_exact_recovery_without_noise(mnist5k, tmp_path, grad_sample_mode, loss_
 
 
 def test_exact_recovery_cumulative(mnist5k, tmp_path):
-    auditor, _, _ = train_audited(mnist5k, tmp_path, structure="cumulative")
+    auditor, _ = train_audited(mnist5k, tmp_path, structure="cumulative")
     assert_exact(auditor)
 
 
 def test_max_abs_error_of_raw_readout_below_1e4(mnist5k, tmp_path):
     """Max abs pixel error of every singleton readout, both structures, in [0, 1] units."""
     for structure in ("sparse", "cumulative"):
-        auditor, _, _ = train_audited(mnist5k, tmp_path / structure, structure=structure, steps=2)
+        auditor, _ = train_audited(mnist5k, tmp_path / structure, structure=structure, steps=2)
         res = auditor.last_result
         singles = [
             i
@@ -129,7 +86,7 @@ def test_max_abs_error_of_raw_readout_below_1e4(mnist5k, tmp_path):
 
 
 def test_batch_memory_manager_sees_the_whole_logical_batch(mnist5k, tmp_path):
-    auditor, _, _ = train_audited(mnist5k, tmp_path, batch_size=64, bmm_physical=16)
+    auditor, _ = train_audited(mnist5k, tmp_path, batch_size=64, bmm_physical=16)
     # logical batches of ~64 real samples, read from 4+ physical batches
     assert all(r["batch_size"] > 30 for r in auditor.history)
     assert_exact(auditor)
@@ -137,7 +94,7 @@ def test_batch_memory_manager_sees_the_whole_logical_batch(mnist5k, tmp_path):
 
 def test_empty_poisson_batches(mnist5k, tmp_path):
     """Tiny sampling rate: most batches are empty; the audit logs them instead of crashing."""
-    auditor, opt, engine = train_audited(
+    auditor, _ = train_audited(
         mnist5k, tmp_path, batch_size=1, n_train=200, steps=20, every=1, sigma=0.0
     )
     sizes = [r["batch_size"] for r in auditor.history]
@@ -150,7 +107,7 @@ def test_empty_poisson_batches(mnist5k, tmp_path):
 
 def test_per_layer_clipping_warns_and_recovers_up_to_scale(mnist5k, tmp_path):
     with pytest.warns(UserWarning, match="up to scale"):
-        auditor, _, _ = train_audited(mnist5k, tmp_path, clipping="per_layer", steps=2)
+        auditor, _ = train_audited(mnist5k, tmp_path, clipping="per_layer", steps=2)
     res = auditor.last_result
     singles = [i for i, im in enumerate(res.record["images"]) if im["true_count"] == 1]
     assert singles

@@ -8,34 +8,29 @@ import torch
 from scipy import stats
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import imprint_model, make_private, small_cnn, train_steps
 from opacus_dmaudit import DMAuditor, read_audit_log
 from opacus_dmaudit.capture.shadow import ShadowAdversary, as_images
 from opacus_dmaudit.schema import MODES
+from tests.helpers import audited_run, make_private, small_cnn
 
 
 def _audit(mnist5k, log_dir, *, mode, sigma, steps, **kwargs):
     """Train on the real digits with a live imprint model or a plain CNN (shadow); the noise has
     its own generator, so both modes draw the same Poisson batches from the global RNG."""
-    x, y = mnist5k["private"]
-    public = mnist5k["prior"][0][:1000]
     torch.manual_seed(0)
-    model = imprint_model(public, num_bins=128) if mode == "imprint" else small_cnn()
-    model, opt, loader, engine = make_private(
-        model, x, y, sigma=sigma, noise_generator=torch.Generator().manual_seed(5)
-    )
     kwargs.setdefault("metrics", ("mse", "ssim"))
-    auditor = DMAuditor(
-        privacy_engine=engine,
-        log_dir=log_dir,
-        every_n_steps=1,
+    auditor, _ = audited_run(
+        mnist5k,
+        log_dir,
+        sigma=sigma,
+        steps=steps,
+        model=None if mode == "imprint" else small_cnn(),
+        private={"noise_generator": torch.Generator().manual_seed(5)},
         shadow=mode == "shadow",
-        public=public,
+        public=mnist5k["prior"][0][:1000],
+        close=True,
         **kwargs,
     )
-    auditor.attach(opt, model=None if mode == "imprint" else model)
-    train_steps(model, opt, loader, steps)
-    auditor.close()
     return auditor
 
 

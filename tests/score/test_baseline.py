@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from conftest import audited_run
 from opacus_dmaudit.privacy.bounds import rero_gaussian
 from opacus_dmaudit.score.baseline import estimate_kappa
 from opacus_dmaudit.score.metrics import LPIPS, identified, image_metrics, pairwise
 from opacus_dmaudit.sinks.summary import verdict
+from tests.helpers import audited_run
 
 
 def _astronaut_patches(n: int) -> torch.Tensor:
@@ -88,7 +88,7 @@ def test_a_fixed_guess_beats_one_over_n_and_kappa_hat_sees_it(mnist5k, shared_da
 @pytest.mark.slow
 def test_records_carry_kappa_at_the_criterion_and_identification(mnist5k, tmp_path):
     auditor, engine = audited_run(
-        mnist5k, tmp_path, sigma=0.02, steps=1, metrics=("mse", "lpips"), public=600
+        mnist5k, tmp_path, sigma=0.02, steps=1, metrics=("mse", "lpips"), calibration=600
     )
     auditor.close()
     r = auditor.history[-1]

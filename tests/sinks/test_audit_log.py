@@ -5,10 +5,10 @@ import stat
 
 import pytest
 
-from conftest import imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor, read_audit_log
 from opacus_dmaudit.privacy.accountant import epsilon_from_accountant
 from opacus_dmaudit.sinks.audit_log import AuditLog
+from tests.helpers import imprint_model, make_private, train_steps
 
 REQUIRED = {"step", "epsilon", "noise_multiplier", "max_grad_norm", "sample_rate", "images"}
 IMAGE_KEYS = {

@@ -8,8 +8,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import audited_run, imprint_model, make_private, train_steps
 from opacus_dmaudit import DMAuditor, read_audit_log
+from tests.helpers import audited_run, imprint_model, make_private, train_steps
 
 
 def _events(path):

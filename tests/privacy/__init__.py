@@ -1,0 +1,1 @@
+"""Tests of ``opacus_dmaudit.privacy``."""

@@ -1,0 +1,152 @@
+"""The log directory: its layout, owner-only files and folders, atomic writes, and reuse rules."""
+
+import json
+import logging
+import math
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from opacus_dmaudit.errors import LogDirInUse
+from opacus_dmaudit.sinks.logdir import LogDir, load_images, private_mkdir, write_private
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_layout_names_every_part_inside_the_folder(tmp_path):
+    log = LogDir(tmp_path / "run")
+    assert log.audit_log == tmp_path / "run" / "audit.jsonl"
+    assert log.run_file == tmp_path / "run" / "run.json"
+    assert log.report_json == tmp_path / "run" / "report.json"
+    assert log.report_html == tmp_path / "run" / "report.html"
+    assert log.images_dir == tmp_path / "run" / "images"
+    assert log.image_file(50) == tmp_path / "run" / "images" / "step_00000050.npz"
+    log.prepare()
+    for name in ("events.out.tfevents.2.host", "events.out.tfevents.1.host", "notes.txt"):
+        (log.path / name).write_text("x")
+    assert [p.name for p in log.event_files()] == [
+        "events.out.tfevents.1.host",
+        "events.out.tfevents.2.host",
+    ]
+
+
+def test_prepare_creates_missing_folders_owner_only(tmp_path):
+    log = LogDir(tmp_path / "a" / "b" / "run").prepare()
+    for folder in (tmp_path / "a", tmp_path / "a" / "b", log.path):
+        assert folder.is_dir() and _mode(folder) == 0o700, folder
+    assert not log.holds_audit() and list(log.path.iterdir()) == []
+
+
+def test_an_existing_open_folder_keeps_its_mode_and_is_warned_about(tmp_path, caplog):
+    os.chmod(tmp_path, 0o755)
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit.sinks.logdir"):
+        LogDir(tmp_path).prepare()
+    assert _mode(tmp_path) == 0o755
+    assert "accessible to other users" in caplog.text
+
+
+def test_a_file_in_place_of_the_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="give a folder for log_dir"):
+        private_mkdir(tmp_path / "run")
+
+
+def test_json_is_written_owner_only_with_infinity(tmp_path):
+    log = LogDir(tmp_path / "run").prepare()
+    log.write_json(log.run_file, {"epsilon": math.inf, "steps": [1, 2]})
+    assert _mode(log.run_file) == 0o600
+    assert json.loads(log.run_file.read_text()) == {"epsilon": math.inf, "steps": [1, 2]}
+    assert sorted(p.name for p in log.path.iterdir()) == ["run.json"]  # no temporary file
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "report.json"
+    write_private(path, b'{"old": true}')
+    with pytest.raises(TypeError):
+        write_private(path, "text, not bytes")  # fails after the temporary file was made
+    assert path.read_bytes() == b'{"old": true}'
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    write_private(path, b'{"new": true}')  # replaced in one rename
+    assert path.read_bytes() == b'{"new": true}' and _mode(path) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_images_are_stored_as_owner_only_uint8_and_read_back(tmp_path):
+    log = LogDir(tmp_path / "run").prepare()
+    truth = torch.rand(3, 1, 28, 28)
+    raw = truth * 2 - 0.5  # readouts leave [0, 1]
+    raw[0, 0, 0, 0] = float("nan")
+    path = log.save_images(7, truth=truth, raw=raw, dm=None)
+    assert path == log.image_file(7)
+    assert _mode(path) == 0o600 and _mode(log.images_dir) == 0o700
+    images = log.load_images(7)
+    assert set(images) == {"truth", "raw"}  # None is not stored
+    assert images["truth"].dtype == np.uint8 and images["truth"].shape == (3, 1, 28, 28)
+    expected = np.floor(truth.numpy() * 255 + 0.5)
+    assert np.array_equal(images["truth"], expected.astype(np.uint8))
+    assert images["raw"][0, 0, 0, 0] == 0  # NaN shown black
+    assert images["raw"].min() == 0 and images["raw"].max() == 255  # clipped to [0, 1]
+    assert sorted(p.name for p in log.images_dir.iterdir()) == ["step_00000007.npz"]
+
+
+def test_missing_or_torn_image_files_read_as_none(tmp_path, caplog):
+    log = LogDir(tmp_path / "run").prepare()
+    assert log.load_images(3) is None
+    log.save_images(3, truth=torch.rand(2, 1, 8, 8))
+    torn = log.image_file(3)
+    torn.write_bytes(torn.read_bytes()[:40])
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit.sinks.logdir"):
+        assert log.load_images(3) is None
+    assert "skipping unreadable image file" in caplog.text
+    np.savez(tmp_path / "code.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):  # object arrays need pickle: refused
+        load_images(tmp_path / "code.npz")
+
+
+def _earlier_audit(log: LogDir) -> None:
+    log.prepare()
+    log.audit_log.write_text('{"step": 1}\n')
+    log.run_file.write_text("{}")
+    log.report_html.write_text("<html></html>")
+    log.save_images(1, truth=torch.rand(1, 1, 8, 8))
+    (log.path / "events.out.tfevents.1.host").write_text("events")
+    (log.path / "notes.txt").write_text("the user's own file")
+
+
+def test_a_folder_holding_an_audit_is_refused_unless_resumed(tmp_path):
+    log = LogDir(tmp_path / "run")
+    log.prepare()
+    log.audit_log.write_text("")
+    assert not log.holds_audit()  # an empty log is no audit
+    log.prepare()
+    _earlier_audit(log)
+    assert log.holds_audit()
+    with pytest.raises(LogDirInUse, match="already holds an audit.*existing='overwrite'"):
+        LogDir(log.path).prepare()
+    assert issubclass(LogDirInUse, FileExistsError)
+    LogDir(log.path).prepare(resume=True)  # the same run, continued
+    assert log.audit_log.read_text() == '{"step": 1}\n'
+
+
+def test_overwrite_removes_the_auditors_files_and_nothing_else(tmp_path):
+    log = LogDir(tmp_path / "run")
+    _earlier_audit(log)
+    LogDir(log.path).prepare(existing="overwrite")
+    assert sorted(p.name for p in log.path.iterdir()) == ["notes.txt"]
+    assert not log.holds_audit()
+
+
+def test_prepare_makes_readable_audit_files_owner_only(tmp_path):
+    log = LogDir(tmp_path / "run")
+    _earlier_audit(log)
+    os.chmod(log.audit_log, 0o644)
+    os.chmod(log.report_html, 0o644)
+    os.chmod(log.path / "notes.txt", 0o644)
+    LogDir(log.path).prepare(resume=True)
+    assert _mode(log.audit_log) == 0o600 and _mode(log.report_html) == 0o600
+    assert _mode(log.path / "notes.txt") == 0o644  # not the auditor's file
