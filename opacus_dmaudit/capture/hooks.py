@@ -39,6 +39,7 @@ from collections.abc import Callable
 import torch
 from opacus.optimizers import DPOptimizer
 
+from ..privacy.accountant import history_from_accountant, steps_from_accountant
 from .imprint import ImprintBlock, find_imprint_block
 from .mechanism import clean_sums_before, snapshot_clipping, snapshot_noise
 from .step import CapturedStep, ImprintSums
@@ -62,16 +63,6 @@ def clipping_mode(optimizer: DPOptimizer) -> str:
 
 #: Keyword names under which models take their batch (the first found is the batch).
 _INPUT_NAMES = ("pixel_values", "input", "inputs", "x", "images", "input_ids")
-
-
-def _accountant_history(accountant) -> list[tuple[float, float, int]]:
-    return [
-        (float(s), float(q), int(n)) for s, q, n in (getattr(accountant, "history", None) or [])
-    ]
-
-
-def _accountant_steps(accountant) -> int:
-    return sum(n for _, _, n in _accountant_history(accountant))
 
 
 def _count_from_gradients(optimizer: DPOptimizer) -> int:
@@ -222,7 +213,7 @@ class GradientCapture:
                 self.optimizer.original_optimizer.register_step_pre_hook(self._reduced_hook)
             )
         self.optimizer._dmaudit_capture = self
-        self._start = (self.step, _accountant_steps(self.accountant))
+        self._start = (self.step, steps_from_accountant(self.accountant))
         self._attached = True
 
     def detach(self) -> None:
@@ -318,7 +309,7 @@ class GradientCapture:
         for size in captured.batch_sizes:
             size = -1 if size < 0 else int(size)
             self._size_counts[size] = self._size_counts.get(size, 0) + 1
-        history = _accountant_history(self.accountant)
+        history = history_from_accountant(self.accountant)
         try:
             accumulated = int(optimizer.accumulated_iterations)
         except Exception:  # per-sample gradients already gone: the common case is one
@@ -337,7 +328,7 @@ class GradientCapture:
             if self.accountant is None
             else {
                 "history": history[-1:],
-                "counted": _accountant_steps(self.accountant) - self._start[1],
+                "counted": steps_from_accountant(self.accountant) - self._start[1],
                 "taken": self.step - self._start[0],
             }
         )

@@ -25,14 +25,16 @@ __all__ = [
     "history_from_accountant",
     "steps_from_accountant",
     "sample_rate_from_accountant",
+    "step_rdp",
     "PRV_MIN_SIGMA",
     "MEANINGLESS_EPSILON",
     "NO_GUARANTEE",
 ]
 
-#: Below this noise multiplier Opacus's PRV accountant takes seconds to minutes per query (8 s at
-#: σ = 0.1, 45 s at σ = 0.01 for 60 steps on 2 cores); the auditor then asks RDP about the same
-#: history instead (about 12 ms, a valid upper bound, looser than PRV).
+#: Below this noise multiplier Opacus's PRV machinery takes seconds to minutes per query (8 s at
+#: σ = 0.1, 45 s at σ = 0.01 for 60 steps on 2 cores) and its discretisation breaks down: ε is
+#: then read from RDP of the same history (about 12 ms, a valid upper bound, looser than PRV),
+#: and :func:`~opacus_dmaudit.privacy.bounds.run_bounds` skips its PRV privacy-profile bound.
 PRV_MIN_SIGMA = 0.3
 
 #: Above this ε a DP guarantee says nothing a reader can use (e^100 bounds any likelihood ratio).
@@ -86,8 +88,13 @@ class EpsilonReading:
     at_smallest_order: bool = False
 
 
-@functools.lru_cache(maxsize=64)
-def _step_rdp(sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]):
+@functools.lru_cache(maxsize=96)
+def step_rdp(sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]) -> np.ndarray:
+    """RDP of one Poisson-subsampled Gaussian step at ``orders`` (Opacus's analysis), cached.
+
+    A run is audited at one ``(q, σ)`` many times, and T identical steps compose to T times this
+    curve (what Opacus's ``compute_rdp`` returns for ``steps=T``). The array is read-only.
+    """
     from opacus.accountants.analysis.rdp import compute_rdp
 
     rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders)
@@ -103,7 +110,7 @@ def _rdp_epsilon(history: list, orders: tuple[float, ...], delta: float) -> tupl
     order is known without Opacus warning about it. A curve of T identical steps is T times the
     cached one-step curve (what Opacus's ``compute_rdp`` returns for ``steps=T``).
     """
-    rdp = sum(_step_rdp(float(q), float(s), orders) * int(t) for s, q, t in history)
+    rdp = sum(step_rdp(float(q), float(s), orders) * int(t) for s, q, t in history)
     alphas = np.atleast_1d(np.asarray(orders, dtype=float))
     rdp = np.atleast_1d(rdp)
     eps = rdp - (np.log(delta) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)
