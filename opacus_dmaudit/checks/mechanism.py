@@ -225,10 +225,9 @@ def _lone_rows(captured: CapturedStep) -> tuple[float, int] | None:
     sums = captured.imprint
     if sums is None or sums.simulated or sums.membership.numel() == 0:
         return None
-    from ..reconstruct.bins import bin_rows
+    from ..reconstruct.bins import bin_rows, lone_bins
 
-    members = sums.membership
-    lone = ((members != 0).sum(dim=1) == 1) & (members.max(dim=1).values == 1)
+    lone = lone_bins(sums.membership)
     if not bool(lone.any()):
         return None
     dw, db, _ = bin_rows(sums.weight_clean, sums.bias_clean, structure=sums.geometry.structure)
@@ -261,44 +260,9 @@ def check_clipping(captured: CapturedStep) -> dict[str, Any] | None:
     if stats and stats["source"] == "per_sample" and stats.get("partial"):
         stats = None  # the per-sample gradients cover part of the step only
     if stats and stats["source"] == "per_sample":
-        if stats["samples"] == 0:
-            if lone is None:
-                return check("clipping", "pass", "no samples at this step", value=0.0)
-        elif stats["residual"] > SUM_TOLERANCE:
-            eff = stats.get("effective_max")
-            unclipped = stats.get("unclipped_residual", math.inf)
-            what = (
-                "it equals the sum of the *unclipped* per-sample gradients"
-                if unclipped <= SUM_TOLERANCE
-                else "it is not the sum of the per-sample gradients clipped to C"
-            )
-            eff_text = (
-                f"; the per-sample factors that fit it give contributions up to {eff:.3g}× C"
-                if eff is not None
-                else ""
-            )
-            return check(
-                "clipping",
-                "fail",
-                f"the clean clipped sum differs from the per-sample gradients clipped to C "
-                f"(relative difference {stats['residual']:.3g}): {what}{eff_text} (largest "
-                f"per-sample norm {stats['max_norm']:.3g}× C). The noise σC covers one sample's "
-                "influence only when every sample is clipped to C.",
-                value=eff if eff is not None else stats["max_norm"],
-                residual=stats["residual"],
-            )
-        else:
-            text = (
-                f"the clean sum is the sum of {stats['samples']} per-sample gradients clipped to "
-                f"C = {bound:.4g} (relative difference {stats['residual']:.1e}); largest "
-                f"contribution {stats['max_clipped']:.4f}× C, largest unclipped norm "
-                f"{stats['max_norm']:.3g}× C"
-            )
-            if lone is not None:
-                text += f"; {lone[1]} lone imprint bins at most {lone[0]:.4f}× C"
-            return check(
-                "clipping", "pass", text, value=stats["max_clipped"], residual=stats["residual"]
-            )
+        entry = _per_sample_clipping(stats, lone, bound)
+        if entry is not None:
+            return entry
     if lone is not None:
         return check(
             "clipping",
@@ -308,29 +272,82 @@ def check_clipping(captured: CapturedStep) -> dict[str, Any] | None:
             value=lone[0],
         )
     if stats and stats["source"] == "ghost":
-        module_bound = stats.get("module_bound")
-        if module_bound is not None and module_bound > bound * (1 + CLIP_TOLERANCE):
-            return check(
-                "clipping",
-                "fail",
-                f"the model clips per-sample gradients at {module_bound:.4g} while the "
-                f"optimizer's noise is calibrated to C = {bound:.4g}",
-                value=module_bound / bound,
-            )
-        where = (
-            f"the model's ghost clipping bound {module_bound:.4g}"
-            if module_bound is not None
-            else "the optimizer's C"
-        )
+        return _ghost_clipping(stats, bound)
+    return None
+
+
+def _per_sample_clipping(
+    stats: dict[str, Any], lone: tuple[float, int] | None, bound: float
+) -> dict[str, Any] | None:
+    """The clean sum against the per-sample gradients clipped to C (``None``: no samples, and the
+    lone bins speak instead)."""
+    if stats["samples"] == 0:
+        if lone is None:
+            return check("clipping", "pass", "no samples at this step", value=0.0)
+        return None
+    if stats["residual"] > SUM_TOLERANCE:
+        return _clipped_sum_differs(stats)
+    text = (
+        f"the clean sum is the sum of {stats['samples']} per-sample gradients clipped to "
+        f"C = {bound:.4g} (relative difference {stats['residual']:.1e}); largest "
+        f"contribution {stats['max_clipped']:.4f}× C, largest unclipped norm "
+        f"{stats['max_norm']:.3g}× C"
+    )
+    if lone is not None:
+        text += f"; {lone[1]} lone imprint bins at most {lone[0]:.4f}× C"
+    return check("clipping", "pass", text, value=stats["max_clipped"], residual=stats["residual"])
+
+
+def _clipped_sum_differs(stats: dict[str, Any]) -> dict[str, Any]:
+    """``fail``: the clean sum is not the per-sample gradients clipped to C (and what it is)."""
+    eff = stats.get("effective_max")
+    unclipped = stats.get("unclipped_residual", math.inf)
+    what = (
+        "it equals the sum of the *unclipped* per-sample gradients"
+        if unclipped <= SUM_TOLERANCE
+        else "it is not the sum of the per-sample gradients clipped to C"
+    )
+    eff_text = (
+        f"; the per-sample factors that fit it give contributions up to {eff:.3g}× C"
+        if eff is not None
+        else ""
+    )
+    return check(
+        "clipping",
+        "fail",
+        f"the clean clipped sum differs from the per-sample gradients clipped to C "
+        f"(relative difference {stats['residual']:.3g}): {what}{eff_text} (largest "
+        f"per-sample norm {stats['max_norm']:.3g}× C). The noise σC covers one sample's "
+        "influence only when every sample is clipped to C.",
+        value=eff if eff is not None else stats["max_norm"],
+        residual=stats["residual"],
+    )
+
+
+def _ghost_clipping(stats: dict[str, Any], bound: float) -> dict[str, Any]:
+    """Ghost clipping without lone bins: only the model's clipping bound can be compared with C."""
+    module_bound = stats.get("module_bound")
+    if module_bound is not None and module_bound > bound * (1 + CLIP_TOLERANCE):
         return check(
             "clipping",
-            "pass",
-            f"ghost clipping: per-sample norms (largest {stats['max_norm']:.3g}× C) are scaled "
-            f"to {where}; the summed gradient itself cannot be recomputed without per-sample "
-            "gradients (an imprint layer checks it through its lone bins)",
-            value=stats["max_clipped"],
+            "fail",
+            f"the model clips per-sample gradients at {module_bound:.4g} while the "
+            f"optimizer's noise is calibrated to C = {bound:.4g}",
+            value=module_bound / bound,
         )
-    return None
+    where = (
+        f"the model's ghost clipping bound {module_bound:.4g}"
+        if module_bound is not None
+        else "the optimizer's C"
+    )
+    return check(
+        "clipping",
+        "pass",
+        f"ghost clipping: per-sample norms (largest {stats['max_norm']:.3g}× C) are scaled "
+        f"to {where}; the summed gradient itself cannot be recomputed without per-sample "
+        "gradients (an imprint layer checks it through its lone bins)",
+        value=stats["max_clipped"],
+    )
 
 
 def _binomial_trials(lam: float, q: float) -> int:
