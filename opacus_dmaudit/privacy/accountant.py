@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._opacus import accountant_history, rdp_orders
+
 __all__ = [
     "EpsilonReading",
     "read_epsilon",
@@ -46,23 +48,19 @@ NO_GUARANTEE = "no meaningful formal guarantee: read the per-step µ and the ima
 logger = logging.getLogger(__name__)
 
 
-def _history(accountant) -> list:
-    return list(getattr(accountant, "history", None) or [])
-
-
 def history_from_accountant(accountant) -> list[tuple[float, float, int]]:
     """The accountant's ``(noise_multiplier, sample_rate, steps)`` entries, oldest first."""
-    return [(float(s), float(q), int(t)) for s, q, t in _history(accountant)]
+    return [(float(s), float(q), int(t)) for s, q, t in accountant_history(accountant)]
 
 
 def steps_from_accountant(accountant) -> int:
     """Optimizer steps the accountant has recorded (its history holds ``(σ, q, steps)`` entries)."""
-    return int(sum(entry[2] for entry in _history(accountant)))
+    return int(sum(entry[2] for entry in accountant_history(accountant)))
 
 
 def sample_rate_from_accountant(accountant) -> float | None:
     """Sampling rate of the most recent step, or ``None`` before any step."""
-    history = _history(accountant)
+    history = accountant_history(accountant)
     return float(history[-1][1]) if history else None
 
 
@@ -137,12 +135,6 @@ def epsilon_note(epsilon: float, *, at_smallest_order: bool = False) -> str | No
     return None
 
 
-def _rdp_orders(accountant) -> tuple[float, ...]:
-    from opacus.accountants import RDPAccountant
-
-    return tuple(getattr(accountant, "DEFAULT_ALPHAS", None) or RDPAccountant.DEFAULT_ALPHAS)
-
-
 def read_epsilon(
     accountant,
     *,
@@ -165,7 +157,7 @@ def read_epsilon(
             auditor): each kind of note is logged once as a warning, then only recorded.
     """
     name = type(accountant).__name__.replace("Accountant", "").lower() if accountant else "none"
-    history = _history(accountant)
+    history = accountant_history(accountant)
     epsilon, order, smallest = math.nan, None, False
     if noise_multiplier <= 0:
         epsilon = math.inf
@@ -176,11 +168,9 @@ def read_epsilon(
     elif name == "rdp" or (name == "prv" and noise_multiplier < PRV_MIN_SIGMA):
         if name == "prv":
             name = f"rdp (prv too slow below sigma {PRV_MIN_SIGMA})"
-            from opacus.accountants import RDPAccountant
-
-            orders = tuple(RDPAccountant.DEFAULT_ALPHAS)
+            orders = rdp_orders()
         else:
-            orders = _rdp_orders(accountant)
+            orders = rdp_orders(accountant)
         try:
             epsilon, order = _rdp_epsilon(history, orders, delta)
             smallest = order == min(orders)
@@ -240,7 +230,7 @@ def epsilon_from_accountant(accountant, *, delta: float, noise_multiplier: float
     """
     if noise_multiplier <= 0:
         return math.inf
-    if accountant is None or not _history(accountant):
+    if accountant is None or not accountant_history(accountant):
         return 0.0 if accountant is not None else math.nan
     try:
         return float(accountant.get_epsilon(delta=delta))

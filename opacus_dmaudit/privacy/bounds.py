@@ -29,6 +29,7 @@ import numpy as np
 from scipy import optimize
 from scipy.stats import norm
 
+from .._opacus import prv_loss_distribution
 from .accountant import PRV_MIN_SIGMA, step_rdp
 
 __all__ = [
@@ -138,12 +139,7 @@ def _check_kappa(kappa: float) -> None:
 
 def _prv_profile(history: tuple[tuple[float, float, int], ...]):
     """The run's privacy profile from Opacus's PRV machinery: ``(eps grid, delta grid)``."""
-    from opacus.accountants import PRVAccountant
-
-    acc = PRVAccountant()
-    acc.history = list(history)
-    dprv = acc._get_dprv(eps_error=0.01, delta_error=1e-9)
-    t, p = dprv.domain.ts, dprv.pmf
+    t, p = prv_loss_distribution(history, eps_error=0.01, delta_error=1e-9)
     d1 = np.flip(np.flip(p).cumsum())
     d2 = np.flip(np.flip(p * np.exp(-t)).cumsum())
     with np.errstate(over="ignore", invalid="ignore"):
