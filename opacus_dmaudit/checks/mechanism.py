@@ -92,41 +92,20 @@ def check_noise_scale(captured: CapturedStep) -> dict[str, Any] | None:
     stats = (captured.mechanism or {}).get("noise")
     if not stats or not stats["count"]:
         return None
+    if stats["expected_std"] <= 0:
+        return _noise_without_sigma(stats)
     n, sum_sq, expected = stats["count"], stats["sum_sq"], stats["expected_std"]
-    rounding = math.sqrt(stats["rounding_sq"])
-    measured = math.sqrt(sum_sq / n)
-    norm = math.sqrt(sum_sq)
-    if expected <= 0:
-        if norm <= 1.01 * rounding + 1e-30:
-            return check("noise_scale", "pass", "σ = 0 and no noise was added (ε = ∞)", value=0.0)
-        return check(
-            "noise_scale",
-            "warn",
-            f"σ = 0, yet noise of RMS {measured:.4g} was added to the gradient sums: the run is "
-            "more private than its accountant says (ε = ∞)",
-            value=math.inf,
-            measured_std=measured,
-        )
-    alpha = FALSE_ALARM / 3
-    q_lo, q_hi = _chi2_interval(n, alpha)
-    lo_ok = norm >= math.sqrt(q_lo) * expected - rounding
-    hi_ok = norm <= math.sqrt(q_hi) * expected + rounding
     c_lo, c_hi = _chi2_interval(n, 0.05)
-    ratio = measured / expected
+    ratio = math.sqrt(sum_sq / n) / expected
     ci = [math.sqrt(sum_sq / c_hi) / expected, math.sqrt(sum_sq / c_lo) / expected]
     base = (
         f"measured noise std / predicted σC = {ratio:.4f} (95% CI {ci[0]:.4f}–{ci[1]:.4f}) over "
         f"{n:,} coordinates of all parameters (predicted σC = {expected:.4g})"
     )
     values = {"value": ratio, "ci": ci, "coordinates": n, "predicted_std": expected}
-    # the mean: sum of n iid N(0, s²) is N(0, n s²); |z| beyond the two-sided quantile fails
-    from scipy import stats as st
-
-    z = stats["sum"] / (math.sqrt(n) * expected)
-    z_limit = float(st.norm.isf(alpha / 2))
-    # round-off moves the sum by at most √n·‖round-off‖ (Cauchy–Schwarz)
-    biased = abs(stats["sum"]) > z_limit * math.sqrt(n) * expected + math.sqrt(n) * rounding
-    if not lo_ok:
+    alpha = FALSE_ALARM / 3
+    low, high, z = _noise_scale_tests(stats, alpha)
+    if low:
         return check(
             "noise_scale",
             "fail",
@@ -147,7 +126,7 @@ def check_noise_scale(captured: CapturedStep) -> dict[str, Any] | None:
             "re-created or excluded from the noised ones?)",
             **values,
         )
-    if biased:
+    if z is not None:
         return check(
             "noise_scale",
             "fail",
@@ -155,7 +134,7 @@ def check_noise_scale(captured: CapturedStep) -> dict[str, Any] | None:
             "zero-mean Gaussian the accountant assumes",
             **values,
         )
-    if not hi_ok:
+    if high:
         return check(
             "noise_scale",
             "warn",
@@ -164,6 +143,41 @@ def check_noise_scale(captured: CapturedStep) -> dict[str, Any] | None:
             **values,
         )
     return check("noise_scale", "pass", base, **values)
+
+
+def _noise_without_sigma(stats: dict[str, Any]) -> dict[str, Any]:
+    """σ = 0: ``pass`` when no noise was added either, ``warn`` when some was."""
+    measured = math.sqrt(stats["sum_sq"] / stats["count"])
+    if math.sqrt(stats["sum_sq"]) <= 1.01 * math.sqrt(stats["rounding_sq"]) + 1e-30:
+        return check("noise_scale", "pass", "σ = 0 and no noise was added (ε = ∞)", value=0.0)
+    return check(
+        "noise_scale",
+        "warn",
+        f"σ = 0, yet noise of RMS {measured:.4g} was added to the gradient sums: the run is "
+        "more private than its accountant says (ε = ∞)",
+        value=math.inf,
+        measured_std=measured,
+    )
+
+
+def _noise_scale_tests(stats: dict[str, Any], alpha: float) -> tuple[bool, bool, float | None]:
+    """``(too little, too much, z of a biased mean or None)`` at level ``alpha`` each.
+
+    Under a correct mechanism ``‖noise‖²/(σC)²`` is χ²(n) and the sum of the noise N(0, n(σC)²);
+    the bounded float round-off of the sums widens both intervals (by Cauchy–Schwarz for the
+    sum: at most √n·‖round-off‖).
+    """
+    from scipy import stats as st
+
+    n, expected = stats["count"], stats["expected_std"]
+    rounding = math.sqrt(stats["rounding_sq"])
+    norm = math.sqrt(stats["sum_sq"])
+    q_lo, q_hi = _chi2_interval(n, alpha)
+    low = not norm >= math.sqrt(q_lo) * expected - rounding  # NaN noise fails
+    high = not norm <= math.sqrt(q_hi) * expected + rounding
+    z_limit = float(st.norm.isf(alpha / 2))
+    biased = abs(stats["sum"]) > z_limit * math.sqrt(n) * expected + math.sqrt(n) * rounding
+    return low, high, stats["sum"] / (math.sqrt(n) * expected) if biased else None
 
 
 def _parameters_short_of_noise(params, expected: float, alpha: float) -> list[tuple[str, float]]:
