@@ -47,7 +47,7 @@ On the ``DPOptimizer``:
                                   around the parameter update (:func:`original_optimizer`;
                                   ``capture/hooks.py``).
 ``world_size``, ``rank``          set by ``DistributedDPOptimizer`` only (:func:`world_size`,
-                                  :func:`rank`; ``capture/hooks.py``,
+                                  :func:`process_rank`; ``capture/hooks.py``,
                                   ``integrations/__init__.py``).
 ``max_grad_norms``                per-layer clipping's bounds (``DPPerLayerOptimizer``);
                                   :func:`per_layer_bounds` (``capture/mechanism.py``).
@@ -126,7 +126,7 @@ __all__ = [
     "restore_step_hook",
     "original_optimizer",
     "world_size",
-    "rank",
+    "process_rank",
     "per_layer_bounds",
     "effective_noise_multiplier",
     "attached_capture",
@@ -210,7 +210,7 @@ def world_size(optimizer) -> int:
     return int(getattr(optimizer, "world_size", 1) or 1)
 
 
-def rank(optimizer) -> int:
+def process_rank(optimizer) -> int:
     """This process's rank under a ``DistributedDPOptimizer`` (0 for every other optimizer)."""
     return int(getattr(optimizer, "rank", 0) or 0)
 

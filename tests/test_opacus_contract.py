@@ -305,7 +305,7 @@ def test_world_size_and_rank_of_a_distributed_optimizer(tmp_path):
 
     _, plain, *_ = _private()
     _provides(
-        _opacus.world_size(plain) == 1 and _opacus.rank(plain) == 0,
+        _opacus.world_size(plain) == 1 and _opacus.process_rank(plain) == 0,
         "DPOptimizer.world_size/rank",
         "absent on a single-process optimizer",
     )
