@@ -10,6 +10,7 @@ itself can load it.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -17,7 +18,9 @@ import math
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,13 +139,12 @@ def train_prior(
     Returns:
         The training record also written to ``out_dir/training.json`` (final loss, wall time, ...).
     """
-    from diffusers import DDPMPipeline, DDPMScheduler
+    from diffusers import DDPMScheduler
 
     if images.ndim != 4 or images.shape[0] < batch_size:
         raise ValueError(
             f"need (N, C, H, W) images with N >= batch_size, got {tuple(images.shape)}"
         )
-    out_dir = Path(out_dir)
     data = _pad_to(images.float(), sample_size) * 2 - 1
     digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()
     gen = torch.Generator().manual_seed(seed)
@@ -156,36 +158,145 @@ def train_prior(
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
     )
-    alphas_cumprod = scheduler.alphas_cumprod.float()
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    lr_factor = functools.partial(_warmup_cosine, warmup=warmup, steps=steps)
     n_params = sum(p.numel() for p in unet.parameters())
     logger.info("training a %.2fM-parameter UNet on %d images", n_params / 1e6, data.shape[0])
+    settings = {
+        "data": data_description,
+        "data_sha256": digest,
+        "num_images": int(data.shape[0]),
+        "image_shape": list(images.shape[1:]),
+        "sample_size": sample_size,
+        "block_out_channels": list(block_out_channels),
+        "layers_per_block": layers_per_block,
+        "parameters": n_params,
+        "steps": 0,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup": warmup,
+        "ema_decay": ema_decay,
+        "bf16_autocast": bf16,
+        "seed": seed,
+    }
+    loop = _TrainingLoop(
+        unet=unet,
+        ema=ema,
+        scheduler=scheduler,
+        optimizer=opt,
+        lr_schedule=torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
+        generator=gen,
+        bf16=bf16,
+        ema_decay=ema_decay,
+    )
+    return loop.run(
+        data,
+        Path(out_dir),
+        settings=settings,
+        steps=steps,
+        batch_size=batch_size,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+    )
 
-    def save(step: int, loss: float, wall: float) -> dict:
+
+def _warmup_cosine(step: int, *, warmup: int, steps: int) -> float:
+    """The learning-rate factor: linear warm-up over ``warmup`` steps, then a cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _batches(data: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """Endless batches of ``data``: a fresh permutation whenever the next batch does not fit."""
+    perm = torch.randperm(data.shape[0], generator=generator)
+    pos = 0
+    while True:
+        if pos + batch_size > perm.numel():
+            perm, pos = torch.randperm(data.shape[0], generator=generator), 0
+        yield data[perm[pos : pos + batch_size]]
+        pos += batch_size
+
+
+@dataclass
+class _TrainingLoop:
+    """The denoising objective, the optimiser step, the EMA and the checkpoints of a prior."""
+
+    unet: Any
+    ema: Any
+    scheduler: Any
+    optimizer: torch.optim.Optimizer
+    lr_schedule: Any
+    generator: torch.Generator
+    bf16: bool
+    ema_decay: float
+
+    def run(
+        self,
+        data: torch.Tensor,
+        out_dir: Path,
+        *,
+        settings: dict,
+        steps: int,
+        batch_size: int,
+        checkpoint_every: int,
+        progress: bool,
+    ) -> dict:
+        """Train ``steps`` steps; save checkpoints and the final prior; return its record."""
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc="train prior", unit="step")
+        start = time.perf_counter()
+        running = None
+        batches = _batches(data, batch_size, self.generator)
+        self.unet.train()
+        for step in range(steps):
+            value = self.step(next(batches), step)
+            running = value if running is None else 0.99 * running + 0.01 * value
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}")
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                self.save(out_dir, settings, step + 1, running, time.perf_counter() - start)
+                logger.info("step %d: loss %.4f (checkpoint saved)", step + 1, running)
+        if bar is not None:
+            bar.close()
+        record = self.save(out_dir, settings, steps, running, time.perf_counter() - start)
+        logger.info("saved prior to %s: final loss %.4f", out_dir, running)
+        return record
+
+    def step(self, x0: torch.Tensor, step: int) -> float:
+        """One training step on a batch of clean images in [-1, 1]; the ε-prediction loss."""
+        alphas_cumprod = self.scheduler.alphas_cumprod.float()
+        timesteps = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, timesteps, (x0.shape[0],), generator=self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            pred = self.unet(xt, t).sample
+        loss = F.mse_loss(pred.float(), noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        decay = min(self.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(self.ema.parameters(), self.unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        return float(loss.detach())
+
+    def save(self, out_dir: Path, settings: dict, step: int, loss: float, wall: float) -> dict:
+        """Write the EMA prior (``DDPMPipeline`` layout, safetensors) and ``training.json``."""
+        from diffusers import DDPMPipeline
+
         record = {
-            "data": data_description,
-            "data_sha256": digest,
-            "num_images": int(data.shape[0]),
-            "image_shape": list(images.shape[1:]),
-            "sample_size": sample_size,
-            "block_out_channels": list(block_out_channels),
-            "layers_per_block": layers_per_block,
-            "parameters": n_params,
+            **settings,
             "steps": step,
-            "batch_size": batch_size,
-            "lr": lr,
-            "warmup": warmup,
-            "ema_decay": ema_decay,
-            "bf16_autocast": bf16,
-            "seed": seed,
             "final_loss": loss,
             "wall_seconds": round(wall, 1),
             "torch": torch.__version__,
@@ -194,54 +305,8 @@ def train_prior(
             "threads": torch.get_num_threads(),
         }
         out_dir.mkdir(parents=True, exist_ok=True)
-        DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(
+        DDPMPipeline(unet=self.ema, scheduler=self.scheduler).save_pretrained(
             out_dir, safe_serialization=True
         )
         (out_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         return record
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="train prior", unit="step")
-    start = time.perf_counter()
-    running = None
-    record: dict = {}
-    perm = torch.randperm(data.shape[0], generator=gen)
-    pos = 0
-    unet.train()
-    for step in range(steps):
-        if pos + batch_size > perm.numel():
-            perm, pos = torch.randperm(data.shape[0], generator=gen), 0
-        x0 = data[perm[pos : pos + batch_size]]
-        pos += batch_size
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = unet(xt, t).sample
-        loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        value = float(loss.detach())
-        running = value if running is None else 0.99 * running + 0.01 * value
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}")
-        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            save(step + 1, running, time.perf_counter() - start)
-            logger.info("step %d: loss %.4f (checkpoint saved)", step + 1, running)
-    if bar is not None:
-        bar.close()
-    record = save(steps, running, time.perf_counter() - start)
-    logger.info("saved prior to %s: final loss %.4f", out_dir, running)
-    return record

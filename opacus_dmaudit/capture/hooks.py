@@ -28,6 +28,8 @@ clipped sum is known; under DDP every rank sends its batch sizes and clipping st
 0 (one small collective each), and rank 0 measures the noise, which only it adds.
 
 Nothing here writes to a tensor that training reads, draws random numbers, or runs the model.
+The Opacus internals read here (``summed_grad``, ``_is_last_step_skipped``, the step-hook slot,
+...) are listed, with accessors, in :mod:`opacus_dmaudit._opacus`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ from collections.abc import Callable
 import torch
 from opacus.optimizers import DPOptimizer
 
+from .._opacus import (
+    accumulated_iterations,
+    attach_step_hook,
+    attached_capture,
+    expected_batch_size,
+    grad_sample,
+    last_step_skipped,
+    mark_attached,
+    noise_denominator,
+    norm_sample,
+    original_optimizer,
+    process_rank,
+    restore_step_hook,
+    step_hook,
+    summed_grad,
+    world_size,
+)
+from ..privacy.accountant import history_from_accountant, steps_from_accountant
 from .imprint import ImprintBlock, find_imprint_block
 from .mechanism import clean_sums_before, snapshot_clipping, snapshot_noise
 from .step import CapturedStep, ImprintSums
@@ -64,27 +84,17 @@ def clipping_mode(optimizer: DPOptimizer) -> str:
 _INPUT_NAMES = ("pixel_values", "input", "inputs", "x", "images", "input_ids")
 
 
-def _accountant_history(accountant) -> list[tuple[float, float, int]]:
-    return [
-        (float(s), float(q), int(n)) for s, q, n in (getattr(accountant, "history", None) or [])
-    ]
-
-
-def _accountant_steps(accountant) -> int:
-    return sum(n for _, _, n in _accountant_history(accountant))
-
-
 def _count_from_gradients(optimizer: DPOptimizer) -> int:
     """This step's batch size from the per-sample gradients, ``-1`` when they cannot tell."""
-    if getattr(optimizer, "_is_last_step_skipped", False):
+    if last_step_skipped(optimizer):
         return -1  # several physical batches; the earlier ones' gradients are gone
     for p in optimizer.params:
-        samples = getattr(p, "grad_sample", None)
+        samples = grad_sample(p)
         if isinstance(samples, list):
             return sum(len(s) for s in samples)
         if samples is not None:
             return len(samples)
-        norms = getattr(p, "_norm_sample", None)
+        norms = norm_sample(p)
         if norms is not None:
             return len(norms)
     return -1
@@ -102,12 +112,6 @@ def _combine_clipping(stats: list) -> dict | None:
         values = [s[key] for s in stats if s.get(key) is not None]
         out[key] = max(values) if values else None
     return {k: v for k, v in out.items() if v is not None}
-
-
-def _denominator(optimizer: DPOptimizer) -> float:
-    if optimizer.loss_reduction == "mean":
-        return float(optimizer.expected_batch_size * optimizer.accumulated_iterations)
-    return 1.0
 
 
 class GradientCapture:
@@ -144,7 +148,7 @@ class GradientCapture:
                 f"expected an Opacus DPOptimizer, got {type(optimizer).__name__}: attach the "
                 "auditor to the optimizer returned by PrivacyEngine.make_private(...)"
             )
-        if getattr(optimizer, "_dmaudit_capture", None) is not None:
+        if attached_capture(optimizer) is not None:
             raise RuntimeError("another auditor is attached to this optimizer; detach it first")
         params = list(optimizer.params)
         if block is None and model is None:
@@ -195,22 +199,21 @@ class GradientCapture:
     @property
     def distributed(self) -> bool:
         """Whether the optimizer is Opacus's ``DistributedDPOptimizer`` in a multi-process run."""
-        return int(getattr(self.optimizer, "world_size", 1) or 1) > 1
+        return world_size(self.optimizer) > 1
 
     @property
     def rank(self) -> int:
-        return int(getattr(self.optimizer, "rank", 0) or 0)
+        return process_rank(self.optimizer)
 
     def attach(self) -> None:
         if self._attached:
             raise RuntimeError("this capture is already attached")
-        if getattr(self.optimizer, "_dmaudit_capture", None) is not None:
+        if attached_capture(self.optimizer) is not None:
             raise RuntimeError("another auditor is attached to this optimizer; detach it first")
-        self._previous_hook = self.optimizer.step_hook
-        self.optimizer.attach_step_hook(self._step_hook)
-        self._handles = [
-            self.optimizer.original_optimizer.register_step_post_hook(self._post_step_hook)
-        ]
+        self._previous_hook = step_hook(self.optimizer)
+        attach_step_hook(self.optimizer, self._step_hook)
+        wrapped = original_optimizer(self.optimizer)
+        self._handles = [wrapped.register_step_post_hook(self._post_step_hook)]
         if self.block is not None:
             self._handles.append(self.block.register_forward_hook(self._forward_hook))
         elif self.model is not None:  # models called with keyword inputs (pixel_values=...) too
@@ -218,25 +221,23 @@ class GradientCapture:
                 self.model.register_forward_hook(self._model_forward_hook, with_kwargs=True)
             )
         if self.distributed and self.rank == 0:
-            self._handles.append(
-                self.optimizer.original_optimizer.register_step_pre_hook(self._reduced_hook)
-            )
-        self.optimizer._dmaudit_capture = self
-        self._start = (self.step, _accountant_steps(self.accountant))
+            self._handles.append(wrapped.register_step_pre_hook(self._reduced_hook))
+        mark_attached(self.optimizer, self)
+        self._start = (self.step, steps_from_accountant(self.accountant))
         self._attached = True
 
     def detach(self) -> None:
         """Remove our hooks; restore the previous step hook if ours is still the installed one."""
         if not self._attached:
             return
-        if self.optimizer.step_hook == self._step_hook:
-            self.optimizer.step_hook = self._previous_hook
+        if step_hook(self.optimizer) == self._step_hook:
+            restore_step_hook(self.optimizer, self._previous_hook)
         else:
             logger.warning("the optimizer's step hook was replaced after attach; leaving it")
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.optimizer._dmaudit_capture = None
+        mark_attached(self.optimizer, None)
         self._inputs = []
         self._batch_sizes = []
         self._before = None
@@ -267,7 +268,7 @@ class GradientCapture:
         self._counted_seen = True
         if self._should_capture(self.step + 1):
             self._inputs.append(x.detach().to("cpu", copy=True))
-            if self.mechanism and getattr(self.optimizer, "_is_last_step_skipped", False):
+            if self.mechanism and last_step_skipped(self.optimizer):
                 # BatchMemoryManager: what the earlier physical batches summed to so far
                 self._before = clean_sums_before(self.optimizer)
 
@@ -285,7 +286,7 @@ class GradientCapture:
             else:
                 self._pending = self._snapshot(optimizer)
                 if self.mechanism:
-                    clean = [getattr(p, "summed_grad", None) for p in optimizer.params]
+                    clean = [summed_grad(p) for p in optimizer.params]
                     self._pending.mechanism = self._mechanism_snapshot(optimizer, clean)
             if self._pending is not None:
                 self._pending.batch_sizes = self._batch_sizes
@@ -297,7 +298,7 @@ class GradientCapture:
 
     def _mechanism_snapshot(self, optimizer: DPOptimizer, clean: list) -> dict:
         """Noise and clipping statistics of this process (see :mod:`.mechanism`)."""
-        skipped = bool(getattr(optimizer, "_is_last_step_skipped", False))
+        skipped = last_step_skipped(optimizer)
         out = {
             "clipping": snapshot_clipping(
                 optimizer,
@@ -309,7 +310,7 @@ class GradientCapture:
         }
         if not self.distributed or self.rank == 0:  # only rank 0 adds noise under DDP
             out["noise"] = snapshot_noise(
-                optimizer, denominator=_denominator(optimizer), names=self._names
+                optimizer, denominator=noise_denominator(optimizer), names=self._names
             )
         return out
 
@@ -318,13 +319,13 @@ class GradientCapture:
         for size in captured.batch_sizes:
             size = -1 if size < 0 else int(size)
             self._size_counts[size] = self._size_counts.get(size, 0) + 1
-        history = _accountant_history(self.accountant)
+        history = history_from_accountant(self.accountant)
         try:
-            accumulated = int(optimizer.accumulated_iterations)
+            accumulated = accumulated_iterations(optimizer)
         except Exception:  # per-sample gradients already gone: the common case is one
             accumulated = 1
-        expected = getattr(optimizer, "expected_batch_size", None)
-        world = int(getattr(optimizer, "world_size", 1) or 1)
+        expected = expected_batch_size(optimizer)
+        world = world_size(optimizer)
         mech = captured.mechanism if captured.mechanism is not None else {}
         mech["sampling"] = {
             "counts": dict(self._size_counts),
@@ -337,7 +338,7 @@ class GradientCapture:
             if self.accountant is None
             else {
                 "history": history[-1:],
-                "counted": _accountant_steps(self.accountant) - self._start[1],
+                "counted": steps_from_accountant(self.accountant) - self._start[1],
                 "taken": self.step - self._start[0],
             }
         )
@@ -365,7 +366,8 @@ class GradientCapture:
         if self._pending is None:
             return
         opt = self.optimizer
-        factor = _denominator(opt) * (opt.world_size if opt.loss_reduction == "mean" else 1)
+        world = world_size(opt) if opt.loss_reduction == "mean" else 1
+        factor = noise_denominator(opt) * world
         self._pending.denominator = factor
         sums = self._pending.imprint
         if sums is None:
@@ -391,7 +393,7 @@ class GradientCapture:
         """
         import torch.distributed as dist
 
-        denom = _denominator(optimizer)
+        denom = noise_denominator(optimizer)
         clean = None
         with torch.no_grad():
             if self.block is not None:
@@ -399,7 +401,7 @@ class GradientCapture:
                 # rank 0 keeps its clean sum in summed_grad; Opacus makes the other ranks' p.grad
                 # a view of summed_grad and scales it in place, so their clean sum is p.grad·denom
                 if self.rank == 0:
-                    local = [weight.summed_grad, bias.summed_grad]
+                    local = [summed_grad(weight), summed_grad(bias)]
                 else:
                     local = [weight.grad * denom, bias.grad * denom]
                 flat = torch.cat([t.detach().reshape(-1).double() for t in local])  # a copy
@@ -410,7 +412,7 @@ class GradientCapture:
             mechanism = None
             if self.mechanism:  # this rank's clean sums: see the comment above
                 sums = [
-                    p.summed_grad if self.rank == 0 or p.grad is None else p.grad * denom
+                    summed_grad(p) if self.rank == 0 or p.grad is None else p.grad * denom
                     for p in optimizer.params
                 ]
                 mechanism = self._gather_mechanism(optimizer, sums)
@@ -459,15 +461,15 @@ class GradientCapture:
         return torch.cat([b[: int(c)] for b, c in zip(bucket, counts)])
 
     def _snapshot(self, optimizer: DPOptimizer) -> CapturedStep:
-        denom = _denominator(optimizer)
+        denom = noise_denominator(optimizer)
         noised = clean = None
         with torch.no_grad():
             if self.block is not None:
                 weight, bias = self.block.imprint.weight, self.block.imprint.bias
                 w_noised = (weight.grad.detach().double() * denom).float().cpu()
                 b_noised = (bias.grad.detach().double() * denom).float().cpu()
-                w_clean = weight.summed_grad.detach().to("cpu", copy=True)
-                b_clean = bias.summed_grad.detach().to("cpu", copy=True)
+                w_clean = summed_grad(weight).detach().to("cpu", copy=True)
+                b_clean = summed_grad(bias).detach().to("cpu", copy=True)
                 noised = (w_noised, b_noised)
                 clean = (w_clean.reshape(w_noised.shape), b_clean.reshape(b_noised.shape))
             if self._inputs:

@@ -6,7 +6,8 @@ the noise itself, and the per-sample gradients say what clipping should have pro
 functions here reduce those tensors to small statistics, cheaply, on audit steps only; the checks
 that judge them live in :mod:`opacus_dmaudit.checks.mechanism`.
 
-Nothing here writes to a tensor that training reads or draws from the global generator.
+Nothing here writes to a tensor that training reads or draws from the global generator. The
+Opacus internals read here are listed, with accessors, in :mod:`opacus_dmaudit._opacus`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
+from .._opacus import (
+    effective_noise_multiplier,
+    grad_sample,
+    module_clipping_bound,
+    norm_sample,
+    per_layer_bounds,
+    summed_grad,
+)
 
 __all__ = [
     "NOISE_SAMPLE",
@@ -40,14 +50,7 @@ def noise_std_of(optimizer) -> float:
     adaptive clipping adds noise at the larger ``σ_eff = (σ⁻² − (2σ_u)⁻²)^(−1/2)`` (its accountant
     is told σ).
     """
-    sigma = float(optimizer.noise_multiplier)
-    clip = float(optimizer.max_grad_norm)
-    adjusted = getattr(optimizer, "_adjusted_noise_multiplier", None)
-    if adjusted is not None:
-        sigma = float(adjusted)
-    elif hasattr(optimizer, "unclipped_num_std") and sigma > 0:
-        sigma = (sigma**-2 - (2 * float(optimizer.unclipped_num_std)) ** -2) ** -0.5
-    return sigma * clip
+    return effective_noise_multiplier(optimizer) * float(optimizer.max_grad_norm)
 
 
 def _param_label(index: int, p: torch.Tensor, names: Mapping[int, str] | None) -> str:
@@ -77,7 +80,7 @@ def snapshot_noise(
         mechanism every coordinate's noise is independent, so any fixed choice is a fair
         sample). ``None`` when no parameter has both sums.
     """
-    params = [p for p in optimizer.params if p.grad is not None and p.summed_grad is not None]
+    params = [p for p in optimizer.params if p.grad is not None and summed_grad(p) is not None]
     if not params:
         return None
     total = sum(p.numel() for p in params)
@@ -89,10 +92,11 @@ def snapshot_noise(
     pieces = []
     offset = 0
     for index, p in enumerate(optimizer.params):
-        if p.grad is None or p.summed_grad is None:
+        clean = summed_grad(p)
+        if p.grad is None or clean is None:
             continue
         noised = p.grad.detach().reshape(-1).double() * denominator
-        noise = noised - p.summed_grad.detach().reshape(-1).double()
+        noise = noised - clean.detach().reshape(-1).double()
         sq = float(noise.square().sum())
         eps = torch.finfo(p.grad.dtype).eps if p.grad.is_floating_point() else 0.0
         out["sum_sq"] += sq
@@ -118,14 +122,14 @@ def clean_sums_before(optimizer) -> list[torch.Tensor | None] | None:
     batch while ``summed_grad`` holds them all; the capture calls this at each physical batch's
     forward of an audit step, so that the last batch's own clipped sum is the difference.
     """
-    sums = [getattr(p, "summed_grad", None) for p in optimizer.params]
+    sums = [summed_grad(p) for p in optimizer.params]
     if all(s is None for s in sums):
         return None
     return [None if s is None else s.detach().clone() for s in sums]
 
 
 def _per_sample(optimizer, p) -> torch.Tensor | None:
-    gs = getattr(p, "grad_sample", None)
+    gs = grad_sample(p)
     if gs is None:
         return None
     if isinstance(gs, list):
@@ -164,17 +168,17 @@ def snapshot_clipping(
     """
     params = list(optimizer.params)
     bound = float(optimizer.max_grad_norm)
-    per_layer = getattr(optimizer, "max_grad_norms", None)
+    per_layer = per_layer_bounds(optimizer)
     samples = [_per_sample(optimizer, p) for p in params]
     if any(s is not None for s in samples):
         if partial:
             return {"source": "per_sample", "bound": bound, "partial": True, "samples": 0}
         return _per_sample_stats(params, samples, clean, before, bound, per_layer)
-    norms = [getattr(p, "_norm_sample", None) for p in params]
+    norms = [norm_sample(p) for p in params]
     norms = [n for n in norms if isinstance(n, torch.Tensor)]
     if norms:  # ghost clipping: per-sample norms only, the clean sum cannot be recomputed
         n = torch.stack([t.double().reshape(-1) for t in norms], dim=0).norm(dim=0)
-        module_bound = getattr(module, "max_grad_norm", None)
+        module_bound = module_clipping_bound(module)
         applied = float(module_bound) if module_bound is not None else bound
         clipped = torch.clamp(applied / (n + 1e-6), max=1.0) * n if n.numel() else n
         return {

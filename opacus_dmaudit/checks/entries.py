@@ -3,6 +3,7 @@
 A check returns ``{"name", "status", "detail", ...}`` (:func:`check`); extra keys hold measured
 values, ``value`` being the headline number. Statuses rank ``pass < warn < fail``
 (:data:`CHECK_STATUSES`); a ``fail`` makes an audit invalid (:func:`is_valid`).
+:func:`is_finite_number` says which record values are numbers to average or chart.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "worst_status",
     "is_valid",
     "failed_checks",
+    "is_finite_number",
 ]
 
 CHECK_STATUSES = ("pass", "warn", "fail")
@@ -60,3 +62,11 @@ def is_valid(checks: Iterable[Mapping[str, Any]]) -> bool:
 
 def failed_checks(checks: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [c for c in checks if c["status"] == "fail"]
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether a record value is a finite number (``int`` or ``float``; not ``bool``, NaN or ±inf).
+
+    The one test of "a number a mean or a chart can use" for check values, metrics and records.
+    """
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -92,41 +92,20 @@ def check_noise_scale(captured: CapturedStep) -> dict[str, Any] | None:
     stats = (captured.mechanism or {}).get("noise")
     if not stats or not stats["count"]:
         return None
+    if stats["expected_std"] <= 0:
+        return _noise_without_sigma(stats)
     n, sum_sq, expected = stats["count"], stats["sum_sq"], stats["expected_std"]
-    rounding = math.sqrt(stats["rounding_sq"])
-    measured = math.sqrt(sum_sq / n)
-    norm = math.sqrt(sum_sq)
-    if expected <= 0:
-        if norm <= 1.01 * rounding + 1e-30:
-            return check("noise_scale", "pass", "σ = 0 and no noise was added (ε = ∞)", value=0.0)
-        return check(
-            "noise_scale",
-            "warn",
-            f"σ = 0, yet noise of RMS {measured:.4g} was added to the gradient sums: the run is "
-            "more private than its accountant says (ε = ∞)",
-            value=math.inf,
-            measured_std=measured,
-        )
-    alpha = FALSE_ALARM / 3
-    q_lo, q_hi = _chi2_interval(n, alpha)
-    lo_ok = norm >= math.sqrt(q_lo) * expected - rounding
-    hi_ok = norm <= math.sqrt(q_hi) * expected + rounding
     c_lo, c_hi = _chi2_interval(n, 0.05)
-    ratio = measured / expected
+    ratio = math.sqrt(sum_sq / n) / expected
     ci = [math.sqrt(sum_sq / c_hi) / expected, math.sqrt(sum_sq / c_lo) / expected]
     base = (
         f"measured noise std / predicted σC = {ratio:.4f} (95% CI {ci[0]:.4f}–{ci[1]:.4f}) over "
         f"{n:,} coordinates of all parameters (predicted σC = {expected:.4g})"
     )
     values = {"value": ratio, "ci": ci, "coordinates": n, "predicted_std": expected}
-    # the mean: sum of n iid N(0, s²) is N(0, n s²); |z| beyond the two-sided quantile fails
-    from scipy import stats as st
-
-    z = stats["sum"] / (math.sqrt(n) * expected)
-    z_limit = float(st.norm.isf(alpha / 2))
-    # round-off moves the sum by at most √n·‖round-off‖ (Cauchy–Schwarz)
-    biased = abs(stats["sum"]) > z_limit * math.sqrt(n) * expected + math.sqrt(n) * rounding
-    if not lo_ok:
+    alpha = FALSE_ALARM / 3
+    low, high, z = _noise_scale_tests(stats, alpha)
+    if low:
         return check(
             "noise_scale",
             "fail",
@@ -147,7 +126,7 @@ def check_noise_scale(captured: CapturedStep) -> dict[str, Any] | None:
             "re-created or excluded from the noised ones?)",
             **values,
         )
-    if biased:
+    if z is not None:
         return check(
             "noise_scale",
             "fail",
@@ -155,7 +134,7 @@ def check_noise_scale(captured: CapturedStep) -> dict[str, Any] | None:
             "zero-mean Gaussian the accountant assumes",
             **values,
         )
-    if not hi_ok:
+    if high:
         return check(
             "noise_scale",
             "warn",
@@ -164,6 +143,41 @@ def check_noise_scale(captured: CapturedStep) -> dict[str, Any] | None:
             **values,
         )
     return check("noise_scale", "pass", base, **values)
+
+
+def _noise_without_sigma(stats: dict[str, Any]) -> dict[str, Any]:
+    """σ = 0: ``pass`` when no noise was added either, ``warn`` when some was."""
+    measured = math.sqrt(stats["sum_sq"] / stats["count"])
+    if math.sqrt(stats["sum_sq"]) <= 1.01 * math.sqrt(stats["rounding_sq"]) + 1e-30:
+        return check("noise_scale", "pass", "σ = 0 and no noise was added (ε = ∞)", value=0.0)
+    return check(
+        "noise_scale",
+        "warn",
+        f"σ = 0, yet noise of RMS {measured:.4g} was added to the gradient sums: the run is "
+        "more private than its accountant says (ε = ∞)",
+        value=math.inf,
+        measured_std=measured,
+    )
+
+
+def _noise_scale_tests(stats: dict[str, Any], alpha: float) -> tuple[bool, bool, float | None]:
+    """``(too little, too much, z of a biased mean or None)`` at level ``alpha`` each.
+
+    Under a correct mechanism ``‖noise‖²/(σC)²`` is χ²(n) and the sum of the noise N(0, n(σC)²);
+    the bounded float round-off of the sums widens both intervals (by Cauchy–Schwarz for the
+    sum: at most √n·‖round-off‖).
+    """
+    from scipy import stats as st
+
+    n, expected = stats["count"], stats["expected_std"]
+    rounding = math.sqrt(stats["rounding_sq"])
+    norm = math.sqrt(stats["sum_sq"])
+    q_lo, q_hi = _chi2_interval(n, alpha)
+    low = not norm >= math.sqrt(q_lo) * expected - rounding  # NaN noise fails
+    high = not norm <= math.sqrt(q_hi) * expected + rounding
+    z_limit = float(st.norm.isf(alpha / 2))
+    biased = abs(stats["sum"]) > z_limit * math.sqrt(n) * expected + math.sqrt(n) * rounding
+    return low, high, stats["sum"] / (math.sqrt(n) * expected) if biased else None
 
 
 def _parameters_short_of_noise(params, expected: float, alpha: float) -> list[tuple[str, float]]:
@@ -225,10 +239,9 @@ def _lone_rows(captured: CapturedStep) -> tuple[float, int] | None:
     sums = captured.imprint
     if sums is None or sums.simulated or sums.membership.numel() == 0:
         return None
-    from ..reconstruct.bins import bin_rows
+    from ..reconstruct.bins import bin_rows, lone_bins
 
-    members = sums.membership
-    lone = ((members != 0).sum(dim=1) == 1) & (members.max(dim=1).values == 1)
+    lone = lone_bins(sums.membership)
     if not bool(lone.any()):
         return None
     dw, db, _ = bin_rows(sums.weight_clean, sums.bias_clean, structure=sums.geometry.structure)
@@ -261,44 +274,9 @@ def check_clipping(captured: CapturedStep) -> dict[str, Any] | None:
     if stats and stats["source"] == "per_sample" and stats.get("partial"):
         stats = None  # the per-sample gradients cover part of the step only
     if stats and stats["source"] == "per_sample":
-        if stats["samples"] == 0:
-            if lone is None:
-                return check("clipping", "pass", "no samples at this step", value=0.0)
-        elif stats["residual"] > SUM_TOLERANCE:
-            eff = stats.get("effective_max")
-            unclipped = stats.get("unclipped_residual", math.inf)
-            what = (
-                "it equals the sum of the *unclipped* per-sample gradients"
-                if unclipped <= SUM_TOLERANCE
-                else "it is not the sum of the per-sample gradients clipped to C"
-            )
-            eff_text = (
-                f"; the per-sample factors that fit it give contributions up to {eff:.3g}× C"
-                if eff is not None
-                else ""
-            )
-            return check(
-                "clipping",
-                "fail",
-                f"the clean clipped sum differs from the per-sample gradients clipped to C "
-                f"(relative difference {stats['residual']:.3g}): {what}{eff_text} (largest "
-                f"per-sample norm {stats['max_norm']:.3g}× C). The noise σC covers one sample's "
-                "influence only when every sample is clipped to C.",
-                value=eff if eff is not None else stats["max_norm"],
-                residual=stats["residual"],
-            )
-        else:
-            text = (
-                f"the clean sum is the sum of {stats['samples']} per-sample gradients clipped to "
-                f"C = {bound:.4g} (relative difference {stats['residual']:.1e}); largest "
-                f"contribution {stats['max_clipped']:.4f}× C, largest unclipped norm "
-                f"{stats['max_norm']:.3g}× C"
-            )
-            if lone is not None:
-                text += f"; {lone[1]} lone imprint bins at most {lone[0]:.4f}× C"
-            return check(
-                "clipping", "pass", text, value=stats["max_clipped"], residual=stats["residual"]
-            )
+        entry = _per_sample_clipping(stats, lone, bound)
+        if entry is not None:
+            return entry
     if lone is not None:
         return check(
             "clipping",
@@ -308,29 +286,82 @@ def check_clipping(captured: CapturedStep) -> dict[str, Any] | None:
             value=lone[0],
         )
     if stats and stats["source"] == "ghost":
-        module_bound = stats.get("module_bound")
-        if module_bound is not None and module_bound > bound * (1 + CLIP_TOLERANCE):
-            return check(
-                "clipping",
-                "fail",
-                f"the model clips per-sample gradients at {module_bound:.4g} while the "
-                f"optimizer's noise is calibrated to C = {bound:.4g}",
-                value=module_bound / bound,
-            )
-        where = (
-            f"the model's ghost clipping bound {module_bound:.4g}"
-            if module_bound is not None
-            else "the optimizer's C"
-        )
+        return _ghost_clipping(stats, bound)
+    return None
+
+
+def _per_sample_clipping(
+    stats: dict[str, Any], lone: tuple[float, int] | None, bound: float
+) -> dict[str, Any] | None:
+    """The clean sum against the per-sample gradients clipped to C (``None``: no samples, and the
+    lone bins speak instead)."""
+    if stats["samples"] == 0:
+        if lone is None:
+            return check("clipping", "pass", "no samples at this step", value=0.0)
+        return None
+    if stats["residual"] > SUM_TOLERANCE:
+        return _clipped_sum_differs(stats)
+    text = (
+        f"the clean sum is the sum of {stats['samples']} per-sample gradients clipped to "
+        f"C = {bound:.4g} (relative difference {stats['residual']:.1e}); largest "
+        f"contribution {stats['max_clipped']:.4f}× C, largest unclipped norm "
+        f"{stats['max_norm']:.3g}× C"
+    )
+    if lone is not None:
+        text += f"; {lone[1]} lone imprint bins at most {lone[0]:.4f}× C"
+    return check("clipping", "pass", text, value=stats["max_clipped"], residual=stats["residual"])
+
+
+def _clipped_sum_differs(stats: dict[str, Any]) -> dict[str, Any]:
+    """``fail``: the clean sum is not the per-sample gradients clipped to C (and what it is)."""
+    eff = stats.get("effective_max")
+    unclipped = stats.get("unclipped_residual", math.inf)
+    what = (
+        "it equals the sum of the *unclipped* per-sample gradients"
+        if unclipped <= SUM_TOLERANCE
+        else "it is not the sum of the per-sample gradients clipped to C"
+    )
+    eff_text = (
+        f"; the per-sample factors that fit it give contributions up to {eff:.3g}× C"
+        if eff is not None
+        else ""
+    )
+    return check(
+        "clipping",
+        "fail",
+        f"the clean clipped sum differs from the per-sample gradients clipped to C "
+        f"(relative difference {stats['residual']:.3g}): {what}{eff_text} (largest "
+        f"per-sample norm {stats['max_norm']:.3g}× C). The noise σC covers one sample's "
+        "influence only when every sample is clipped to C.",
+        value=eff if eff is not None else stats["max_norm"],
+        residual=stats["residual"],
+    )
+
+
+def _ghost_clipping(stats: dict[str, Any], bound: float) -> dict[str, Any]:
+    """Ghost clipping without lone bins: only the model's clipping bound can be compared with C."""
+    module_bound = stats.get("module_bound")
+    if module_bound is not None and module_bound > bound * (1 + CLIP_TOLERANCE):
         return check(
             "clipping",
-            "pass",
-            f"ghost clipping: per-sample norms (largest {stats['max_norm']:.3g}× C) are scaled "
-            f"to {where}; the summed gradient itself cannot be recomputed without per-sample "
-            "gradients (an imprint layer checks it through its lone bins)",
-            value=stats["max_clipped"],
+            "fail",
+            f"the model clips per-sample gradients at {module_bound:.4g} while the "
+            f"optimizer's noise is calibrated to C = {bound:.4g}",
+            value=module_bound / bound,
         )
-    return None
+    where = (
+        f"the model's ghost clipping bound {module_bound:.4g}"
+        if module_bound is not None
+        else "the optimizer's C"
+    )
+    return check(
+        "clipping",
+        "pass",
+        f"ghost clipping: per-sample norms (largest {stats['max_norm']:.3g}× C) are scaled "
+        f"to {where}; the summed gradient itself cannot be recomputed without per-sample "
+        "gradients (an imprint layer checks it through its lone bins)",
+        value=stats["max_clipped"],
+    )
 
 
 def _binomial_trials(lam: float, q: float) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..reconstruct.classical import CLASSICAL_GRIDS, classical_denoise
+from ..reconstruct.classical import CLASSICAL_GRIDS, classical_denoise, tune_classical
 from ..score.metrics import LPIPS, mse, ssim
 from .entries import check
 
@@ -125,6 +125,10 @@ def _verdict(mse_dm, mse_cl, perc_dm, perc_cl, *, higher_is_better: bool) -> str
     return "hallucination" if mse_dm > mse_cl and perc_better else "loses"
 
 
+#: How the perceptual metrics are named in a check's detail.
+_LABELS = {"lpips": "LPIPS", "ssim": "SSIM"}
+
+
 def _perceptual(lpips: LPIPS | None, shape: Sequence[int]) -> str:
     return "lpips" if lpips is not None and min(shape[-2:]) >= 16 else "ssim"
 
@@ -177,6 +181,45 @@ def public_fit(
         the best classical denoiser or shows the hallucination signature, else ``"pass"``.
     """
     start = time.perf_counter()
+    scored, tuning = _split_public(public, value_range, images=images, generator=generator)
+    perc = _perceptual(lpips, scored.shape)
+    noisy_scored, noisy_tuning = _noisy_copies(scored, tuning, levels, generator)
+    stds = torch.tensor([lv for lv in levels for _ in range(len(scored))], dtype=torch.float64)
+    dm = _denoise(prior, torch.cat(noisy_scored), stds, config, generator).split(len(scored))
+    rows: list[dict[str, Any]] = []
+    knobs: dict[float, dict[str, Any]] = {}
+    classical_mse: dict[float, dict[str, float]] = {}
+    for i, level in enumerate(levels):
+        knobs[level] = tune_classical(
+            tuning, noisy_tuning[i], noise_std=level, score=mse, methods=tuple(CLASSICAL_GRIDS)
+        )
+        row, classical_mse[level] = _level_row(
+            level, dm[i], noisy_scored[i], scored, knobs[level], perc=perc, lpips=lpips
+        )
+        rows.append(row)
+    entry = _public_check(
+        rows,
+        perc=perc,
+        levels=levels,
+        images=len(scored),
+        tuning=len(tuning),
+        source=source,
+        start=start,
+    )
+    return PublicFit(check=entry, knobs=knobs, classical_mse=classical_mse)
+
+
+def _split_public(
+    public: torch.Tensor,
+    value_range: tuple[float, float],
+    *,
+    images: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Public images in [0, 1], drawn apart: ``images`` to score, others to tune the knobs on.
+
+    At most one image is kept out of scoring; a single public image tunes the knobs too.
+    """
     lo, hi = value_range
     x = ((torch.as_tensor(public).detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
     n = x.shape[0]
@@ -186,71 +229,91 @@ def public_fit(
     tuning = x[order[n_score : n_score + min(MAX_TUNING_IMAGES, max(1, n_score // 2))]]
     if tuning.shape[0] == 0:  # a single public image: tune on it too (said in the detail)
         tuning = scored
-    perc = _perceptual(lpips, x.shape)
-    hib = perc == "ssim"
+    return scored, tuning
+
+
+def _noisy_copies(
+    scored: torch.Tensor,
+    tuning: torch.Tensor,
+    levels: Sequence[float],
+    generator: torch.Generator,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Both image sets with Gaussian noise at each level (drawn level by level, scored first)."""
     noisy_scored, noisy_tuning = [], []
     for level in levels:
         noisy_scored.append(scored + level * torch.randn(scored.shape, generator=generator))
         noisy_tuning.append(tuning + level * torch.randn(tuning.shape, generator=generator))
-    stds = torch.tensor([lv for lv in levels for _ in range(n_score)], dtype=torch.float64)
-    dm_all = _denoise(prior, torch.cat(noisy_scored), stds, config, generator)
-    rows: list[dict[str, Any]] = []
-    knobs: dict[float, dict[str, Any]] = {}
-    classical_mse: dict[float, dict[str, float]] = {}
-    for i, level in enumerate(levels):
-        dm = dm_all[i * n_score : (i + 1) * n_score]
-        knobs[level], outputs = {}, {}
-        for method in CLASSICAL_GRIDS:
-            best = min(
-                CLASSICAL_GRIDS[method],
-                key=lambda knob: float(
-                    mse(
-                        classical_denoise(
-                            noisy_tuning[i], method=method, noise_std=level, knob=knob
-                        ),
-                        tuning,
-                    ).mean()
-                ),
-            )
-            knobs[level][method] = best
-            outputs[method] = classical_denoise(
-                noisy_scored[i], method=method, noise_std=level, knob=best
-            )
-        names = list(outputs)
-        mses = [float(mse(o, scored).mean()) for o in outputs.values()]
-        percs = [float(v.mean()) for v in _score(perc, [dm, *outputs.values()], scored, lpips)]
-        classical_mse[level] = dict(zip(names, mses))
-        perc_dm, perc_cl = percs[0], percs[1:]
-        best_perc = max(perc_cl) if hib else min(perc_cl)
-        row = {
-            "level": level,
-            "mse_dm": float(mse(dm, scored).mean()),
-            "mse_classical": min(mses),
-            "classical_mse_method": names[mses.index(min(mses))],
-            f"{perc}_dm": perc_dm,
-            f"{perc}_classical": best_perc,
-            f"classical_{perc}_method": names[perc_cl.index(best_perc)],
-        }
-        row["verdict"] = _verdict(
-            row["mse_dm"], row["mse_classical"], perc_dm, best_perc, higher_is_better=hib
-        )
-        rows.append(row)
-    bad = [r for r in rows if r["verdict"] is not None]
-    label = "LPIPS" if perc == "lpips" else "SSIM"
+    return noisy_scored, noisy_tuning
+
+
+def _level_row(
+    level: float,
+    dm: torch.Tensor,
+    noisy: torch.Tensor,
+    clean: torch.Tensor,
+    knobs: dict[str, Any],
+    *,
+    perc: str,
+    lpips: LPIPS | None,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """One level: the prior against the best classical method at MSE and at the perceptual metric.
+
+    Returns:
+        ``(row, classical MSE per method)``; the row holds the prior's and the best classical
+        scores, which method was best at each, and the :func:`_verdict`.
+    """
+    outputs = {
+        method: classical_denoise(noisy, method=method, noise_std=level, knob=knob)
+        for method, knob in knobs.items()
+    }
+    names = list(outputs)
+    mses = [float(mse(o, clean).mean()) for o in outputs.values()]
+    percs = [float(v.mean()) for v in _score(perc, [dm, *outputs.values()], clean, lpips)]
+    hib = perc == "ssim"
+    perc_dm, perc_cl = percs[0], percs[1:]
+    best_perc = max(perc_cl) if hib else min(perc_cl)
+    row = {
+        "level": level,
+        "mse_dm": float(mse(dm, clean).mean()),
+        "mse_classical": min(mses),
+        "classical_mse_method": names[mses.index(min(mses))],
+        f"{perc}_dm": perc_dm,
+        f"{perc}_classical": best_perc,
+        f"classical_{perc}_method": names[perc_cl.index(best_perc)],
+    }
+    row["verdict"] = _verdict(
+        row["mse_dm"], row["mse_classical"], perc_dm, best_perc, higher_is_better=hib
+    )
+    return row, dict(zip(names, mses))
+
+
+def _public_check(
+    rows: list[dict[str, Any]],
+    *,
+    perc: str,
+    levels: Sequence[float],
+    images: int,
+    tuning: int,
+    source: str,
+    start: float,
+) -> dict[str, Any]:
+    """The ``prior_fit`` entry: ``pass`` when the prior is faithful at every level, else ``warn``."""
+    label = _LABELS[perc]
     parts = [
         f"std {r['level']:g}: MSE {r['mse_dm']:.4f} vs {r['mse_classical']:.4f}, {label} "
         f"{r[f'{perc}_dm']:.3f} vs {r[f'{perc}_classical']:.3f}"
         for r in rows
     ]
     head = (
-        f"{n_score} {source} with synthetic noise, restored by the prior vs the best classical "
-        f"denoiser (TV, wavelet, NLM; knobs tuned for MSE on {tuning.shape[0]} other public "
+        f"{images} {source} with synthetic noise, restored by the prior vs the best classical "
+        f"denoiser (TV, wavelet, NLM; knobs tuned for MSE on {tuning} other public "
         f"images): " + "; ".join(parts)
     )
+    bad = [r for r in rows if r["verdict"] is not None]
     values = dict(
         value=1.0 - len(bad) / len(rows),
         levels=list(levels),
-        images=n_score,
+        images=images,
         perceptual=perc,
         mse_dm=[r["mse_dm"] for r in rows],
         mse_classical=[r["mse_classical"] for r in rows],
@@ -260,37 +323,37 @@ def public_fit(
         seconds=time.perf_counter() - start,
     )
     if not bad:
-        entry = check(
+        return check(
             "prior_fit",
             "pass",
             head + ". The prior beats classical denoising at MSE and " + label + " at every "
             "level: on data like these public images its reconstructions add information.",
             **values,
         )
-    else:
-        why = []
-        halluc = [r["level"] for r in bad if r["verdict"] == "hallucination"]
-        loses = [r["level"] for r in bad if r["verdict"] == "loses"]
-        if halluc:
-            why.append(
-                f"at std {', '.join(f'{lv:g}' for lv in halluc)} its MSE is worse while its "
-                f"{label} is better, the signature of hallucination: it paints detail the images "
-                "do not have"
-            )
-        if loses:
-            why.append(
-                f"at std {', '.join(f'{lv:g}' for lv in loses)} it loses to classical denoising"
-            )
-        entry = check(
-            "prior_fit",
-            "warn",
-            head + ". The prior does not fit these images: " + "; ".join(why) + ". Its DM "
-            "reconstructions may show the prior rather than the data; read the raw readouts "
-            "and the metrics, or use a prior trained on images like yours (dmaudit "
-            "train-prior).",
-            **values,
+    return check(
+        "prior_fit",
+        "warn",
+        head + ". The prior does not fit these images: " + _unfaithful_levels(bad, label) + ". "
+        "Its DM reconstructions may show the prior rather than the data; read the raw readouts "
+        "and the metrics, or use a prior trained on images like yours (dmaudit train-prior).",
+        **values,
+    )
+
+
+def _unfaithful_levels(bad: list[dict[str, Any]], label: str) -> str:
+    """Where the prior hallucinated and where it lost, in words."""
+    why = []
+    halluc = [r["level"] for r in bad if r["verdict"] == "hallucination"]
+    loses = [r["level"] for r in bad if r["verdict"] == "loses"]
+    if halluc:
+        why.append(
+            f"at std {', '.join(f'{lv:g}' for lv in halluc)} its MSE is worse while its "
+            f"{label} is better, the signature of hallucination: it paints detail the images "
+            "do not have"
         )
-    return PublicFit(check=entry, knobs=knobs, classical_mse=classical_mse)
+    if loses:
+        why.append(f"at std {', '.join(f'{lv:g}' for lv in loses)} it loses to classical denoising")
+    return "; ".join(why)
 
 
 def audit_fit(
@@ -321,60 +384,120 @@ def audit_fit(
     """
     start = time.perf_counter()
     rows = [i for i, t in enumerate(scored.truth_index) if t is not None]  # rows of scored.clean
-    lone = [
-        (j, row)
-        for j, row in enumerate(rows)
-        if scored.images[row].get("true_count") == 1
-        and not scored.images[row].get("collision")
-        and math.isfinite(scored.images[row].get("noise_std", math.nan))
-    ]
+    lone = _lone_rows(scored, rows)
     if not lone or images < 1:
         return None
-    lone.sort(key=lambda jr: scored.images[jr[1]]["noise_std"])
-    if len(lone) > images:  # spread over the noise levels: evenly spaced ranks
-        picks = torch.linspace(0, len(lone) - 1, images).round().long().unique().tolist()
-        lone = [lone[k] for k in picks]
-    clean = scored.clean[[j for j, _ in lone]].float()
-    stds = torch.tensor([scored.images[row]["noise_std"] for _, row in lone], dtype=torch.float64)
+    lone = _spread(lone, images)
+    clean = scored.clean[[j for j, _, _ in lone]].float()
+    stds = torch.tensor([s for _, _, s in lone], dtype=torch.float64)
+    perc = _perceptual(lpips, clean.shape)
+    fit = public if public is not None else PublicFit(check={})
+    measures = _measure_restorations(
+        clean, stds, prior, fit, perc=perc, config=config, lpips=lpips, generator=generator
+    )
+    per_image = [
+        (float(stds[k]), row, _faithful_at(measures, k, perc)) for k, (_, row, _) in enumerate(lone)
+    ]
+    flags = _fit_flags(scored, rows, per_image, measures)
+    summary = {
+        "images": len(per_image),
+        "noise_std": float(stds.median()),
+        "faithful_share": sum(ok for _, _, ok in per_image) / len(per_image),
+        **{key: float(values.mean()) for key, values in measures.items()},
+    }
+    entry = _audit_check(
+        summary,
+        perc=perc,
+        method=fit.per_audit_denoiser(float(stds.median()))[0],
+        tuned=public is not None and bool(public.knobs),
+        faithful_count=sum(ok for _, _, ok in per_image),
+        start=start,
+    )
+    return AuditFit(check=entry, summary=summary, flags=flags)
+
+
+def _lone_rows(scored, rows: list[int]) -> list[tuple[int, int, float]]:
+    """``(index into scored.clean, image row, noise std)`` of the lone, uncollided images with a
+    finite noise std, by increasing noise std."""
+    lone = []
+    for j, row in enumerate(rows):
+        image = scored.images[row]
+        std = image.get("noise_std", math.nan)
+        if image.get("true_count") == 1 and not image.get("collision") and math.isfinite(std):
+            lone.append((j, row, std))
+    return sorted(lone, key=lambda item: item[2])
+
+
+def _spread(lone: list, images: int) -> list:
+    """At most ``images`` of ``lone`` (sorted by noise), at evenly spaced ranks."""
+    if len(lone) <= images:
+        return lone
+    picks = torch.linspace(0, len(lone) - 1, images).round().long().unique().tolist()
+    return [lone[k] for k in picks]
+
+
+def _measure_restorations(
+    clean: torch.Tensor,
+    stds: torch.Tensor,
+    prior,
+    fit: PublicFit,
+    *,
+    perc: str,
+    config,
+    lpips: LPIPS | None,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Re-noise ``clean`` at ``stds``, restore it with the prior and the classical denoiser.
+
+    Returns:
+        Per image: ``mse_dm``, ``mse_classical``, ``<perc>_dm``, ``<perc>_classical``.
+    """
     noisy = clean + stds.float().view(-1, 1, 1, 1) * torch.randn(clean.shape, generator=generator)
     dm = _denoise(prior, noisy, stds, config, generator)
-    fit = public if public is not None else PublicFit(check={})
-    classical = torch.cat(
-        [
-            classical_denoise(
-                noisy[k : k + 1],
-                method=fit.per_audit_denoiser(float(s))[0],
-                noise_std=float(s),
-                knob=fit.per_audit_denoiser(float(s))[1],
-            )
-            for k, s in enumerate(stds)
-        ]
-    )
-    perc = _perceptual(lpips, clean.shape)
-    hib = perc == "ssim"
-    mse_dm, mse_cl = mse(dm, clean), mse(classical, clean)
+    classical = []
+    for k, s in enumerate(stds.tolist()):
+        method, knob = fit.per_audit_denoiser(s)
+        classical.append(classical_denoise(noisy[k : k + 1], method=method, noise_std=s, knob=knob))
+    classical = torch.cat(classical)
     perc_dm, perc_cl = _score(perc, [dm, classical], clean, lpips)
-    per_image = []
-    for k, (_, row) in enumerate(lone):
-        ok = faithful(
-            float(mse_dm[k]),
-            float(mse_cl[k]),
-            float(perc_dm[k]),
-            float(perc_cl[k]),
-            higher_is_better=hib,
-        )
-        per_image.append((float(stds[k]), row, ok))
+    return {
+        "mse_dm": mse(dm, clean),
+        "mse_classical": mse(classical, clean),
+        f"{perc}_dm": perc_dm,
+        f"{perc}_classical": perc_cl,
+    }
+
+
+def _faithful_at(measures: dict[str, torch.Tensor], k: int, perc: str) -> bool:
+    """:func:`faithful` for image ``k`` of :func:`_measure_restorations`' measures."""
+    return faithful(
+        float(measures["mse_dm"][k]),
+        float(measures["mse_classical"][k]),
+        float(measures[f"{perc}_dm"][k]),
+        float(measures[f"{perc}_classical"][k]),
+        higher_is_better=perc == "ssim",
+    )
+
+
+def _fit_flags(
+    scored,
+    rows: list[int],
+    per_image: list[tuple[float, int, bool]],
+    measures: dict[str, torch.Tensor],
+) -> dict[int, dict[str, Any]]:
+    """Per image row, ``dm_faithful`` and the bin of the fitted image that decided it.
+
+    The fitted images carry their measures too (``fit_<measure>``); every other scored image
+    with a finite noise std takes the flag of the fitted image nearest in noise std.
+    """
     flags: dict[int, dict[str, Any]] = {}
     for k, (_, row, ok) in enumerate(per_image):
         flags[row] = {
             "dm_faithful": ok,
             "dm_fit_bin": scored.images[row].get("bin"),
-            "fit_mse_dm": float(mse_dm[k]),
-            "fit_mse_classical": float(mse_cl[k]),
-            f"fit_{perc}_dm": float(perc_dm[k]),
-            f"fit_{perc}_classical": float(perc_cl[k]),
+            **{f"fit_{key}": float(values[k]) for key, values in measures.items()},
         }
-    for row in rows:  # the others: the fitted image nearest in noise std speaks for them
+    for row in rows:
         if row in flags:
             continue
         s = scored.images[row].get("noise_std", math.nan)
@@ -382,60 +505,53 @@ def audit_fit(
             continue
         _, near, ok = min(per_image, key=lambda p: abs(p[0] - s))
         flags[row] = {"dm_faithful": ok, "dm_fit_bin": scored.images[near].get("bin")}
-    share = sum(ok for _, _, ok in per_image) / len(per_image)
-    means = {
-        "mse_dm": float(mse_dm.mean()),
-        "mse_classical": float(mse_cl.mean()),
-        f"{perc}_dm": float(perc_dm.mean()),
-        f"{perc}_classical": float(perc_cl.mean()),
-    }
-    summary = {
-        "images": len(per_image),
-        "noise_std": float(stds.median()),
-        "faithful_share": share,
-        **means,
-    }
+    return flags
+
+
+#: What a per-audit ``warn`` adds, per :func:`_verdict` (``{label}``: LPIPS or SSIM).
+_AUDIT_WARNINGS = {
+    "hallucination": ": worse MSE but better {label}, the signature of hallucination. At this "
+    "noise level the DM reconstructions show what the prior expects, not necessarily "
+    "the image; DM panels of unfaithful images are marked.",
+    "loses": ": the prior loses to classical denoising on this data at this noise level; "
+    "its DM reconstructions are no evidence of leakage beyond the raw readout.",
+}
+
+
+def _audit_check(
+    summary: dict[str, Any],
+    *,
+    perc: str,
+    method: str,
+    tuned: bool,
+    faithful_count: int,
+    start: float,
+) -> dict[str, Any]:
+    """The ``prior_fit_audit`` entry from the means of :func:`audit_fit`'s summary."""
+    label = _LABELS[perc]
     verdict = _verdict(
-        means["mse_dm"],
-        means["mse_classical"],
-        means[f"{perc}_dm"],
-        means[f"{perc}_classical"],
-        higher_is_better=hib,
+        summary["mse_dm"],
+        summary["mse_classical"],
+        summary[f"{perc}_dm"],
+        summary[f"{perc}_classical"],
+        higher_is_better=perc == "ssim",
     )
-    label = "LPIPS" if perc == "lpips" else "SSIM"
-    method = fit.per_audit_denoiser(float(stds.median()))[0]
     head = (
-        f"{len(per_image)} lone images of this audit, their clean readouts re-noised at their "
-        f"noise std (median {float(stds.median()):.3g}): prior MSE {means['mse_dm']:.4f} vs "
-        f"{means['mse_classical']:.4f} for classical denoising ({method}"
-        f"{'' if public is not None and public.knobs else ', untuned'}), {label} "
-        f"{means[f'{perc}_dm']:.3f} vs {means[f'{perc}_classical']:.3f}; faithful on "
-        f"{sum(ok for _, _, ok in per_image)} of {len(per_image)}"
+        f"{summary['images']} lone images of this audit, their clean readouts re-noised at their "
+        f"noise std (median {summary['noise_std']:.3g}): prior MSE {summary['mse_dm']:.4f} vs "
+        f"{summary['mse_classical']:.4f} for classical denoising ({method}"
+        f"{'' if tuned else ', untuned'}), {label} "
+        f"{summary[f'{perc}_dm']:.3f} vs {summary[f'{perc}_classical']:.3f}; faithful on "
+        f"{faithful_count} of {summary['images']}"
     )
     values = dict(
-        value=share,
+        value=summary["faithful_share"],
         **summary,
         perceptual=perc,
         classical=method,
         seconds=time.perf_counter() - start,
     )
     if verdict is None:
-        entry = check("prior_fit_audit", "pass", head + ".", **values)
-    elif verdict == "hallucination":
-        entry = check(
-            "prior_fit_audit",
-            "warn",
-            head + f": worse MSE but better {label}, the signature of hallucination. At this "
-            "noise level the DM reconstructions show what the prior expects, not necessarily "
-            "the image; DM panels of unfaithful images are marked.",
-            **values,
-        )
-    else:
-        entry = check(
-            "prior_fit_audit",
-            "warn",
-            head + ": the prior loses to classical denoising on this data at this noise level; "
-            "its DM reconstructions are no evidence of leakage beyond the raw readout.",
-            **values,
-        )
-    return AuditFit(check=entry, summary=summary, flags=flags)
+        return check("prior_fit_audit", "pass", head + ".", **values)
+    tail = _AUDIT_WARNINGS[verdict].format(label=label)
+    return check("prior_fit_audit", "warn", head + tail, **values)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._opacus import accountant_history, rdp_orders
+
 __all__ = [
     "EpsilonReading",
     "read_epsilon",
@@ -25,14 +27,16 @@ __all__ = [
     "history_from_accountant",
     "steps_from_accountant",
     "sample_rate_from_accountant",
+    "step_rdp",
     "PRV_MIN_SIGMA",
     "MEANINGLESS_EPSILON",
     "NO_GUARANTEE",
 ]
 
-#: Below this noise multiplier Opacus's PRV accountant takes seconds to minutes per query (8 s at
-#: σ = 0.1, 45 s at σ = 0.01 for 60 steps on 2 cores); the auditor then asks RDP about the same
-#: history instead (about 12 ms, a valid upper bound, looser than PRV).
+#: Below this noise multiplier Opacus's PRV machinery takes seconds to minutes per query (8 s at
+#: σ = 0.1, 45 s at σ = 0.01 for 60 steps on 2 cores) and its discretisation breaks down: ε is
+#: then read from RDP of the same history (about 12 ms, a valid upper bound, looser than PRV),
+#: and :func:`~opacus_dmaudit.privacy.bounds.run_bounds` skips its PRV privacy-profile bound.
 PRV_MIN_SIGMA = 0.3
 
 #: Above this ε a DP guarantee says nothing a reader can use (e^100 bounds any likelihood ratio).
@@ -44,23 +48,19 @@ NO_GUARANTEE = "no meaningful formal guarantee: read the per-step µ and the ima
 logger = logging.getLogger(__name__)
 
 
-def _history(accountant) -> list:
-    return list(getattr(accountant, "history", None) or [])
-
-
 def history_from_accountant(accountant) -> list[tuple[float, float, int]]:
     """The accountant's ``(noise_multiplier, sample_rate, steps)`` entries, oldest first."""
-    return [(float(s), float(q), int(t)) for s, q, t in _history(accountant)]
+    return [(float(s), float(q), int(t)) for s, q, t in accountant_history(accountant)]
 
 
 def steps_from_accountant(accountant) -> int:
     """Optimizer steps the accountant has recorded (its history holds ``(σ, q, steps)`` entries)."""
-    return int(sum(entry[2] for entry in _history(accountant)))
+    return int(sum(entry[2] for entry in accountant_history(accountant)))
 
 
 def sample_rate_from_accountant(accountant) -> float | None:
     """Sampling rate of the most recent step, or ``None`` before any step."""
-    history = _history(accountant)
+    history = accountant_history(accountant)
     return float(history[-1][1]) if history else None
 
 
@@ -86,8 +86,13 @@ class EpsilonReading:
     at_smallest_order: bool = False
 
 
-@functools.lru_cache(maxsize=64)
-def _step_rdp(sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]):
+@functools.lru_cache(maxsize=96)
+def step_rdp(sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]) -> np.ndarray:
+    """RDP of one Poisson-subsampled Gaussian step at ``orders`` (Opacus's analysis), cached.
+
+    A run is audited at one ``(q, σ)`` many times, and T identical steps compose to T times this
+    curve (what Opacus's ``compute_rdp`` returns for ``steps=T``). The array is read-only.
+    """
     from opacus.accountants.analysis.rdp import compute_rdp
 
     rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders)
@@ -103,7 +108,7 @@ def _rdp_epsilon(history: list, orders: tuple[float, ...], delta: float) -> tupl
     order is known without Opacus warning about it. A curve of T identical steps is T times the
     cached one-step curve (what Opacus's ``compute_rdp`` returns for ``steps=T``).
     """
-    rdp = sum(_step_rdp(float(q), float(s), orders) * int(t) for s, q, t in history)
+    rdp = sum(step_rdp(float(q), float(s), orders) * int(t) for s, q, t in history)
     alphas = np.atleast_1d(np.asarray(orders, dtype=float))
     rdp = np.atleast_1d(rdp)
     eps = rdp - (np.log(delta) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)
@@ -130,12 +135,6 @@ def epsilon_note(epsilon: float, *, at_smallest_order: bool = False) -> str | No
     return None
 
 
-def _rdp_orders(accountant) -> tuple[float, ...]:
-    from opacus.accountants import RDPAccountant
-
-    return tuple(getattr(accountant, "DEFAULT_ALPHAS", None) or RDPAccountant.DEFAULT_ALPHAS)
-
-
 def read_epsilon(
     accountant,
     *,
@@ -158,7 +157,7 @@ def read_epsilon(
             auditor): each kind of note is logged once as a warning, then only recorded.
     """
     name = type(accountant).__name__.replace("Accountant", "").lower() if accountant else "none"
-    history = _history(accountant)
+    history = accountant_history(accountant)
     epsilon, order, smallest = math.nan, None, False
     if noise_multiplier <= 0:
         epsilon = math.inf
@@ -169,11 +168,9 @@ def read_epsilon(
     elif name == "rdp" or (name == "prv" and noise_multiplier < PRV_MIN_SIGMA):
         if name == "prv":
             name = f"rdp (prv too slow below sigma {PRV_MIN_SIGMA})"
-            from opacus.accountants import RDPAccountant
-
-            orders = tuple(RDPAccountant.DEFAULT_ALPHAS)
+            orders = rdp_orders()
         else:
-            orders = _rdp_orders(accountant)
+            orders = rdp_orders(accountant)
         try:
             epsilon, order = _rdp_epsilon(history, orders, delta)
             smallest = order == min(orders)
@@ -233,7 +230,7 @@ def epsilon_from_accountant(accountant, *, delta: float, noise_multiplier: float
     """
     if noise_multiplier <= 0:
         return math.inf
-    if accountant is None or not _history(accountant):
+    if accountant is None or not accountant_history(accountant):
         return 0.0 if accountant is not None else math.nan
     try:
         return float(accountant.get_epsilon(delta=delta))

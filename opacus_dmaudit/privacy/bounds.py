@@ -22,13 +22,15 @@ The GDP privacy profile ``δ(ε) = Φ(−ε/µ + µ/2) − e^ε Φ(−ε/µ − 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import optimize
 from scipy.stats import norm
+
+from .._opacus import prv_loss_distribution
+from .accountant import PRV_MIN_SIGMA, step_rdp
 
 __all__ = [
     "gdp_delta",
@@ -42,14 +44,9 @@ __all__ = [
     "run_bounds",
     "History",
     "DEFAULT_ORDERS",
-    "PROFILE_MIN_SIGMA",
 ]
 
 DEFAULT_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256)) + [512, 1024]
-
-#: The PRV privacy profile is computed only when every step's σ is at least this (below, Opacus's
-#: PRV machinery takes seconds to minutes and its discretisation breaks down).
-PROFILE_MIN_SIGMA = 0.3
 
 #: An accountant's history: ``(noise_multiplier, sample_rate, steps)`` entries, oldest first.
 History = Sequence[tuple[float, float, int]]
@@ -142,12 +139,7 @@ def _check_kappa(kappa: float) -> None:
 
 def _prv_profile(history: tuple[tuple[float, float, int], ...]):
     """The run's privacy profile from Opacus's PRV machinery: ``(eps grid, delta grid)``."""
-    from opacus.accountants import PRVAccountant
-
-    acc = PRVAccountant()
-    acc.history = list(history)
-    dprv = acc._get_dprv(eps_error=0.01, delta_error=1e-9)
-    t, p = dprv.domain.ts, dprv.pmf
+    t, p = prv_loss_distribution(history, eps_error=0.01, delta_error=1e-9)
     d1 = np.flip(np.flip(p).cumsum())
     d2 = np.flip(np.flip(p * np.exp(-t)).cumsum())
     with np.errstate(over="ignore", invalid="ignore"):
@@ -155,19 +147,6 @@ def _prv_profile(history: tuple[tuple[float, float, int], ...]):
     ok = np.isfinite(delta)
     # eps_error of the discretisation: shift ε up by it, so the bound stays an upper bound
     return t[ok] + 0.01, np.clip(delta[ok], 0, 1) + 1e-9
-
-
-@functools.lru_cache(maxsize=32)
-def _step_rdp(sample_rate: float, noise_multiplier: float) -> np.ndarray:
-    """RDP of one subsampled Gaussian step at ``DEFAULT_ORDERS`` (Opacus's analysis), cached:
-    a run audits at one (q, σ) many times, and T steps compose to T times this curve."""
-    from opacus.accountants.analysis.rdp import compute_rdp
-
-    rdp = compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=DEFAULT_ORDERS
-    )
-    rdp.flags.writeable = False
-    return rdp
 
 
 def _history(
@@ -231,7 +210,7 @@ def run_bounds(
         history: the accountant's ``(σ, q, steps)`` entries (``accountant.history``); or give one
             constant ``noise_multiplier``, ``sample_rate`` and ``steps`` instead.
         profile: also compute the PRV privacy-profile bound (skipped below
-            :data:`PROFILE_MIN_SIGMA`).
+            :data:`~opacus_dmaudit.privacy.accountant.PRV_MIN_SIGMA`).
 
     Returns:
         ``{"rdp", "profile", "clt_gdp_approx"}``: the RDP bound, the privacy-profile bound
@@ -244,13 +223,13 @@ def run_bounds(
         return {"rdp": 1.0, "profile": 1.0, "clt_gdp_approx": 1.0}
     if not entries:
         return {"rdp": kappa, "profile": kappa, "clt_gdp_approx": kappa}
-    rdp = sum(_step_rdp(q, sigma) * t for sigma, q, t in entries)
+    rdp = sum(step_rdp(q, sigma, tuple(DEFAULT_ORDERS)) * t for sigma, q, t in entries)
     out: dict[str, float | None] = {
         "rdp": rero_rdp(kappa, DEFAULT_ORDERS, rdp),
         "profile": None,
         "clt_gdp_approx": rero_gaussian(clt_mu_history(entries), kappa),
     }
-    if profile and min(sigma for sigma, _, _ in entries) >= PROFILE_MIN_SIGMA:
+    if profile and min(sigma for sigma, _, _ in entries) >= PRV_MIN_SIGMA:
         try:
             eps, delta = _prv_profile(tuple(entries))
             out["profile"] = rero_profile(kappa, eps, delta)

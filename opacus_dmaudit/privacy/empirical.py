@@ -70,17 +70,15 @@ def membership_scores(captured: CapturedStep) -> tuple[np.ndarray, np.ndarray] |
     noise = captured.noise_std
     if sums is None or sums.simulated or not noise > 0 or sums.membership.numel() == 0:
         return None
-    from ..reconstruct.bins import bin_rows
+    from ..reconstruct.bins import bin_rows, lone_bins
 
     structure = sums.geometry.structure
     dw, db, factor = bin_rows(sums.weight_noised, sums.bias_noised, structure=structure)
     cw, cb, _ = bin_rows(sums.weight_clean, sums.bias_clean, structure=structure)
-    members = sums.membership
-    count = (members != 0).sum(dim=1)
-    lone = (count == 1) & (members.max(dim=1).values == 1)
-    empty = count == 0
+    lone = lone_bins(sums.membership)
+    empty = (sums.membership != 0).sum(dim=1) == 0
     if structure != "sparse":  # neighbouring differences share a row: keep every other bin
-        keep = torch.arange(count.numel()) % 2 == 0
+        keep = torch.arange(lone.numel()) % 2 == 0
         lone, empty = lone & keep, empty & keep
     if not bool(lone.any()):
         return None

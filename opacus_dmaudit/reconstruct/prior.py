@@ -142,6 +142,79 @@ def _embedded_path(name: str) -> Path:
     return path
 
 
+# -- loading ---------------------------------------------------------------------------------------
+def _prior_path(name: str) -> str:
+    """Where ``name`` points: an embedded prior's folder, an existing local path, or a hub id."""
+    if name.startswith("embedded:"):
+        return str(_embedded_path(name.split(":", 1)[1]))
+    expanded = Path(name).expanduser()
+    return str(expanded) if expanded.exists() else name
+
+
+def _unet_kwargs(hub_kwargs: dict) -> dict:
+    kwargs = dict(hub_kwargs)
+    if importlib.util.find_spec("accelerate") is None:
+        kwargs.setdefault("low_cpu_mem_usage", False)  # diffusers would warn otherwise
+    return kwargs
+
+
+def _load_local(path: str, hub_kwargs: dict) -> tuple:
+    """``(unet, scheduler config)`` of a local folder: the ``DDPMPipeline`` or the flat layout."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    local = Path(path)
+    unet_sub = "unet" if (local / "unet" / "config.json").is_file() else None
+    if unet_sub is None and not (local / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{local} holds no diffusers UNet (expected unet/config.json or config.json)"
+        )
+    sched_sub = "scheduler" if (local / "scheduler" / "scheduler_config.json").is_file() else None
+    unet = UNet2DModel.from_pretrained(path, subfolder=unet_sub, **_unet_kwargs(hub_kwargs))
+    return unet, DDPMScheduler.load_config(path, subfolder=sched_sub, **hub_kwargs)
+
+
+def _load_hub(name: str, hub_kwargs: dict) -> tuple:
+    """``(unet, scheduler config)`` of a hub id: the flat ``google/ddpm-*`` layout first, then
+    the ``DDPMPipeline`` one."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet_kwargs = _unet_kwargs(hub_kwargs)
+    try:
+        unet = UNet2DModel.from_pretrained(name, **unet_kwargs)
+    except OSError:
+        try:
+            unet = UNet2DModel.from_pretrained(name, subfolder="unet", **unet_kwargs)
+        except OSError as err:
+            raise OSError(
+                f"could not load the prior {name!r} from the Hugging Face Hub or its "
+                f"cache ({err}); offline, give a local directory (`dmaudit train-prior` "
+                "makes one) or one of " + ", ".join(f"embedded:{n}" for n in EMBEDDED_PRIORS)
+            ) from err
+    try:
+        return unet, DDPMScheduler.load_config(name, **hub_kwargs)
+    except OSError:
+        return unet, DDPMScheduler.load_config(name, subfolder="scheduler", **hub_kwargs)
+
+
+def _ddpm_scheduler(config):
+    """A ``DDPMScheduler`` from a loaded config (old configs name ``num_train_timesteps``
+    ``timesteps``)."""
+    from diffusers import DDPMScheduler
+
+    config = dict(config)
+    if "timesteps" in config and "num_train_timesteps" not in config:
+        config["num_train_timesteps"] = config.pop("timesteps")
+    return DDPMScheduler.from_config(config)
+
+
+def _content_shape(local: Path) -> list[int] | None:
+    """The image shape a prior trained by ``dmaudit train-prior`` records (before padding)."""
+    meta = local / "training.json"
+    if local.is_dir() and meta.is_file():
+        return json.loads(meta.read_text()).get("image_shape")
+    return None
+
+
 class DiffusionPrior:
     """A diffusers ``UNet2DModel`` and its noise schedule, used as an image prior for denoising.
 
@@ -222,63 +295,21 @@ class DiffusionPrior:
             **hub_kwargs: passed to diffusers' ``from_pretrained`` (``revision``, ``cache_dir``,
                 ``local_files_only``, ...).
         """
-        from diffusers import DDPMScheduler, UNet2DModel
-
         name = str(name_or_path)
         check_prior_name(name_or_path)
-        if name.startswith("embedded:"):
-            path: str = str(_embedded_path(name.split(":", 1)[1]))
-        else:
-            path = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
-        local = Path(path)
-        if local.is_dir():
-            unet_sub = "unet" if (local / "unet" / "config.json").is_file() else None
-            if unet_sub is None and not (local / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"{local} holds no diffusers UNet (expected unet/config.json or config.json)"
-                )
-            sched_sub = (
-                "scheduler" if (local / "scheduler" / "scheduler_config.json").is_file() else None
-            )
-        elif name != path or local.exists() or name.startswith((".", "/", "~")):
+        path = _prior_path(name)
+        if Path(path).is_dir():
+            unet, scheduler_config = _load_local(path, hub_kwargs)
+        elif name != path or Path(path).exists() or name.startswith((".", "/", "~")):
             raise FileNotFoundError(f"no prior at {name!r}")
-        # a hub id: the flat google/ddpm-* layout first, then the DDPMPipeline one
-        unet_kwargs = dict(hub_kwargs)
-        if importlib.util.find_spec("accelerate") is None:
-            unet_kwargs.setdefault("low_cpu_mem_usage", False)  # diffusers would warn otherwise
-        if local.is_dir():
-            unet = UNet2DModel.from_pretrained(path, subfolder=unet_sub, **unet_kwargs)
-            sched_cfg = DDPMScheduler.load_config(path, subfolder=sched_sub, **hub_kwargs)
         else:
-            try:
-                unet = UNet2DModel.from_pretrained(path, **unet_kwargs)
-            except OSError:
-                try:
-                    unet = UNet2DModel.from_pretrained(path, subfolder="unet", **unet_kwargs)
-                except OSError as err:
-                    raise OSError(
-                        f"could not load the prior {name!r} from the Hugging Face Hub or its "
-                        f"cache ({err}); offline, give a local directory (`dmaudit train-prior` "
-                        "makes one) or one of "
-                        + ", ".join(f"embedded:{n}" for n in EMBEDDED_PRIORS)
-                    ) from err
-            try:
-                sched_cfg = DDPMScheduler.load_config(path, **hub_kwargs)
-            except OSError:
-                sched_cfg = DDPMScheduler.load_config(path, subfolder="scheduler", **hub_kwargs)
-        sched_cfg = dict(sched_cfg)
-        if "timesteps" in sched_cfg and "num_train_timesteps" not in sched_cfg:  # old configs
-            sched_cfg["num_train_timesteps"] = sched_cfg.pop("timesteps")
-        scheduler = DDPMScheduler.from_config(sched_cfg)
-        content = None
-        meta = local / "training.json" if local.is_dir() else None
-        if meta is not None and meta.is_file():
-            content = json.loads(meta.read_text()).get("image_shape")
+            unet, scheduler_config = _load_hub(name, hub_kwargs)
+        scheduler = _ddpm_scheduler(scheduler_config)
         return cls(
             unet,
             scheduler.alphas_cumprod,
             prediction_type=scheduler.config.prediction_type,
-            content_shape=content,
+            content_shape=_content_shape(Path(path)),
             device=device,
             dtype=dtype,
             resize=resize,

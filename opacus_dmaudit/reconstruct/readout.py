@@ -156,30 +156,11 @@ def read_imprint(
     Returns:
         A :class:`Readout` with one candidate per bin.
     """
-    if weight_sum.dim() != 2 or bias_sum.shape != weight_sum.shape[:1]:
-        raise ValueError(
-            f"expected weight_sum (K, d) and bias_sum (K,), got {tuple(weight_sum.shape)} and "
-            f"{tuple(bias_sum.shape)}"
-        )
-    if math.prod(image_shape) != weight_sum.shape[1]:
-        raise ValueError(f"image_shape {image_shape} does not have {weight_sum.shape[1]} pixels")
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be non-negative, got {noise_std}")
-    if not 0 < collision_level < 1:
-        raise ValueError(f"collision_level must be in (0, 1), got {collision_level}")
+    _check_inputs(weight_sum, bias_sum, image_shape, noise_std, collision_level)
     dw, db, factor = bin_rows(weight_sum, bias_sum, structure=structure)
     k, d = dw.shape
     pinned = pinned_projection(measurement, bin_edges, d, k)
-    if test is None:
-        test = "bias-z" if occupancy_z is not None else "row-fisher" if pinned else "row-chi2"
-    if test == "row-fisher" and pinned is None:
-        raise ValueError("the 'row-fisher' test needs measurement and bin_edges")
-    if normaliser is None:
-        normaliser = "pinned" if pinned is not None else "bias"
-    if normaliser not in NORMALISERS:
-        raise ValueError(f"normaliser must be one of {sorted(NORMALISERS)}, got {normaliser!r}")
-    if normaliser == "pinned" and pinned is None:
-        raise ValueError("the 'pinned' normaliser needs measurement and bin_edges")
+    test, normaliser = _settings(test, normaliser, pinned=pinned, occupancy_z=occupancy_z)
     rule = occupancy_test(
         test,
         num_bins=k,
@@ -188,34 +169,21 @@ def read_imprint(
         occupancy_z=occupancy_z,
     )
     std_b = noise_std * factor  # noise std of Δb and of each coordinate of ΔW
-
     if noise_std > 0:
         stat, z = occupancy_statistics(rule, dw, db, std_b, pinned)
-        statistic = torch.from_numpy(stat)
-        zscore = torch.from_numpy(z)
+        statistic, zscore = torch.from_numpy(stat), torch.from_numpy(z)
         occupied = statistic > rule.threshold
         weight, var_w = _weights(normaliser, dw, db, std_b, pinned)
-    else:
-        statistic = zscore = torch.where(
-            db != 0, torch.full_like(db, math.inf), torch.zeros_like(db)
-        )
-        scale = db.abs().max() if k else torch.tensor(0.0, dtype=torch.float64)
-        occupied = db.abs() > _CLEAN_REL_TOL * scale
+    else:  # no noise: a bin is occupied exactly when its Δb is non-zero
+        statistic, occupied = _noise_free_occupancy(db)
+        zscore = statistic
         weight, var_w = db, torch.zeros_like(db)
-
-    nonzero = weight != 0
-    safe = torch.where(nonzero, weight, torch.ones_like(weight))
-    images = torch.where(nonzero[:, None], dw / safe[:, None], torch.zeros_like(dw))
-    inf = torch.full_like(weight, math.inf)
-    pred_std = torch.where(nonzero, std_b / safe.abs(), inf)
-    contrast = torch.where(nonzero, var_w.sqrt() / safe.abs(), inf)
-
+    images, pred_std, contrast = _candidates(dw, weight, var_w, std_b)
     collision = occupied & _out_of_range(dw, weight, var_w, std_b, value_range, collision_level)
     if clip_norm is not None and clip_norm > 0:
         collision |= occupied & _over_norm(
             dw, db, std_b, structure, clip_norm, collision_level, rule.level
         )
-
     return Readout(
         images=images.float().reshape(k, *image_shape),
         bins=torch.arange(k),
@@ -228,6 +196,67 @@ def read_imprint(
         noise_std=pred_std.float(),
         contrast_std=contrast.float(),
     )
+
+
+def _check_inputs(
+    weight_sum: torch.Tensor,
+    bias_sum: torch.Tensor,
+    image_shape: tuple[int, int, int],
+    noise_std: float,
+    collision_level: float,
+) -> None:
+    """Raise ``ValueError`` on sums, an image shape, a noise std or a level that cannot be read."""
+    if weight_sum.dim() != 2 or bias_sum.shape != weight_sum.shape[:1]:
+        raise ValueError(
+            f"expected weight_sum (K, d) and bias_sum (K,), got {tuple(weight_sum.shape)} and "
+            f"{tuple(bias_sum.shape)}"
+        )
+    if math.prod(image_shape) != weight_sum.shape[1]:
+        raise ValueError(f"image_shape {image_shape} does not have {weight_sum.shape[1]} pixels")
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be non-negative, got {noise_std}")
+    if not 0 < collision_level < 1:
+        raise ValueError(f"collision_level must be in (0, 1), got {collision_level}")
+
+
+def _settings(
+    test: str | None, normaliser: str | None, *, pinned, occupancy_z: float | None
+) -> tuple[str, str]:
+    """The occupancy test and the normaliser, defaulted from what is given (see
+    :func:`read_imprint`), or ``ValueError`` when the projection they need is missing."""
+    if test is None:
+        test = "bias-z" if occupancy_z is not None else "row-fisher" if pinned else "row-chi2"
+    if test == "row-fisher" and pinned is None:
+        raise ValueError("the 'row-fisher' test needs measurement and bin_edges")
+    if normaliser is None:
+        normaliser = "pinned" if pinned is not None else "bias"
+    if normaliser not in NORMALISERS:
+        raise ValueError(f"normaliser must be one of {sorted(NORMALISERS)}, got {normaliser!r}")
+    if normaliser == "pinned" and pinned is None:
+        raise ValueError("the 'pinned' normaliser needs measurement and bin_edges")
+    return test, normaliser
+
+
+def _noise_free_occupancy(db: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(statistic, occupied)`` without noise: ``inf`` where ``Δb`` is non-zero (beyond the
+    round-off of the sums), else 0."""
+    statistic = torch.where(db != 0, torch.full_like(db, math.inf), torch.zeros_like(db))
+    scale = db.abs().max() if db.numel() else torch.tensor(0.0, dtype=torch.float64)
+    return statistic, db.abs() > _CLEAN_REL_TOL * scale
+
+
+def _candidates(
+    dw: torch.Tensor, weight: torch.Tensor, var_w: torch.Tensor, std_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each bin's candidate image ``ΔW/ŵ``, its predicted noise std and contrast std
+    (0 images and ``inf`` stds where ``ŵ = 0``)."""
+    nonzero = weight != 0
+    safe = torch.where(nonzero, weight, torch.ones_like(weight))
+    images = torch.where(nonzero[:, None], dw / safe[:, None], torch.zeros_like(dw))
+    inf = torch.full_like(weight, math.inf)
+    pred_std = torch.where(nonzero, std_b / safe.abs(), inf)
+    contrast = torch.where(nonzero, var_w.sqrt() / safe.abs(), inf)
+    return images, pred_std, contrast
 
 
 def _out_of_range(dw, weight, var_w, std_b, value_range, level: float) -> torch.Tensor:

@@ -20,14 +20,26 @@ SAMPLERS = ("ddim", "ddim-every-step", "ancestral", "posterior-mean")
 _RENAMED = {"ddpm": "ancestral"}
 
 
-def sampler_name(sampler: str) -> str:
-    """The sampler's current name (``"ddpm"`` -> ``"ancestral"``, with a warning)."""
+def sampler_name(sampler: str, *, stacklevel: int = 4) -> str:
+    """The sampler's current name (``"ddpm"`` -> ``"ancestral"``, with a warning).
+
+    The one place that knows the samplers' old names; :class:`SamplerSettings` (and so the
+    configuration and :meth:`~opacus_dmaudit.DiffusionPrior.denoise`) asks it.
+
+    Args:
+        sampler: a name in :data:`SAMPLERS`, or an old name.
+        stacklevel: the frame the ``DeprecationWarning`` points at, as ``warnings.warn`` counts
+            from here.
+
+    Raises:
+        ValueError: an unknown sampler.
+    """
     if sampler in _RENAMED:
         warnings.warn(
             f"sampler={sampler!r} is now called {_RENAMED[sampler]!r} (DDPM ancestral "
             "sampling); the paper's Algorithm 1 is 'ddim-every-step'",
             DeprecationWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
         return _RENAMED[sampler]
     if sampler not in SAMPLERS:

@@ -114,13 +114,7 @@ def estimate_kappa(
     Returns:
         The :class:`Baseline`, or ``None`` with fewer than :data:`MIN_TARGETS` public images.
     """
-    if metric not in HIGHER_IS_BETTER:
-        raise ValueError(f"unknown metric {metric!r}; choose from {sorted(HIGHER_IS_BETTER)}")
-    public = torch.as_tensor(public).detach().float().cpu()
-    if public.dim() != 4:
-        raise ValueError(f"public images must be (N, C, H, W), got {tuple(public.shape)}")
-    if not torch.isfinite(public).all():
-        raise ValueError("public images hold NaN or infinite pixels: remove or repair them")
+    public = _checked_public(public, metric)
     lo, hi = value_range
     n = public.shape[0]
     if min(n, max_images) < MIN_TARGETS:
@@ -146,12 +140,50 @@ def estimate_kappa(
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen)[:max_images]
     targets = ((public[order] - lo) / (hi - lo)).clamp(0, 1)
-    m = targets.shape[0]
+    guesses, names = _guesses(targets, order, prior, prior_samples, gen)
+    rates = _leave_one_out_rates(pairwise(metric, guesses, targets, lpips=lpips), metric, threshold)
+    best = int(rates.argmax())
+    result = Baseline(
+        kappa=float(rates[best]),
+        metric=metric,
+        threshold=float(threshold),
+        candidates=int(guesses.shape[0]),
+        targets=targets.shape[0],
+        best=names[best],
+        guess=guesses[best : best + 1].clone(),
+    )
+    _CACHE[key] = result
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return result
+
+
+def _checked_public(public: torch.Tensor, metric: str) -> torch.Tensor:
+    """The public images as a float CPU tensor, or ``ValueError`` on what cannot be scored."""
+    if metric not in HIGHER_IS_BETTER:
+        raise ValueError(f"unknown metric {metric!r}; choose from {sorted(HIGHER_IS_BETTER)}")
+    public = torch.as_tensor(public).detach().float().cpu()
+    if public.dim() != 4:
+        raise ValueError(f"public images must be (N, C, H, W), got {tuple(public.shape)}")
+    if not torch.isfinite(public).all():
+        raise ValueError("public images hold NaN or infinite pixels: remove or repair them")
+    return public
+
+
+def _guesses(
+    targets: torch.Tensor,
+    order: torch.Tensor,
+    prior,
+    prior_samples: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, list[str]]:
+    """The candidate guesses and their names: the public images, their mean image, and the
+    prior's samples where they have the images' shape."""
     pool = [targets, targets.mean(dim=0, keepdim=True)]
     names = [f"public image {int(i)}" for i in order] + ["mean image"]
     if prior is not None and prior_samples > 0:
         try:
-            samples = prior.sample(prior_samples, steps=10, generator=gen)
+            samples = prior.sample(prior_samples, steps=10, generator=generator)
             if tuple(samples.shape[1:]) == tuple(targets.shape[1:]):
                 pool.append(samples.float().clamp(0, 1))
                 names += [f"prior sample {i}" for i in range(samples.shape[0])]
@@ -163,29 +195,19 @@ def estimate_kappa(
                 )
         except Exception as err:  # the prior is optional here
             logger.info("could not draw prior samples for κ̂ (%s): public images only", err)
-    guesses = torch.cat(pool)
-    scores = pairwise(metric, guesses, targets, lpips=lpips)
+    return torch.cat(pool), names
+
+
+def _leave_one_out_rates(scores: torch.Tensor, metric: str, threshold: float) -> torch.Tensor:
+    """Each guess's share of targets it meets the criterion on; the first ``M`` guesses are the
+    ``M`` targets themselves, each left out of its own targets."""
+    m = scores.shape[1]
     if HIGHER_IS_BETTER[metric]:
         hits = scores >= threshold
     else:
         hits = scores <= threshold
     hits &= ~torch.isnan(scores)
-    # a public image is not scored against itself: leave it out of its own targets
     hits[torch.arange(m), torch.arange(m)] = False
-    counts = torch.full((guesses.shape[0],), float(m), dtype=torch.float64)
+    counts = torch.full((scores.shape[0],), float(m), dtype=torch.float64)
     counts[:m] = m - 1
-    rates = hits.double().sum(dim=1) / counts
-    best = int(rates.argmax())
-    result = Baseline(
-        kappa=float(rates[best]),
-        metric=metric,
-        threshold=float(threshold),
-        candidates=int(guesses.shape[0]),
-        targets=m,
-        best=names[best],
-        guess=guesses[best : best + 1].clone(),
-    )
-    _CACHE[key] = result
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return result
+    return hits.double().sum(dim=1) / counts

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from ..capture.step import CapturedStep, ImprintSums
+from ..checks.entries import is_finite_number
 from ..config import AuditConfig
+from ..reconstruct.bins import lone_bins, lone_members
 from ..reconstruct.detection import detection_power, occupancy_test
 from ..reconstruct.readout import Readout, read_imprint
 from ..schema import meets, metric_key
@@ -79,13 +81,9 @@ class ScoredStep:
         out: dict[str, float | None] = {}
         keys = sorted({k for im in self.images for k in im if k.partition("_")[0] in metrics})
         for key in keys:
-            vals = [im[key] for im in self.images if key in im and _finite(im[key])]
+            vals = [im[key] for im in self.images if key in im and is_finite_number(im[key])]
             out[key] = sum(vals) / len(vals) if vals else None
         return out
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and value == value and abs(value) != float("inf")
 
 
 def _pinned(geometry: Any) -> dict[str, Any]:
@@ -154,14 +152,6 @@ def match_readouts(
     return out
 
 
-def _singletons(membership: torch.Tensor) -> torch.Tensor:
-    """``(K,)`` bins that hold exactly one sample."""
-    singles = (membership != 0).sum(dim=1) == 1
-    if membership.numel():
-        singles &= membership.max(dim=1).values == 1
-    return singles
-
-
 def detection_summary(
     captured: CapturedStep, config: AuditConfig, lone_bins: torch.Tensor
 ) -> dict[str, Any]:
@@ -219,16 +209,56 @@ def score_step(
         generator: randomness of the prior's sampler (a fresh seeded one if ``None``).
     """
     sums = _sums(captured)
-    geo = sums.geometry
-    lo, hi = geo.value_range
     noised, clean = read_step(captured, config)
     found = noised.occupied_only()
     if config.max_images is not None:
         found = found.select(torch.arange(min(len(found), config.max_images)))
-    members = sums.membership  # (K, B)
-    truth_idx = match_readouts(found, captured.inputs, members)
-    has_truth = [i for i, t in enumerate(truth_idx) if t is not None]
-    images: list[dict[str, Any]] = []
+    truth_idx = match_readouts(found, captured.inputs, sums.membership)
+    images = _found_images(found, sums.membership, sums.geometry.value_range)
+    rows = [i for i, t in enumerate(truth_idx) if t is not None]
+    truth, stages = _reconstructions(
+        captured, found, clean, truth_idx, rows, config=config, prior=prior, generator=generator
+    )
+    success: dict[str, int] = dict.fromkeys(
+        ("raw", "clean", "dm") if prior is not None else ("raw", "clean"), 0
+    )
+    if rows:
+        scores = stage_metrics(stages, truth, names=config.metrics, lpips=lpips)
+        _add_scores(images, rows, scores, residual=(stages["raw"] - truth).flatten(1).std(dim=1))
+        success.update(_successes(scores, [truth_idx[row] for row in rows], config))
+    lone = lone_bins(sums.membership)
+    missed, missed_truth, missed_raw = _missed(captured, noised, lone)
+    return ScoredStep(
+        readout=noised,
+        clean_readout=clean,
+        found=found,
+        truth_index=truth_idx,
+        images=images,
+        truth=truth,
+        raw=stages["raw"].clamp(0, 1),
+        clean=stages["clean"],
+        dm=stages.get("dm"),
+        success=success,
+        counts=_counts(noised, lone),
+        detection=detection_summary(captured, config, lone.nonzero().flatten()),
+        missed=missed,
+        missed_truth=missed_truth,
+        missed_raw=missed_raw,
+    )
+
+
+def _unit(x: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    """Pixels of ``value_range`` in [0, 1] units (not clamped)."""
+    lo, hi = value_range
+    return (x - lo) / (hi - lo)
+
+
+def _found_images(
+    found: Readout, membership: torch.Tensor, value_range: tuple[float, float]
+) -> list[dict[str, Any]]:
+    """One dict per found row: its bin, test statistic, collision flag, noise and true count."""
+    lo, hi = value_range
+    images = []
     for row in range(len(found)):
         b = int(found.bins[row])
         images.append(
@@ -238,79 +268,104 @@ def score_step(
                 "zscore": float(found.zscore[row]),
                 "collision": bool(found.collision[row]),
                 "noise_std": float(found.noise_std[row]) / (hi - lo),
-                "true_count": int((members[b] != 0).sum()),
+                "true_count": int((membership[b] != 0).sum()),
             }
         )
-    stages = ("raw", "clean", "dm") if prior is not None else ("raw", "clean")
-    success: dict[str, int] = dict.fromkeys(stages, 0)
-    empty = torch.zeros((0, *geo.image_shape))
-    truth = raw = clean_img = empty
-    dm = empty if prior is not None else None
-    if has_truth:
-        scale = lambda x: (x - lo) / (hi - lo)  # noqa: E731
-        truth = scale(captured.inputs[[truth_idx[i] for i in has_truth]].float())
-        raw_unclipped = scale(found.images[has_truth])
-        raw = raw_unclipped.clamp(0, 1)
-        clean_img = scale(clean.images[found.bins[has_truth]]).clamp(0, 1)
-        residual = (raw_unclipped - truth).flatten(1).std(dim=1)
-        reconstructions = {"raw": raw_unclipped, "clean": clean_img}
-        if prior is not None:
-            std = found.noise_std[has_truth].double() / (hi - lo)
-            dm = prior.denoise(
-                raw_unclipped,
-                noise_std=torch.nan_to_num(std, posinf=1e6),
-                sampler=config.sampler,
-                steps=config.sampler_steps,
-                min_stride=config.sampler_min_stride,
-                generator=generator,
-            )
-            reconstructions["dm"] = dm
-        scores = stage_metrics(reconstructions, truth, names=config.metrics, lpips=lpips)
-        for j, row in enumerate(has_truth):
-            images[row]["residual_std_raw"] = float(residual[j])
-            for stage, values in scores.items():
-                for name, vals in values.items():
-                    images[row][metric_key(name, stage)] = float(vals[j])
+    return images
+
+
+def _reconstructions(
+    captured: CapturedStep,
+    found: Readout,
+    clean: Readout,
+    truth_idx: list[int | None],
+    rows: list[int],
+    *,
+    config: AuditConfig,
+    prior,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The real images behind the found ``rows`` and each stage's reconstruction of them.
+
+    Returns ``(truth, {"raw", "clean"[, "dm"]})`` in [0, 1] units; ``raw`` is not clamped (its
+    residual is measured as read), ``clean`` is. Empty ``(0, C, H, W)`` tensors without rows.
+    """
+    geo = _sums(captured).geometry
+    if not rows:
+        empty = torch.zeros((0, *geo.image_shape))
+        return empty, {"raw": empty, "clean": empty, **({"dm": empty} if prior is not None else {})}
+    truth = _unit(captured.inputs[[truth_idx[i] for i in rows]].float(), geo.value_range)
+    raw = _unit(found.images[rows], geo.value_range)
+    stages = {"raw": raw, "clean": _unit(clean.images[found.bins[rows]], geo.value_range)}
+    stages["clean"] = stages["clean"].clamp(0, 1)
+    if prior is not None:
+        lo, hi = geo.value_range
+        std = found.noise_std[rows].double() / (hi - lo)
+        stages["dm"] = prior.denoise(
+            raw,
+            noise_std=torch.nan_to_num(std, posinf=1e6),
+            sampler=config.sampler,
+            steps=config.sampler_steps,
+            min_stride=config.sampler_min_stride,
+            generator=generator,
+        )
+    return truth, stages
+
+
+def _add_scores(
+    images: list[dict[str, Any]],
+    rows: list[int],
+    scores: dict[str, dict[str, torch.Tensor]],
+    *,
+    residual: torch.Tensor,
+) -> None:
+    """Write each scored row's raw residual std and ``<metric>_<stage>`` values into its dict."""
+    for j, row in enumerate(rows):
+        images[row]["residual_std_raw"] = float(residual[j])
         for stage, values in scores.items():
-            vals = values[config.success_metric]
-            hits = {
-                truth_idx[row]
-                for j, row in enumerate(has_truth)
-                if meets(config.success_metric, float(vals[j]), config.success_threshold)
-            }
-            success[stage] = len(hits)
-    singles = _singletons(members)
-    missed_bins = (singles & ~noised.occupied).nonzero().flatten()[:MISSED_SHOWN]
+            for name, vals in values.items():
+                images[row][metric_key(name, stage)] = float(vals[j])
+
+
+def _successes(
+    scores: dict[str, dict[str, torch.Tensor]], samples: list[int | None], config: AuditConfig
+) -> dict[str, int]:
+    """Per stage, the distinct samples whose reconstruction meets the success criterion."""
+    out = {}
+    for stage, values in scores.items():
+        vals = values[config.success_metric]
+        hits = {
+            sample
+            for j, sample in enumerate(samples)
+            if meets(config.success_metric, float(vals[j]), config.success_threshold)
+        }
+        out[stage] = len(hits)
+    return out
+
+
+def _missed(
+    captured: CapturedStep, noised: Readout, lone: torch.Tensor
+) -> tuple[list[dict[str, Any]], torch.Tensor | None, torch.Tensor | None]:
+    """Up to :data:`MISSED_SHOWN` lone samples the test missed: their bins, truth and readout."""
+    geo = _sums(captured).geometry
+    lo, hi = geo.value_range
+    missed_bins = (lone & ~noised.occupied).nonzero().flatten()[:MISSED_SHOWN]
     missed = [
         {"bin": int(b), "noise_std": float(noised.noise_std[b]) / (hi - lo)} for b in missed_bins
     ]
-    missed_truth = missed_raw = None
-    if len(missed):
-        idx = [int((members[b] != 0).nonzero()[0, 0]) for b in missed_bins]
-        scale = lambda x: (x - lo) / (hi - lo)  # noqa: E731
-        missed_truth = scale(captured.inputs[idx].float())
-        missed_raw = scale(noised.images[missed_bins]).clamp(0, 1)
-    counts = {
+    if not missed:
+        return missed, None, None
+    idx = lone_members(_sums(captured).membership, missed_bins)
+    truth = _unit(captured.inputs[idx].float(), geo.value_range)
+    return missed, truth, _unit(noised.images[missed_bins], geo.value_range).clamp(0, 1)
+
+
+def _counts(noised: Readout, lone: torch.Tensor) -> dict[str, int]:
+    """The record's bin counts (``*_singletons`` on disk: lone samples)."""
+    return {
         "num_bins": int(noised.bins.numel()),
         "occupied_bins": int(noised.occupied.sum()),
-        "true_singletons": int(singles.sum()),
-        "found_singletons": int((singles & noised.occupied).sum()),
+        "true_singletons": int(lone.sum()),
+        "found_singletons": int((lone & noised.occupied).sum()),
         "collisions_flagged": int((noised.collision & noised.occupied).sum()),
     }
-    return ScoredStep(
-        readout=noised,
-        clean_readout=clean,
-        found=found,
-        truth_index=truth_idx,
-        images=images,
-        truth=truth,
-        raw=raw,
-        clean=clean_img,
-        dm=dm,
-        success=success,
-        counts=counts,
-        detection=detection_summary(captured, config, singles.nonzero().flatten()),
-        missed=missed,
-        missed_truth=missed_truth,
-        missed_raw=missed_raw,
-    )
