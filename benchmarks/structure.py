@@ -2,8 +2,9 @@
 
 Prints one table (the figures the renovation of issue 18 is judged by):
 
-* modules and their internal import arrows (module-level imports and imports inside
-  functions, of ``opacus_dmaudit`` modules only), import cycles (strongly connected components),
+* modules and their internal import arrows (module-level imports and imports inside functions,
+  of ``opacus_dmaudit`` modules only; imports under ``if TYPE_CHECKING:`` are type hints and not
+  counted), import cycles (strongly connected components),
   the longest chain of package imports without repeating a module ("floors");
 * functions over 80 lines (not counting the docstring) and of cyclomatic complexity over 20
   (radon);
@@ -45,6 +46,22 @@ def resolve(current: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def runtime_imports(tree: ast.AST):
+    """Every import statement of ``tree`` except those under ``if TYPE_CHECKING:`` (type-only)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if (
+            isinstance(node, ast.If)
+            and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
+        ):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
 def import_graph(root: Path, package: str = "opacus_dmaudit") -> dict[str, set[str]]:
     files = sorted((root / package).rglob("*.py"))
     modules = {module_name(root, p): p for p in files}
@@ -52,7 +69,7 @@ def import_graph(root: Path, package: str = "opacus_dmaudit") -> dict[str, set[s
     for mod, path in modules.items():
         tree = ast.parse(path.read_text())
         is_pkg = path.name == "__init__.py"
-        for node in ast.walk(tree):
+        for node in runtime_imports(tree):
             targets = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]

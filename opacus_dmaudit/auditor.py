@@ -17,6 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._opacus import (
+    accountant_history,
+    expected_batch_size,
+    is_ghost,
+    set_accountant_history,
+)
 from .capture.hooks import GradientCapture
 from .capture.imprint import ImprintBlock, find_imprint_block
 from .capture.step import CapturedStep
@@ -45,8 +51,8 @@ PER_SAMPLE_WARN_BYTES = 2**30
 
 def _warn_per_sample_memory(block: ImprintBlock, optimizer) -> None:
     """Per-sample gradients of the imprint layer cost batch × K × d floats outside ghost mode."""
-    ghost = any("FastGradientClipping" in c.__name__ for c in type(optimizer).__mro__)
-    batch = int(getattr(optimizer, "expected_batch_size", 0) or 0)
+    ghost = is_ghost(optimizer)
+    batch = int(expected_batch_size(optimizer) or 0)
     need = 4 * batch * block.num_bins * block.imprint.in_features
     if not ghost and need > PER_SAMPLE_WARN_BYTES:
         logger.warning(
@@ -65,7 +71,7 @@ def _frozen(accountant):
     if accountant is None or not hasattr(accountant, "history"):
         return accountant
     frozen = copy.copy(accountant)
-    frozen.history = list(accountant.history)
+    set_accountant_history(frozen, accountant_history(accountant))
     return frozen
 
 
@@ -554,7 +560,7 @@ class DMAuditor:
             captured,
             accountant=accountant if accountant is not None else self.accountant,
             mode=self.mode,
-            expected_batch_size=getattr(self._capture.optimizer, "expected_batch_size", None),
+            expected_batch_size=expected_batch_size(self._capture.optimizer),
         )
 
 

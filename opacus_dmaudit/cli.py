@@ -64,7 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _print_table(runs) -> None:
-    from .sinks.summary import fmt
+    from .sinks.text import fmt
     from .sinks.verdict import VERDICT_STATUSES
 
     print(

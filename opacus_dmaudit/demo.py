@@ -26,12 +26,13 @@ from opacus import PrivacyEngine
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._opacus import scaled_noise
 from .assets.data import mnist_5k_split
 from .assets.models import small_cnn
 from .auditor import DMAuditor
 from .capture.imprint import ImprintBlock
 from .reconstruct.prior import DiffusionPrior
-from .sinks.summary import RunSummary, summarize
+from .sinks.summary import RunSummary
 
 __all__ = ["run_demo", "digit_cnn"]
 
@@ -95,31 +96,13 @@ def run_demo(
     if prior is not None and not isinstance(prior, DiffusionPrior):
         prior = DiffusionPrior.from_pretrained(prior)
     split = mnist_5k_split()
-    x, y = split["private"]
-    public = split["prior"][0]
-    summaries = []
     runs = [(sigma, False) for sigma in noise_multipliers]
     if broken_noise:
         runs.append((noise_multipliers[-1] if noise_multipliers else 1.0, True))
+    out = []
     for sigma, broken in runs:
-        torch.manual_seed(seed)
-        block = ImprintBlock(image_shape=(1, 28, 28), num_bins=128).calibrate(public)
-        model = nn.Sequential(block, digit_cnn())
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(x, y),
-            batch_size=batch_size,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        engine = PrivacyEngine(accountant="rdp")
-        model, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-            data_loader=loader,
-            noise_multiplier=sigma,
-            max_grad_norm=1.0,
-            poisson_sampling=True,
-        )
         run_dir = Path(out_dir) / (f"sigma_{sigma:g}" + ("_broken" if broken else ""))
+        model, optimizer, loader, engine = _private_model(split, sigma, batch_size, seed)
         auditor = DMAuditor(
             privacy_engine=engine,
             log_dir=run_dir,
@@ -128,61 +111,61 @@ def run_demo(
             sampler=sampler,
             existing="overwrite",  # the demo's own earlier run of this σ
         )
-        bar = tqdm(
-            total=steps,
-            desc=f"σ={sigma:g}" + (" broken" if broken else ""),
-            disable=not progress,
-            unit="step",
-        )
-        with auditor, _half_noise() if broken else contextlib.nullcontext():
-            # once per run (κ̂ is cached across runs): the baseline and the prior's fit
-            bar.set_postfix_str("measuring the baseline and the prior's fit on public digits")
-            auditor.attach(optimizer)
-            bar.set_postfix_str("")
-            done = 0
-            while done < steps:
-                for xb, yb in loader:
-                    optimizer.zero_grad()
-                    nn.functional.cross_entropy(model(xb), yb).backward()
-                    optimizer.step()
-                    done += 1
-                    bar.update(1)
-                    if auditor.history and auditor.history[-1].step == done:
-                        last = auditor.history[-1]
-                        bar.set_postfix(
-                            ssim_raw=f"{last.mean('ssim', 'raw') or float('nan'):.2f}",
-                            ssim_dm=f"{last.mean('ssim', 'dm') or float('nan'):.2f}",
-                        )
-                    if done == steps:
-                        break
-        bar.close()
-        summaries.append(
-            DemoRun(
-                noise_multiplier=sigma,
-                broken=broken,
-                log_dir=run_dir,
-                summary=summarize(auditor.history),
-            )
-        )
-    if summaries:
+        label = f"σ={sigma:g}" + (" broken" if broken else "")
+        with tqdm(total=steps, desc=label, disable=not progress, unit="step") as bar:
+            with scaled_noise(0.5) if broken else contextlib.nullcontext():
+                # once per run (κ̂ is cached across runs): the baseline and the prior's fit
+                bar.set_postfix_str("measuring the baseline and the prior's fit on public digits")
+                auditor.attach(optimizer)
+                bar.set_postfix_str("")
+                _train(model, optimizer, loader, steps, auditor, bar)
+                summary = auditor.close()
+        out.append(DemoRun(sigma, broken, run_dir, summary))
+    if out:
         from .sinks.report import build_comparison
 
-        build_comparison(out_dir, [run.log_dir for run in summaries])
-    return summaries
+        build_comparison(out_dir, [run.log_dir for run in out])
+    return out
 
 
-@contextlib.contextmanager
-def _half_noise():
-    """A deliberately broken mechanism: Opacus adds half the noise the optimizer reports."""
-    from opacus.optimizers import optimizer as opacus_optimizer
+def _private_model(split, sigma: float, batch_size: int, seed: int):
+    """The demo's imprint model and Poisson DP-SGD on the private digits, seeded."""
+    x, y = split["private"]
+    torch.manual_seed(seed)
+    block = ImprintBlock(image_shape=(1, 28, 28), num_bins=128).calibrate(split["prior"][0])
+    model = nn.Sequential(block, digit_cnn())
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+        poisson_sampling=True,
+    )
+    return model, optimizer, loader, engine
 
-    original = opacus_optimizer._generate_noise
 
-    def half(std, reference, generator=None, secure_mode=False):
-        return original(std / 2, reference, generator, secure_mode)
-
-    opacus_optimizer._generate_noise = half
-    try:
-        yield
-    finally:
-        opacus_optimizer._generate_noise = original
+def _train(model, optimizer, loader, steps: int, auditor: DMAuditor, bar) -> None:
+    """``steps`` DP-SGD steps over as many epochs as it takes; the bar shows the last audit."""
+    done = 0
+    while done < steps:
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+            done += 1
+            bar.update(1)
+            if auditor.history and auditor.history[-1].step == done:
+                last = auditor.history[-1]
+                bar.set_postfix(
+                    ssim_raw=f"{last.mean('ssim', 'raw') or float('nan'):.2f}",
+                    ssim_dm=f"{last.mean('ssim', 'dm') or float('nan'):.2f}",
+                )
+            if done == steps:
+                return

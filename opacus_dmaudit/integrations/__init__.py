@@ -18,6 +18,8 @@ from collections.abc import Iterable
 
 from opacus.optimizers import DPOptimizer
 
+from .._opacus import accountant_history, set_accountant_history, world_size
+
 __all__ = ["find_dp_optimizer", "find_private_model", "checkpoint_state", "restore_state"]
 
 logger = logging.getLogger(__name__)
@@ -92,7 +94,7 @@ def find_private_model(module):
 
 def is_distributed(optimizer: DPOptimizer) -> bool:
     """Whether ``optimizer`` runs under Opacus's DDP (every rank must then attach a capture)."""
-    return int(getattr(optimizer, "world_size", 1) or 1) > 1
+    return world_size(optimizer) > 1
 
 
 def checkpoint_state(auditor) -> dict:
@@ -106,7 +108,7 @@ def checkpoint_state(auditor) -> dict:
     if accountant is not None and hasattr(accountant, "history"):
         state["accountant"] = {
             "mechanism": accountant.mechanism(),
-            "history": [list(entry) for entry in accountant.history],
+            "history": [list(entry) for entry in accountant_history(accountant)],
         }
     return state
 
@@ -115,7 +117,7 @@ def restore_state(auditor, state: dict) -> None:
     """Undo :func:`checkpoint_state` before ``attach``; an accountant with history is left alone."""
     auditor.load_state_dict(state["auditor"])
     saved, accountant = state.get("accountant"), auditor.accountant
-    if not saved or accountant is None or getattr(accountant, "history", None):
+    if not saved or accountant is None or accountant_history(accountant):
         return  # the user restored the accountant already (or there is none)
     if saved["mechanism"] != accountant.mechanism():
         logger.warning(
@@ -124,4 +126,4 @@ def restore_state(auditor, state: dict) -> None:
             accountant.mechanism(),
         )
         return
-    accountant.history = [tuple(entry) for entry in saved["history"]]
+    set_accountant_history(accountant, saved["history"])

@@ -470,32 +470,12 @@ class DiffusionPrior:
         Returns:
             ``(N, C, H, W)`` reconstructions in [0, 1], on the CPU.
         """
-        settings = SamplerSettings.of(sampler)
-        sampler = settings.name
-        steps = settings.steps if steps is None else steps
-        min_stride = settings.min_stride if min_stride is None else min_stride
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if isinstance(min_stride, bool) or not isinstance(min_stride, int) or min_stride < 1:
-            raise ValueError(f"min_stride must be a positive integer, got {min_stride!r}")
-        images = torch.as_tensor(images)
-        if images.dim() == 3:
-            images = images[None]
-        if images.dim() != 4:
-            raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+        settings = _settings(sampler, steps, min_stride)
+        images = _as_batch(images)
         shape = tuple(int(s) for s in images.shape[1:])
         self.check_fits(shape)
         n = images.shape[0]
-        if noise_std is None:
-            s = self.estimate_noise_std(images)
-        else:
-            s = torch.as_tensor(noise_std, dtype=torch.float64).flatten()
-            if s.numel() == 1:
-                s = s.expand(n)
-            if s.numel() != n:
-                raise ValueError(f"noise_std has {s.numel()} values for {n} images")
-            if not torch.isfinite(s).all() or (s < 0).any():
-                raise ValueError("noise_std must be finite and non-negative")
+        s = self.estimate_noise_std(images) if noise_std is None else _noise_levels(noise_std, n)
         if n == 0:
             return images.float().clone()
         if generator is None:
@@ -506,11 +486,13 @@ class DiffusionPrior:
             model_in, s_model = self._to_model(chunk, s[start : start + batch_size])
             y = model_in * 2 - 1
             t_star = self.timesteps_for(s_model)
-            if sampler == "ddim-every-step":  # t*, t*−1, …, 1: t* model calls (one at t* = 0)
+            if settings.name == "ddim-every-step":  # t*, t*−1, …, 1: t* model calls (one at t* = 0)
                 n_steps = t_star.clamp(min=1)
             else:
-                n_steps = ((t_star + 1 + min_stride - 1) // min_stride).clamp(max=steps)
-            x0 = self._reverse(y, t_star, sampler=sampler, steps=n_steps, generator=generator)
+                n_steps = ((t_star + settings.min_stride) // settings.min_stride).clamp(
+                    max=settings.steps
+                )
+            x0 = self._reverse(y, t_star, sampler=settings.name, steps=n_steps, generator=generator)
             out.append(self._from_model(((x0 + 1) / 2).clamp(0, 1), shape).cpu())
         return torch.cat(out)
 
@@ -606,3 +588,34 @@ class DiffusionPrior:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
         }
+
+
+def _settings(sampler, steps: int | None, min_stride: int | None) -> SamplerSettings:
+    """The sampler settings of a :meth:`DiffusionPrior.denoise` call (explicit steps win)."""
+    settings = SamplerSettings.of(sampler)
+    return SamplerSettings(
+        name=settings.name,
+        steps=settings.steps if steps is None else steps,
+        min_stride=settings.min_stride if min_stride is None else min_stride,
+    )
+
+
+def _as_batch(images) -> torch.Tensor:
+    images = torch.as_tensor(images)
+    if images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+    return images
+
+
+def _noise_levels(noise_std, n: int) -> torch.Tensor:
+    """One noise std per image, checked."""
+    s = torch.as_tensor(noise_std, dtype=torch.float64).flatten()
+    if s.numel() == 1:
+        s = s.expand(n)
+    if s.numel() != n:
+        raise ValueError(f"noise_std has {s.numel()} values for {n} images")
+    if not torch.isfinite(s).all() or (s < 0).any():
+        raise ValueError("noise_std must be finite and non-negative")
+    return s

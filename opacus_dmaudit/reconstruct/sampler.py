@@ -74,7 +74,7 @@ class SamplerSettings:
         for field_name in ("steps", "min_stride"):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"sampler {field_name} must be a positive integer, got {value!r}")
+                raise ValueError(f"sampler_{field_name} must be a positive integer, got {value!r}")
 
     @classmethod
     def of(cls, value: Any) -> SamplerSettings:

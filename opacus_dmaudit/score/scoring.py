@@ -10,18 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..capture.step import CapturedStep, ImprintSums
 from ..checks.entries import is_finite_number
-from ..config import AuditConfig
 from ..reconstruct.bins import lone_bins, lone_members
 from ..reconstruct.detection import detection_power, occupancy_test
 from ..reconstruct.readout import Readout, read_imprint
 from ..schema import meets, metric_key
 from .metrics import LPIPS, stage_metrics
+
+if TYPE_CHECKING:  # the configuration is only read here
+    from ..config import AuditConfig
 
 __all__ = [
     "ScoredStep",

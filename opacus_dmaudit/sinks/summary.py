@@ -16,53 +16,21 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..checks.entries import status_rank
+from ..checks.entries import is_finite_number, status_rank
 from ..record import AuditRecord, RecordError, SuccessCriterion, json_view, stages_of
+from .text import fmt
+from .verdict import Verdict, verdict
 
-__all__ = ["RunSummary", "CheckOverview", "Verdict", "summarize", "fmt", "finite"]
-
-
-def finite(value: Any) -> bool:
-    """Whether ``value`` is a finite real number (not a bool)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+__all__ = ["RunSummary", "CheckOverview", "Verdict", "summarize", "fmt"]
 
 
 def _mean(values: Iterable[Any]) -> float | None:
-    vals = [v for v in values if finite(v)]
+    vals = [v for v in values if is_finite_number(v)]
     return sum(vals) / len(vals) if vals else None
-
-
-def fmt(value: Any, spec: str = ".3g") -> str:
-    """A number for people: ``n/a`` for missing, ``∞`` for infinite."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, float) and math.isinf(value):
-        return "∞" if value > 0 else "-∞"
-    if isinstance(value, int | float):
-        return format(value, spec)
-    return str(value)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What the audit found: a status (:data:`~.verdict.VERDICT_STATUSES`), a headline a
-    non-expert can act on, and the evidence in words."""
-
-    status: str
-    headline: str
-    text: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"status": self.status, "headline": self.headline, "text": self.text}
-
-    def __getitem__(self, key: str) -> str:
-        """Release 0.1's ``verdict["status"]``; read the attributes instead."""
-        return json_view(self)[key]
 
 
 @dataclass
@@ -200,8 +168,9 @@ class RunSummary:
         return out
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], verdict: Mapping[str, Any] | None = None):
-        """Read a summary written by :meth:`to_json` (``report.json``'s ``summary``)."""
+    def from_json(cls, data: Mapping[str, Any], verdict_json: Mapping[str, Any] | None = None):
+        """Read a summary written by :meth:`to_json` (``report.json``'s ``summary``) and its
+        verdict (worded anew from the numbers when ``verdict_json`` is not given)."""
         if not isinstance(data, Mapping):
             raise RecordError(f"a run summary must be an object, got {data!r}")
         names = {f.name for f in fields(cls)} - {"verdict", "measured", "checks"}
@@ -227,13 +196,16 @@ class RunSummary:
             k: data.get(k)
             for k in ("epsilon_lower", "epsilon_step_claimed", "mu_step_measured", "mu_step_ci")
         }
-        if isinstance(verdict, Mapping):
-            values["verdict"] = Verdict(
-                status=str(verdict.get("status", "")),
-                headline=str(verdict.get("headline", "")),
-                text=str(verdict.get("text", "")),
+        summary = cls(**values)
+        if isinstance(verdict_json, Mapping):
+            summary.verdict = Verdict(
+                status=str(verdict_json.get("status", "")),
+                headline=str(verdict_json.get("headline", "")),
+                text=str(verdict_json.get("text", "")),
             )
-        return cls(**values)
+        else:  # worded anew from the numbers
+            summary.verdict = verdict(summary)
+        return summary
 
 
 # -- summarize ----------------------------------------------------------------------------------
@@ -268,38 +240,44 @@ def _count(records: Sequence[AuditRecord], rate_of, stage: str) -> int:
     return sum(
         round(rate_of(r)[stage] * (r.batch_size or 0))
         for r in records
-        if finite((rate_of(r) or {}).get(stage))
+        if is_finite_number((rate_of(r) or {}).get(stage))
     )
 
 
 def _success(records: Sequence[AuditRecord]) -> dict[str, Any]:
-    """Success to the criterion and identification, per stage."""
-    success = stages_of(records, "success")
-    ident = stages_of(records, "identification")
-    rate = {s: _mean(r.success.get(s) for r in records) for s in success}
-    best = {
-        s: max((v for r in records if finite(v := r.success.get(s))), default=None) for s in success
-    }
+    """Success to the criterion, per stage, and the metrics' means."""
+    stages = stages_of(records, "success")
     criterion = next((r.success_criterion for r in reversed(records) if r.success_criterion), None)
     return {
         "success_criterion": criterion,
-        "success_rate": rate,
-        "max_success_rate": best,
-        "recovered": {s: _count(records, lambda r: r.success, s) for s in success},
-        "identification_rate": {
-            s: _mean((r.identification or {}).get(s) for r in records) for s in ident
-        },
-        "identified": {s: _count(records, lambda r: r.identification, s) for s in ident},
-        # a guess without the gradient is nearest its own image with probability ≤ 1/N per
-        # batch of N: at most one sample per audit in expectation
-        "identification_chance": sum(
-            1 for r in records if (r.batch_size or 0) > 1 and r.identification
-        ),
+        "success_rate": {s: _mean(r.success.get(s) for r in records) for s in stages},
+        "max_success_rate": {s: _largest(r.success.get(s) for r in records) for s in stages},
+        "recovered": {s: _count(records, lambda r: r.success, s) for s in stages},
         "means": {
             k: _mean(r.means.get(k) for r in records)
             for k in sorted({k for r in records for k in r.means})
         },
     }
+
+
+def _identification(records: Sequence[AuditRecord]) -> dict[str, Any]:
+    """Identification per stage, and what a guess without the gradient would single out."""
+    stages = stages_of(records, "identification")
+    return {
+        "identification_rate": {
+            s: _mean((r.identification or {}).get(s) for r in records) for s in stages
+        },
+        "identified": {s: _count(records, lambda r: r.identification, s) for s in stages},
+        # a guess without the gradient is nearest its own image with probability ≤ 1/N per
+        # batch of N: at most one sample per audit in expectation
+        "identification_chance": sum(
+            1 for r in records if (r.batch_size or 0) > 1 and r.identification
+        ),
+    }
+
+
+def _largest(values: Iterable[Any]) -> float | None:
+    return max((v for v in values if is_finite_number(v)), default=None)
 
 
 def _detection(records: Sequence[AuditRecord]) -> dict[str, Any]:
@@ -343,14 +321,12 @@ def summarize(records: Sequence[AuditRecord | Mapping[str, Any]]) -> RunSummary:
     Args:
         records: the run's audit records (typed, or their JSON objects of any record version).
     """
-    from .verdict import verdict
-
     records = [r if isinstance(r, AuditRecord) else AuditRecord.from_json(r) for r in records]
     if not records:
         summary = RunSummary()
     else:
         values: dict[str, Any] = {}
-        for group in (_accounting, _success, _detection, _measured, _checks):
+        for group in (_accounting, _success, _identification, _detection, _measured, _checks):
             values.update(group(records))
         summary = RunSummary(**values)
     summary.verdict = verdict(summary)
@@ -358,8 +334,8 @@ def summarize(records: Sequence[AuditRecord | Mapping[str, Any]]) -> RunSummary:
 
 
 def __getattr__(name: str) -> Any:
-    """Release 0.1 kept the verdict here; it lives in :mod:`.verdict` now."""
-    if name in ("verdict", "VERDICT_STATUSES", "POWER_FOR_NEGATIVE", "IDENTIFICATION_LEVEL"):
+    """Release 0.1 kept the verdict's constants here; they live in :mod:`.verdict` now."""
+    if name in ("VERDICT_STATUSES", "POWER_FOR_NEGATIVE", "IDENTIFICATION_LEVEL"):
         from . import verdict as module
 
         return getattr(module, name)

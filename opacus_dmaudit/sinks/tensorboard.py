@@ -29,16 +29,13 @@ from typing import Any
 
 import torch
 
-from ..checks.entries import status_rank
+from .._opacus import file_writer
+from ..checks.entries import is_finite_number, status_rank
 from ..record import AuditRecord
 from ..schema import METRICS, STAGES, parse_metric_key
 from .logdir import EVENTS_GLOB, secure_file
 
 __all__ = ["TensorBoardSink", "record_scalars"]
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
 
 
 class TensorBoardSink:
@@ -84,13 +81,13 @@ class TensorBoardSink:
         """What ``SummaryWriter(purge_step=step)`` writes: a restart marker at ``step``."""
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-        file_writer = writer._get_file_writer()
-        file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+        fw = file_writer(writer)
+        fw.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
     def _secure(self) -> None:
         """Make this writer's event files owner-only (they hold training images)."""
         try:
-            folder = Path(self.writer._get_file_writer().get_logdir())
+            folder = Path(file_writer(self.writer).get_logdir())
         except Exception:  # a writer of another make: nothing to secure here
             return
         for path in folder.glob(EVENTS_GLOB):
@@ -115,7 +112,7 @@ class TensorBoardSink:
     def _scalar(self, tag: str, value: Any, step: int) -> None:
         if value is None:
             return
-        if _finite(value):
+        if is_finite_number(value):
             self.writer.add_scalar(tag, float(value), step)
             self._last[tag] = float(value)
         else:
@@ -167,7 +164,7 @@ class TensorBoardSink:
         if not metrics:
             return
         exp, ssi, sei = hparams_summary(clean, metrics)
-        fw = self.writer._get_file_writer()
+        fw = file_writer(self.writer)
         for summary in (exp, ssi, sei):
             fw.add_summary(summary)
         self.writer.flush()

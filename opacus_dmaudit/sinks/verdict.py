@@ -20,14 +20,20 @@ A verdict is a claim and is earned:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
+from ..checks.entries import is_finite_number
+from ..record import json_view
 from ..schema import stage_label
-from .summary import RunSummary, Verdict, finite, fmt
+from .text import count, fmt
+
+if TYPE_CHECKING:
+    from .summary import RunSummary
 
 __all__ = [
+    "Verdict",
     "verdict",
     "RULES",
     "VERDICT_STATUSES",
@@ -51,6 +57,23 @@ VERDICT_STATUSES = {
     "undetectable": "nothing detectable; the audit cannot tell",
     "mechanism_ok": "mechanism checks passed (no images audited)",
 }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the audit found: a status (:data:`VERDICT_STATUSES`), a headline a
+    non-expert can act on, and the evidence in words."""
+
+    status: str
+    headline: str
+    text: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"status": self.status, "headline": self.headline, "text": self.text}
+
+    def __getitem__(self, key: str) -> str:
+        """Release 0.1's ``verdict["status"]``; read the attributes instead."""
+        return json_view(self)[key]
 
 
 @dataclass(frozen=True)
@@ -156,7 +179,7 @@ def _success_parts(e: Evidence) -> str:
     rates = e.summary.success_rate
     return "; ".join(
         f"{stage_label(s)}: {fmt(rates.get(s), '.1%')} of each audited batch on average "
-        f"({_images(e.attack[s])})"
+        f"({count(e.attack[s], 'image')})"
         for s in e.attack
     )
 
@@ -268,14 +291,11 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def verdict(summary: RunSummary | Mapping[str, Any]) -> Verdict:
-    """The :class:`~.summary.Verdict` of a run summary (the first rule of :data:`RULES` that holds).
+def verdict(summary: RunSummary) -> Verdict:
+    """The :class:`Verdict` of a run summary (the first rule of :data:`RULES` that holds).
 
-    Args:
-        summary: a :class:`~.summary.RunSummary` (or its JSON form, as ``report.json`` holds it).
+    ``summarize(records).verdict`` and ``RunSummary.from_json(report["summary"]).verdict`` call it.
     """
-    if not isinstance(summary, RunSummary):
-        summary = RunSummary.from_json(summary)
     evidence = _evidence(summary)
     rule = next(r for r in RULES if r.holds(evidence))
     headline, text = rule.words(evidence)
@@ -317,7 +337,7 @@ def _p_text(p_value: float) -> str:
 def _membership_text(summary: RunSummary) -> list[str]:
     """The membership lower bound, where it is positive (it rules out a clean reading)."""
     lower = summary.measured.get("epsilon_lower")
-    if not finite(lower) or lower <= 0:
+    if not is_finite_number(lower) or lower <= 0:
         return []
     return [
         f"The membership test on the imprint bins measured ε ≥ {fmt(lower)} for one step "
@@ -363,14 +383,10 @@ def _bound_text(summary: RunSummary) -> list[str]:
     return out
 
 
-def _images(n: int) -> str:
-    return f"{n} image" if n == 1 else f"{n} images"
-
-
 def _seen(summary: RunSummary) -> str:
     rates = summary.success_rate
     seen = [
-        f"{stage_label(s)} {fmt(rates.get(s), '.1%')} ({_images(summary.recovered.get(s, 0))})"
+        f"{stage_label(s)} {fmt(rates.get(s), '.1%')} ({count(summary.recovered.get(s, 0), 'image')})"
         for s in ("raw", "dm")
         if s in rates
     ]

@@ -9,7 +9,8 @@ import urllib.parse
 from pathlib import Path
 
 from ..logdir import private_mkdir, write_private
-from ..summary import RunSummary, fmt
+from ..summary import RunSummary
+from ..text import fmt
 from .page import PRIVATE_NOTICE, figure, head, table
 from .plots import png, pyplot
 

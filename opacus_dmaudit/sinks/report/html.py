@@ -15,7 +15,8 @@ from typing import Any
 from ...checks.entries import worst_status
 from ...record import AuditRecord
 from ...schema import MODES
-from ..summary import RunSummary, fmt
+from ..summary import RunSummary
+from ..text import fmt
 from .images import ImageGrids
 from .page import EXPLANATION, PRIVATE_NOTICE, figure, head, table
 

@@ -16,7 +16,7 @@ import numpy as np
 from ...record import AuditRecord, ImageScore
 from ...schema import METRICS, SUCCESS_PREFERENCE
 from ..logdir import LogDir
-from ..summary import fmt
+from ..text import fmt
 from .plots import png, pyplot
 
 __all__ = ["ImageGrids", "image_grids", "grid_png", "caption"]
