@@ -2,6 +2,7 @@
 
     python benchmarks/bounds_vs_empirical.py          # quick: 32 images per set, three σ
     python benchmarks/bounds_vs_empirical.py --full   # 320 MNIST test digits, 320 CIFAR-10
+    python benchmarks/bounds_vs_empirical.py --metric ssim --threshold 0.8   # another criterion
 
 The paper's second finding, in both directions. Every image here is in exactly one DP-SGD step (one
 Gaussian mechanism, µ = 1/σ, fixed batches of 64), so the bound on *any* attacker's success on it
@@ -16,15 +17,17 @@ is the one-step bound Φ(Φ⁻¹(κ) + µ), with κ the success of the best gues
 Both are scored on every image alone in its bin (an attacker may try every bin); "audit" counts
 only the images the auditor's occupancy test finds (what a record's success rate counts).
 
-Two criteria, each with its own κ:
+Two criteria, each with its own κ, both the auditor's own (``AuditConfig``'s success criterion,
+``schema.meets``, ``score.metrics.pairwise``/``identified``, ``privacy.bounds.step_bounds``):
 
-* **LPIPS ≤ 0.1** (the auditor's default). κ = max(κ̂, 1/N) as the auditor uses it: κ̂ is measured
-  by :func:`opacus_dmaudit.baseline.estimate_kappa` on *public* images (MNIST-5k training digits;
-  natural-image patches) with the same prior; N is the number of images the batches are drawn from.
+* **LPIPS ≤ 0.1** (the auditor's default; ``--metric``/``--threshold`` configure another).
+  κ = max(κ̂, 1/N) as the auditor uses it: κ̂ is measured by
+  :func:`opacus_dmaudit.score.baseline.estimate_kappa` on *public* images (MNIST-5k training
+  digits; natural-image patches) with the same prior; N is the number of images the batches are drawn from.
   "fixed" is a real constant attacker: κ̂'s best guess scored against the evaluated images (it
   never saw them). The κ = 1/N bound is shown too: where "fixed" beats it, that bound was wrong.
-* **identification**: a reconstruction succeeds when it is nearer (LPIPS) to its own image than to
-  the 63 other images of its batch; κ = 1/64 exactly.
+* **identification**: a reconstruction succeeds when it is nearer (in the success metric, LPIPS by
+  default) to its own image than to the 63 other images of its batch; κ = 1/64 exactly.
 
 Reading: the gap between "raw" and the bound is what the bound overstates for an attacker without
 a prior; the share of it the DM closes is what the prior adds. A rate above its bound would mean a
@@ -36,18 +39,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import PRIORS, finite_std, load_dataset, opacus_readouts
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PRIORS, finite_std, load_dataset, opacus_readouts  # noqa: E402
-
-from opacus_dmaudit.config import AuditConfig  # noqa: E402
-from opacus_dmaudit.privacy.bounds import rero_gaussian  # noqa: E402
-from opacus_dmaudit.reconstruct.prior import DiffusionPrior  # noqa: E402
-from opacus_dmaudit.score.baseline import estimate_kappa  # noqa: E402
-from opacus_dmaudit.score.metrics import LPIPS, identified, pairwise  # noqa: E402
+from opacus_dmaudit.config import AuditConfig
+from opacus_dmaudit.privacy.bounds import step_bounds
+from opacus_dmaudit.reconstruct.prior import DiffusionPrior
+from opacus_dmaudit.schema import METRICS, meets
+from opacus_dmaudit.score.baseline import estimate_kappa
+from opacus_dmaudit.score.metrics import LPIPS, identified, pairwise
 
 #: From "everything visible" to "one step's bound is small".
 FULL = {
@@ -55,7 +56,23 @@ FULL = {
     "cifar10": (0.003, 0.01, 0.03, 0.3, 1.0),
 }
 QUICK = {"mnist": (0.03, 1.0), "cifar10": (0.01,)}
-THRESHOLD = 0.1
+
+
+def criterion_text(config: AuditConfig, *, net: bool = False) -> str:
+    """The configured success criterion as the tables show it (``"LPIPS <= 0.1"``); ``net``:
+    with the LPIPS backbone (``"LPIPS-VGG <= 0.1"``)."""
+    crit = config.success_criterion
+    label = METRICS[crit["metric"]].label
+    if net and crit["metric"] == "lpips":
+        label += f"-{config.lpips_net.upper()}"
+    sign = ">=" if crit["higher_is_better"] else "<="
+    return f"{label} {sign} {crit['threshold']:g}"
+
+
+def succeeded(values: torch.Tensor, config: AuditConfig) -> torch.Tensor:
+    """Per score, whether it meets the configured success criterion (:func:`schema.meets`)."""
+    hits = [meets(config.success_metric, v, config.success_threshold) for v in values.tolist()]
+    return torch.tensor(hits, dtype=torch.bool)
 
 
 def evaluate(name: str, sigma: float, images, public, prior, lpips, config, seed: int) -> dict:
@@ -71,8 +88,9 @@ def evaluate(name: str, sigma: float, images, public, prior, lpips, config, seed
         min_stride=config.sampler_min_stride,
         generator=torch.Generator().manual_seed(seed),
     )
-    # LPIPS of every reconstruction against every image of its batch: the entry at its own image
-    # is its score against the truth; the row says whether it singles that image out
+    # the success metric (LPIPS by default) of every reconstruction against every image of its
+    # batch: the entry at its own image is its score against the truth; the row says whether it
+    # singles that image out
     scores = {
         s: torch.full((len(truth),), float("nan"), dtype=torch.float64) for s in ("raw", "dm")
     }
@@ -82,8 +100,9 @@ def evaluate(name: str, sigma: float, images, public, prior, lpips, config, seed
         if not rows.numel():
             continue
         m, own = rows.numel(), ro["own"][rows].tolist()
-        d = pairwise("lpips", torch.cat([raw[rows], dm[rows]]), candidates, lpips=lpips)
-        hit = identified(d, own * 2)
+        recon = torch.cat([raw[rows], dm[rows]])
+        d = pairwise(config.success_metric, recon, candidates, lpips=lpips)
+        hit = identified(d, own * 2, higher_is_better=config.success_criterion["higher_is_better"])
         mine = d[torch.arange(2 * m), torch.tensor(own * 2)]
         scores["raw"][rows], scores["dm"][rows] = mine[:m], mine[m:]
         ident["raw"][rows], ident["dm"][rows] = hit[:m], hit[m:]
@@ -93,7 +112,7 @@ def evaluate(name: str, sigma: float, images, public, prior, lpips, config, seed
         "mu": ro["mu"],
         "lone": len(truth),
         "found": ro["found"],
-        "success": {s: v <= THRESHOLD for s, v in scores.items()},
+        "success": {s: succeeded(v, config) for s, v in scores.items()},
         "identified": ident,
         "candidates": min(len(b) for b in ro["batches"]),
         "total": ro["total"],
@@ -110,13 +129,17 @@ def main() -> int:
     ap.add_argument("--n", type=int, help="images per set (full: 320 each)")
     ap.add_argument("--datasets", nargs="+", default=["mnist", "cifar10"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--metric", help="success metric (default: the auditor's, LPIPS)")
+    ap.add_argument("--threshold", type=float, help="success threshold (default: the metric's)")
     args = ap.parse_args()
-    lpips = LPIPS()
-    config = AuditConfig()  # the auditor's defaults: LPIPS ≤ 0.1, DDIM-20 at stride 20
-    assert config.success_metric == "lpips" and config.success_threshold == THRESHOLD
+    # the auditor's defaults: LPIPS ≤ 0.1, DDIM-20 at stride 20 (or the criterion asked for)
+    config = AuditConfig(success_metric=args.metric, success_threshold=args.threshold)
+    metric = config.success_metric
+    lpips = LPIPS(net=config.lpips_net) if metric == "lpips" else None
     print(
-        f"criterion LPIPS-VGG <= {THRESHOLD}; DM: {config.sampler}-{config.sampler_steps} at "
-        f"stride {config.sampler_min_stride}; occupancy test: the auditor's default"
+        f"criterion {criterion_text(config, net=True)}; DM: {config.sampler}-"
+        f"{config.sampler_steps} at stride {config.sampler_min_stride}; occupancy test: the "
+        "auditor's default"
     )
     for name in args.datasets:
         n = args.n or (320 if args.full else 32)
@@ -128,15 +151,15 @@ def main() -> int:
         keep = torch.randperm(len(public), generator=torch.Generator().manual_seed(args.seed))
         base = estimate_kappa(
             public[keep[:512]],
-            metric="lpips",
-            threshold=THRESHOLD,
+            metric=metric,
+            threshold=config.success_threshold,
             lpips=lpips,
             prior=prior,
             seed=args.seed,
             # the auditor's defaults in full mode; fewer in the quick smoke run
             **({} if args.full else {"max_images": 64}),
         )
-        fixed = rate(pairwise("lpips", base.guess, images, lpips=lpips) <= THRESHOLD)
+        fixed = rate(succeeded(pairwise(metric, base.guess, images, lpips=lpips).flatten(), config))
         kappa_n = 1.0 / n
         kappa = max(base.kappa, kappa_n)
         print(
@@ -144,11 +167,11 @@ def main() -> int:
             f"{base.candidates} guesses on {base.targets} public images (best: {base.best}); "
             f"that guess meets the criterion for {fixed:.3f} of the evaluated images "
             f"[{time.perf_counter() - t0:.0f} s]\n"
-            f"LPIPS <= {THRESHOLD}: κ = max(κ̂, 1/N = {kappa_n:.2g}) = {kappa:.3f}; "
+            f"{criterion_text(config)}: κ = max(κ̂, 1/N = {kappa_n:.2g}) = {kappa:.3f}; "
             "identification: κ = 1/(batch size) exact",
             flush=True,
         )
-        print(HEADER, flush=True)
+        print(header(config), flush=True)
         rows = []
         for sigma in FULL[name] if args.full else QUICK[name]:
             t0 = time.perf_counter()
@@ -159,16 +182,26 @@ def main() -> int:
             print(f"  [σ={sigma:g}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
         print("reading:")
         for r in rows:
-            print(f"  σ={r['sigma']:<6g} {readings(r)}")
+            print(f"  σ={r['sigma']:<6g} {readings(r, config)}")
     return 0
 
 
-HEADER = (
-    f"{'':35}|{'LPIPS <= 0.1':^36}|{'identification':^29}\n"
-    f"{'data':<8} {'σ':>6} {'µ':>6} {'lone':>5} {'found':>6} |"
-    f"{'raw':>6} {'DM':>6} {'audit':>6} {'bound':>6} {'κ=1/N':>7} |"
-    f"{'raw':>6} {'DM':>6} {'audit':>6} {'bound':>6}"
-)
+def header(config: AuditConfig) -> str:
+    return (
+        f"{'':35}|{criterion_text(config):^36}|{'identification':^29}\n"
+        f"{'data':<8} {'σ':>6} {'µ':>6} {'lone':>5} {'found':>6} |"
+        f"{'raw':>6} {'DM':>6} {'audit':>6} {'bound':>6} {'κ=1/N':>7} |"
+        f"{'raw':>6} {'DM':>6} {'audit':>6} {'bound':>6}"
+    )
+
+
+def bounds(r: dict) -> tuple[float, float, float]:
+    """The auditor's one-step bounds at κ, at κ = 1/N and for identification (κ = 1/batch)."""
+    at_kappa = step_bounds(
+        noise_multiplier=r["sigma"], kappa=r["kappa"], candidates=r["candidates"]
+    )
+    at_n = step_bounds(noise_multiplier=r["sigma"], kappa=r["kappa_n"])
+    return at_kappa["single_step"], at_n["single_step"], at_kappa["single_step_identification"]
 
 
 def _rates(r: dict, key: str) -> tuple[float, float, float]:
@@ -176,26 +209,24 @@ def _rates(r: dict, key: str) -> tuple[float, float, float]:
 
 
 def row_text(r: dict) -> str:
-    mu = r["mu"]
     raw, dm, audit = _rates(r, "success")
     iraw, idm, iaudit = _rates(r, "identified")
+    bound, bound_n, ibound = bounds(r)
     return (
-        f"{r['dataset']:<8} {r['sigma']:>6g} {mu:>6.3g} {r['lone']:>5d} {rate(r['found']):>6.2f} |"
-        f"{raw:>6.3f} {dm:>6.3f} {audit:>6.3f} {rero_gaussian(mu, r['kappa']):>6.3f} "
-        f"{rero_gaussian(mu, r['kappa_n']):>7.3f} |"
-        f"{iraw:>6.3f} {idm:>6.3f} {iaudit:>6.3f} {rero_gaussian(mu, 1 / r['candidates']):>6.3f}"
+        f"{r['dataset']:<8} {r['sigma']:>6g} {r['mu']:>6.3g} {r['lone']:>5d} "
+        f"{rate(r['found']):>6.2f} |"
+        f"{raw:>6.3f} {dm:>6.3f} {audit:>6.3f} {bound:>6.3f} {bound_n:>7.3f} |"
+        f"{iraw:>6.3f} {idm:>6.3f} {iaudit:>6.3f} {ibound:>6.3f}"
     )
 
 
-def readings(r: dict) -> str:
-    mu = r["mu"]
+def readings(r: dict, config: AuditConfig) -> str:
     raw, dm, _ = _rates(r, "success")
     iraw, idm, _ = _rates(r, "identified")
-    crit = reading(
-        raw, dm, rero_gaussian(mu, r["kappa"]), r["fixed"], rero_gaussian(mu, r["kappa_n"])
-    )
-    ident = reading(iraw, idm, rero_gaussian(mu, 1 / r["candidates"]))
-    return f"LPIPS: {crit} | identification: {ident}"
+    bound, bound_n, ibound = bounds(r)
+    crit = reading(raw, dm, bound, r["fixed"], bound_n)
+    ident = reading(iraw, idm, ibound)
+    return f"{METRICS[config.success_metric].label}: {crit} | identification: {ident}"
 
 
 def reading(raw: float, dm: float, bound: float, fixed=None, bound_n=None) -> str:

@@ -3,31 +3,33 @@
 Readouts come from the auditor's own scoring stage (:func:`opacus_dmaudit.score.scoring.read_step`
 with the auditor's default configuration, :func:`~opacus_dmaudit.score.scoring.match_readouts`), so a
 benchmark measures what an audit computes: the same readout, the same occupancy test, the same
-predicted noise std, the same matching of readouts to real images.
+predicted noise std, the same matching of readouts to real images, the same lone bins
+(:func:`opacus_dmaudit.reconstruct.bins.lone_bins`). The classifier behind the imprint block is the
+package's :func:`~opacus_dmaudit.assets.models.small_cnn` at width :data:`CNN_WIDTH`.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from opacus_dmaudit.assets.data import (  # noqa: E402
+from opacus_dmaudit.assets.data import (
     load_cifar10_test,
     load_mnist_idx,
     mnist_5k_split,
     natural_patches,
 )
-from opacus_dmaudit.capture.hooks import GradientCapture  # noqa: E402
-from opacus_dmaudit.capture.imprint import ImprintBlock  # noqa: E402
-from opacus_dmaudit.config import AuditConfig  # noqa: E402
-from opacus_dmaudit.privacy.bounds import gdp_epsilon  # noqa: E402
-from opacus_dmaudit.reconstruct.classical import classical_denoise, tune_classical  # noqa: E402
-from opacus_dmaudit.score.scoring import match_readouts, read_step  # noqa: E402
+from opacus_dmaudit.assets.models import small_cnn
+from opacus_dmaudit.capture.hooks import GradientCapture
+from opacus_dmaudit.capture.imprint import ImprintBlock
+from opacus_dmaudit.config import AuditConfig
+from opacus_dmaudit.privacy.bounds import gdp_epsilon
+from opacus_dmaudit.reconstruct.bins import lone_bins
+from opacus_dmaudit.reconstruct.classical import classical_denoise, tune_classical
+from opacus_dmaudit.score.scoring import match_readouts, read_step
 
 DELTA = 1e-5
 #: Noise multipliers from "near-perfect" to "nothing visible" (readout std ≈ σ·‖(x, 1)‖).
@@ -36,6 +38,9 @@ GRIDS = {
     "cifar10": (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1),
 }
 PRIORS = {"mnist": "embedded:mnist", "cifar10": "embedded:natural"}
+#: Width of the package's small GroupNorm CNN (``assets.models.small_cnn``) behind the imprint
+#: block in the readout benchmarks (the demo's is 16).
+CNN_WIDTH = 8
 
 
 def shared_data_dir() -> Path | None:
@@ -65,21 +70,6 @@ def load_dataset(name: str, n: int | None = None) -> tuple[torch.Tensor, torch.T
     else:
         raise ValueError(name)
     return (images if n is None else images[:n]), public.float()
-
-
-def small_cnn(channels: int, size: int) -> nn.Module:
-    """The benchmarks' small GroupNorm CNN behind the imprint block (any grad-sample mode)."""
-    flat = 16 * (((size - 4) // 2 - 4) // 2) ** 2
-    return nn.Sequential(
-        nn.Conv2d(channels, 8, 5, 2),
-        nn.GroupNorm(4, 8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 5, 2),
-        nn.GroupNorm(4, 16),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(flat, 10),
-    )
 
 
 def capture_every_step(model: nn.Module, opt, loader) -> list:
@@ -122,7 +112,7 @@ def opacus_readouts(
     torch.manual_seed(seed)
     shape = tuple(images.shape[1:])
     block = ImprintBlock(image_shape=shape, num_bins=num_bins).calibrate(public)
-    model = nn.Sequential(block, small_cnn(shape[0], shape[-1]))
+    model = nn.Sequential(block, small_cnn(shape[0], shape[-1], width=CNN_WIDTH))
     data = torch.utils.data.TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
     model, opt, loader = PrivacyEngine(accountant="rdp").make_private(
         module=model,
@@ -138,9 +128,7 @@ def opacus_readouts(
     for k, c in enumerate(steps):
         noised, _ = read_step(c, config)
         members = c.imprint.membership
-        counts = (members != 0).sum(dim=1)
-        lone = (counts == 1) & (members.max(dim=1).values == 1)
-        rows = noised.select(lone.nonzero().flatten())
+        rows = noised.select(lone_bins(members).nonzero().flatten())
         index = match_readouts(rows, c.inputs, members)
         batches.append((c.inputs.float() - lo) / (hi - lo))
         for r, i in enumerate(index):

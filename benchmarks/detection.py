@@ -29,23 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import CNN_WIDTH, capture_every_step, load_dataset
 from scipy import stats
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import capture_every_step, load_dataset, small_cnn  # noqa: E402
-
-from opacus_dmaudit.capture.imprint import ImprintBlock  # noqa: E402
-from opacus_dmaudit.config import AuditConfig  # noqa: E402
-from opacus_dmaudit.privacy.bounds import gdp_epsilon  # noqa: E402
-from opacus_dmaudit.reconstruct.bins import bin_rows  # noqa: E402
-from opacus_dmaudit.reconstruct.readout import read_imprint  # noqa: E402
-from opacus_dmaudit.score.scoring import score_step  # noqa: E402
+from opacus_dmaudit.assets.models import small_cnn
+from opacus_dmaudit.capture.imprint import ImprintBlock
+from opacus_dmaudit.config import AuditConfig
+from opacus_dmaudit.privacy.bounds import gdp_epsilon
+from opacus_dmaudit.reconstruct.bins import bin_rows, lone_bins, lone_members
+from opacus_dmaudit.reconstruct.readout import read_imprint
+from opacus_dmaudit.score.scoring import score_step
 
 GRIDS = {
     "mnist": (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
@@ -74,7 +72,7 @@ def captured_steps(
     block = ImprintBlock(
         image_shape=shape, num_bins=NUM_BINS, structure=structure, direction=direction
     ).calibrate(public)
-    model = nn.Sequential(block, small_cnn(shape[0], shape[-1]))
+    model = nn.Sequential(block, small_cnn(shape[0], shape[-1], width=CNN_WIDTH))
     labels = torch.randint(0, 10, (len(images),), generator=torch.Generator().manual_seed(seed))
     data = torch.utils.data.TensorDataset(images, labels)
     model, opt, loader = PrivacyEngine(accountant="rdp").make_private(
@@ -122,13 +120,14 @@ def evaluate(
             scored = score_step(cap, config)
             members = sums.membership
             count = (members != 0).sum(dim=1)
-            lone = ((count == 1) & (members.max(dim=1).values == 1)).nonzero().flatten()
+            lone = lone_bins(members).nonzero().flatten()
             multi = (count >= 2).nonzero().flatten()
             empty = count == 0
             found = scored.readout.occupied
             acc["audits"] += 1
-            acc["lone"] += len(lone)
-            acc["auditor"] += int(found[lone].sum())
+            # the auditor's own counts: lone samples, and those its occupancy test found
+            acc["lone"] += scored.counts["true_singletons"]
+            acc["auditor"] += scored.counts["found_singletons"]
             acc["false"] += int((found & empty).sum())
             acc["multi"] += len(multi)
             acc["multi_found"] += int(found[multi].sum())
@@ -164,9 +163,8 @@ def evaluate(
                 z = stats.norm.isf(scored.detection["level"])
                 acc["oracle"] += int((t > z).sum())
                 oracle_power += stats.norm.sf(z - (norm / std).numpy()).tolist()
-            truth_of = {int(b): int((members[b] != 0).nonzero()[0, 0]) for b in lone}
-            for b in lone.tolist():
-                truth = cap.inputs[truth_of[b]][None].float()
+            for b, i in zip(lone.tolist(), lone_members(members, lone)):
+                truth = cap.inputs[i][None].float()
                 if found[b]:  # the clean Δb is the true clipped weight of a lone sample
                     mse_bias.append(_mse(by_bias.images[b][None], truth)[0])
                     mse_pinned.append(_mse(scored.readout.images[b][None], truth)[0])

@@ -37,16 +37,14 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from opacus import PrivacyEngine
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from opacus_dmaudit import DMAuditor, ImprintBlock  # noqa: E402
-from opacus_dmaudit.assets.data import mnist_5k_split  # noqa: E402
-from opacus_dmaudit.demo import digit_cnn  # noqa: E402
+from opacus_dmaudit import DMAuditor, ImprintBlock
+from opacus_dmaudit.assets.data import mnist_5k_split
+from opacus_dmaudit.assets.models import small_cnn
 
 #: Every configuration: name -> (audit every, with the prior, background). ``--full`` runs all.
 CONFIGS: dict[str, tuple[int | None, bool, bool]] = {
@@ -112,7 +110,7 @@ def train(
     block = ImprintBlock(image_shape=(1, 28, 28), num_bins=128).calibrate(split["prior"][0])
     if not attach_checks:
         block.public_sample = None  # no public images: no attach-time prior fit, no κ̂
-    model = nn.Sequential(block, digit_cnn()).to(device)
+    model = nn.Sequential(block, small_cnn(1, 28)).to(device)  # the demo's digit CNN
     cuda = torch.device(device).type == "cuda"
     engine = PrivacyEngine(accountant="rdp")
     model, opt, loader = engine.make_private(

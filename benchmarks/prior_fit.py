@@ -25,21 +25,16 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import shared_data_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from opacus_dmaudit import DiffusionPrior  # noqa: E402
-from opacus_dmaudit.assets.data import load_cifar10_test, mnist_5k_split  # noqa: E402
-from opacus_dmaudit.config import AuditConfig  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import shared_data_dir  # noqa: E402
-
-from opacus_dmaudit.checks.prior_fit import FIT_LEVELS, public_fit  # noqa: E402
-from opacus_dmaudit.score.metrics import LPIPS, mse  # noqa: E402
+from opacus_dmaudit import DiffusionPrior
+from opacus_dmaudit.assets.data import load_cifar10_test, mnist_5k_split
+from opacus_dmaudit.checks.prior_fit import FIT_LEVELS, public_fit
+from opacus_dmaudit.config import AuditConfig
+from opacus_dmaudit.score.metrics import LPIPS, mse
 
 
 def grey(x: torch.Tensor) -> torch.Tensor:

@@ -25,16 +25,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import finite_std, load_dataset, opacus_readouts
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import finite_std, load_dataset, opacus_readouts  # noqa: E402
-
-from opacus_dmaudit.reconstruct.prior import DiffusionPrior  # noqa: E402
-from opacus_dmaudit.score.metrics import LPIPS, mse, ssim  # noqa: E402
+from opacus_dmaudit.reconstruct.prior import DiffusionPrior
+from opacus_dmaudit.score.metrics import LPIPS, mse, ssim
 
 GRID = {"mnist": (0.003, 0.01, 0.03, 0.1), "cifar10": (0.001, 0.003, 0.01, 0.03)}
 GREY = "natural prior, grey input"

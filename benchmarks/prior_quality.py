@@ -31,18 +31,17 @@ import time
 from pathlib import Path
 
 import torch
+from common import shared_data_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from opacus_dmaudit.assets.data import load_mnist_idx  # noqa: E402
-from opacus_dmaudit.reconstruct.classical import classical_denoise, tune_classical  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import shared_data_dir  # noqa: E402
-
-from opacus_dmaudit.reconstruct.prior import DiffusionPrior  # noqa: E402
-from opacus_dmaudit.score.metrics import LPIPS, mse, ssim  # noqa: E402
+from opacus_dmaudit.assets.data import load_mnist_idx
+from opacus_dmaudit.reconstruct.classical import classical_denoise, tune_classical
+from opacus_dmaudit.reconstruct.prior import DiffusionPrior
+from opacus_dmaudit.schema import HIGHER_IS_BETTER, meets
+from opacus_dmaudit.score.metrics import LPIPS, mse, ssim
 
 SHADES = " .:-=+*#%@"
+#: The metrics of a scored row ``(label, MSE, SSIM, LPIPS, img/s)``, in column order from 1.
+COLUMNS = ("mse", "ssim", "lpips")
 
 
 def ascii_digits(images: torch.Tensor, step: int = 2) -> str:
@@ -124,17 +123,23 @@ def score_rows(rows, clean, lp) -> list[tuple]:
     return out
 
 
+def best(metric: str, values) -> float:
+    """The best of ``values`` of ``metric``, by the metric's direction."""
+    return (max if HIGHER_IS_BETTER[metric] else min)(values)
+
+
+def beats(metric: str, value: float, other: float) -> bool:
+    """Whether ``value`` of ``metric`` is strictly better than ``other``."""
+    return value > other if HIGHER_IS_BETTER[metric] else value < other
+
+
 def with_best_classical(scored: list[tuple], classical: set[str]) -> list[tuple]:
+    """``scored`` with a "best classical" row: each metric's best over the classical rows."""
     rows = [r for r in scored if r[0] in classical]
-    best = (
-        "best classical",
-        min(r[1] for r in rows),
-        max(r[2] for r in rows),
-        min(r[3] for r in rows),
-        None,
-    )
+    columns = [best(m, [r[i] for r in rows]) for i, m in enumerate(COLUMNS, start=1)]
+    best_row = ("best classical", *columns, None)
     at = max(i for i, r in enumerate(scored) if r[0] in classical) + 1
-    return scored[:at] + [best] + scored[at:]
+    return scored[:at] + [best_row] + scored[at:]
 
 
 def print_rows(level: float, scored: list[tuple], ref_speed: float | None) -> None:
@@ -266,13 +271,13 @@ def main() -> int:
     ok = True
     for level, scored, _ in [] if args.paper_only else summary:
         raw = scored[0]
-        best = next(r for r in scored if r[0] == "best classical")
+        classical_best = next(r for r in scored if r[0] == "best classical")
         for name in ("ddim-20 fp32", "ddim-20 bf16"):
             r = next((x for x in scored if x[0] == name), None)
             if r is None:
                 continue
-            beats_raw = r[1] < raw[1] and r[2] > raw[2] and r[3] < raw[3]
-            beats_cl = r[3] < best[3]
+            beats_raw = all(beats(m, r[i], raw[i]) for i, m in enumerate(COLUMNS, start=1))
+            beats_cl = beats("lpips", r[3], classical_best[3])
             ok &= beats_raw and (beats_cl or level < 0.2)
             print(
                 f"  std {level:g} {name}: beats raw on MSE/SSIM/LPIPS: {beats_raw}; "
@@ -282,7 +287,10 @@ def main() -> int:
     print(f"\nspeed (fastest sampler with LPIPS no worse than the paper's loop, {paper_ref}):")
     for level, _, sub_scored in summary:
         paper = next(r for r in sub_scored if r[0] == paper_ref)
-        fair = [r for r in sub_scored if r[4] and r[3] <= paper[3] and r[0] != paper_ref]
+        # LPIPS no worse than the paper's loop's
+        fair = [
+            r for r in sub_scored if r[4] and meets("lpips", r[3], paper[3]) and r[0] != paper_ref
+        ]
         if fair:
             r = max(fair, key=lambda x: x[4])
             print(

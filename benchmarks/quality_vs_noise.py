@@ -31,9 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     GRIDS,
     PRIORS,
     best_classical,
@@ -42,8 +40,9 @@ from common import (  # noqa: E402
     opacus_readouts,
 )
 
-from opacus_dmaudit.reconstruct.prior import DiffusionPrior  # noqa: E402
-from opacus_dmaudit.score.metrics import LPIPS, mse, ssim  # noqa: E402
+from opacus_dmaudit.reconstruct.prior import DiffusionPrior
+from opacus_dmaudit.schema import HIGHER_IS_BETTER, METRICS
+from opacus_dmaudit.score.metrics import LPIPS, mse, ssim
 
 #: (sampler, steps); the paper's loop runs on a subset (``paper_n``)
 SAMPLERS = (("ddim", 20), ("posterior-mean", 1), ("ddim-every-step", 1))
@@ -190,7 +189,8 @@ def plot(results: list[dict], path: Path) -> None:
             ax.plot(xs, ys, marker="o", label=label)
         ax.set_xscale("log")
         ax.set_xlabel("noise multiplier σ")
-        ax.set_ylabel("LPIPS-VGG (lower is better)")
+        direction = "higher" if HIGHER_IS_BETTER["lpips"] else "lower"
+        ax.set_ylabel(f"{METRICS['lpips'].label}-VGG ({direction} is better)")
         ax.set_title(name)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -46,9 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (its examples/)
 QUICK = {"sizes": (32,), "batch": 16, "bins": 128, "steps": 4, "every": 2}
 FULL = {"sizes": (32, 64, 128, 256), "batch": 64, "bins": 128, "steps": 7, "every": 3}
 
@@ -56,9 +54,7 @@ FULL = {"sizes": (32, 64, 128, 256), "batch": 64, "bins": 128, "steps": 7, "ever
 # -- the trained model ----------------------------------------------------------------------------
 def resnet9(width: int, num_classes: int = 10) -> nn.Sequential:
     """The CIFAR-10 example's GroupNorm ResNet-9 (``examples/cifar10_resnet9.py``)."""
-    example = runpy.run_path(
-        str(Path(__file__).resolve().parents[1] / "examples/cifar10_resnet9.py")
-    )
+    example = runpy.run_path(str(ROOT / "examples" / "cifar10_resnet9.py"))
     return example["resnet9"](num_classes=num_classes, width=width)
 
 
@@ -369,6 +365,9 @@ def prior_table(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from opacus_dmaudit.config import AuditConfig
+    from opacus_dmaudit.schema import METRICS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -387,7 +386,11 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, help="ResNet-9 width (default 64 on CUDA, 16 on CPU)")
     parser.add_argument("--max-images", type=int, default=8)
     parser.add_argument(
-        "--metrics", nargs="+", default=["mse", "psnr", "ssim", "lpips"], help="the auditor's"
+        "--metrics",
+        nargs="+",
+        default=list(AuditConfig().metrics),
+        choices=list(METRICS),
+        help="the auditor's (default: all four)",
     )
     parser.add_argument(
         "--modes", nargs="+", default=["hooks", "ghost"], choices=["hooks", "ghost"]

@@ -10,9 +10,10 @@ DP-SGD (σ = 1, C = 1, Poisson sampling) without the block and with the block at
 (the default), and reports test accuracy (mean ± std over seeds) and the imprint's median share
 of a sample's squared gradient norm (measured once after training on a training batch).
 
-* **MNIST**: the demo's GroupNorm CNN (``opacus_dmaudit.demo.digit_cnn``) on the 4000 digits of
-  MNIST-5k's prior split (the block calibrated on the disjoint 1000 of the private split), tested
-  on the 10,000 official MNIST test digits (quick mode: the first 300); batch 128, SGD lr 0.5.
+* **MNIST**: the demo's GroupNorm CNN (``opacus_dmaudit.assets.models.small_cnn(1, 28)``) on the
+  4000 digits of MNIST-5k's prior split (the block calibrated on the disjoint 1000 of the private
+  split), tested on the 10,000 official MNIST test digits (quick mode: the first 300); batch 128,
+  SGD lr 0.5.
 * **CIFAR-10**: ``examples/cifar10_resnet9.py``'s GroupNorm ResNet-9 (width ``--width``) behind
   the block and the example's normalisation, on the 1017 CIFAR-10 test images in
   ``../shared/data`` (the only CIFAR-10 images here): the first 817 train, the last 200 test;
@@ -37,23 +38,20 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import shared_data_dir
 from opacus import PrivacyEngine
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from opacus_dmaudit import ImprintBlock  # noqa: E402
-from opacus_dmaudit.assets.data import (  # noqa: E402
+from opacus_dmaudit import ImprintBlock
+from opacus_dmaudit.assets.data import (
     load_cifar10_test,
     load_mnist_idx,
     mnist_5k_split,
     natural_patches,
 )
-from opacus_dmaudit.demo import digit_cnn  # noqa: E402
+from opacus_dmaudit.assets.models import small_cnn
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import shared_data_dir  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (its examples/)
 #: ``None``: no block; otherwise the block's gradient_scale α.
 CONFIGS = (None, 1.0, 10.0, 100.0)
 #: CIFAR-10: the first this many of the 1017 shared images train, the rest (200) are the test set.
@@ -80,7 +78,7 @@ def load(dataset: str, *, n_test: int | None = None) -> dict:
             "train": split["prior"],
             "test": (test_x[:n], test_y[:n]),
             "public": split["private"][0],
-            "model": lambda width: digit_cnn(),
+            "model": lambda width: small_cnn(1, 28),
             "batch_size": 128,
             "lr": 0.5,
             "momentum": 0.0,
