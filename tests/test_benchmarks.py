@@ -1,6 +1,7 @@
 """Quick modes of the benchmark scripts: they run end to end on the real data and say sane things."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ def _run(script: str, *args: str, cwd: Path = REPO) -> str:
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), *args],
         cwd=cwd,
+        # the checkout's package, whichever one is installed (a script's own folder is on its path)
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=900,
