@@ -142,6 +142,6 @@ def read_audit_log(
             out.append(AuditRecord.from_json(data))
         except AuditLogError as err:
             if problems is None:
-                raise AuditLogError(f"{path}: record {i + 1}: {err}") from None
+                raise type(err)(f"{path}: record {i + 1}: {err}") from None
             problems.append(f"record {i + 1}: {err}")
     return out
