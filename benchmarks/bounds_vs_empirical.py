@@ -115,7 +115,7 @@ def main() -> int:
     config = AuditConfig()  # the auditor's defaults: LPIPS ≤ 0.1, DDIM-20 at stride 20
     assert config.success_metric == "lpips" and config.success_threshold == THRESHOLD
     print(
-        f"criterion LPIPS-VGG <= {THRESHOLD}; DM: {config.sampler}-{config.sampler_steps} at "
+        f"criterion LPIPS-VGG <= {THRESHOLD}; DM: {config.sampler.name}-{config.sampler_steps} at "
         f"stride {config.sampler_min_stride}; occupancy test: the auditor's default"
     )
     for name in args.datasets:

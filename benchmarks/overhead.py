@@ -160,10 +160,10 @@ def train(
     wall, cpu = (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
     # the per-audit prior-fit check's share of each audit's time (prior_fit.audit_fit)
     fit_share = [
-        c["seconds"] / r["audit_seconds"]
+        c.values["seconds"] / r.audit_seconds
         for r in (auditor.history if auditor is not None else [])
-        for c in r["checks"]
-        if c["name"] == "prior_fit_audit" and r.get("audit_seconds")
+        for c in r.checks
+        if c.name == "prior_fit_audit" and r.audit_seconds
     ]
     audits = len(auditor.history) if auditor is not None else 0
     return {
