@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import stage_label
-from .summary import RunSummary, Verdict, finite, fmt
+from .run_summary import RunSummary, Verdict, finite, fmt
 
 __all__ = [
     "verdict",
