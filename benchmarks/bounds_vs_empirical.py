@@ -137,7 +137,7 @@ def main() -> int:
     metric = config.success_metric
     lpips = LPIPS(net=config.lpips_net) if metric == "lpips" else None
     print(
-        f"criterion {criterion_text(config, net=True)}; DM: {config.sampler}-"
+        f"criterion {criterion_text(config, net=True)}; DM: {config.sampler.name}-"
         f"{config.sampler_steps} at stride {config.sampler_min_stride}; occupancy test: the "
         "auditor's default"
     )

@@ -157,7 +157,7 @@ def child(spec: dict) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
     lone = None
     if auditor is not None:
-        lone = [r.lone_found for r in auditor.history]
+        lone = [r.counts.lone_found if r.counts else None for r in auditor.history]
         auditor.close()
     tmp.cleanup()
     plain = [t for t, a in zip(times[1:], audited[1:]) if not a]  # the first step warms up

@@ -150,12 +150,12 @@ def main(argv=None) -> list[dict]:
                 if step == args.steps:
                     break
     for record in auditor.history:
-        s = record["summary"]
+        lpips_raw, lpips_dm = record.mean("lpips", "raw"), record.mean("lpips", "dm")
         print(
-            f"step {record['step']:4d}  eps {record['epsilon']:.3g}  "
-            f"found {record['found_singletons']}/{record['true_singletons']}  "
-            f"LPIPS raw {s.get('lpips_raw') or float('nan'):.3f}  "
-            f"DM {s.get('lpips_dm') or float('nan'):.3f}"
+            f"step {record.step:4d}  eps {record.epsilon:.3g}  "
+            f"found {record.lone_found}/{record.lone_in_batch}  "
+            f"LPIPS raw {lpips_raw or float('nan'):.3f}  "
+            f"DM {lpips_dm or float('nan'):.3f}"
         )
     print(f"report: {Path(args.log_dir) / 'report.html'}   tensorboard --logdir {args.log_dir}")
     return auditor.history

@@ -60,12 +60,12 @@ def main(argv=None) -> list[dict]:
                 if args.fast and step == 2 * args.every:
                     break
     for record in auditor.history:
-        s = record["summary"]
+        ssim_raw, lpips_raw = record.mean("ssim", "raw"), record.mean("lpips", "raw")
         print(
-            f"step {record['step']:4d}  eps {record['epsilon']:.3g}  "
-            f"found {record['found_singletons']}/{record['true_singletons']} single images  "
-            f"SSIM raw {s.get('ssim_raw') or float('nan'):.3f}  "
-            f"LPIPS raw {s.get('lpips_raw') or float('nan'):.3f}"
+            f"step {record.step:4d}  eps {record.epsilon:.3g}  "
+            f"found {record.lone_found}/{record.lone_in_batch} single images  "
+            f"SSIM raw {ssim_raw or float('nan'):.3f}  "
+            f"LPIPS raw {lpips_raw or float('nan'):.3f}"
         )
     return auditor.history
 

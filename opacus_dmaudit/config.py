@@ -44,7 +44,7 @@ def _positive_int(name: str, value: Any) -> None:
 def _probability(name: str, value: Any, *, what: str = "in (0, 1)") -> float:
     """``value`` as a float strictly between 0 and 1 (a number, never a string)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise ValueError(f"{name} must be a number {what}, got {value!r}")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     return float(value)
 
 
@@ -185,9 +185,16 @@ class AuditConfig:
         )
         z = self.occupancy_z
         if z is not None and (isinstance(z, bool) or not isinstance(z, int | float) or not z > 0):
-            raise ValueError(f"occupancy_z must be a positive number or None, got {z!r}")
+            raise ValueError(f"occupancy_z must be positive or None, got {z!r}")
 
     def _check_success(self) -> None:
+        # settings left unset are derived here, and derived again by ``replace``
+        self._set(
+            "_derived",
+            frozenset(
+                n for n in ("success_metric", "success_threshold") if getattr(self, n) is None
+            ),
+        )
         metric = self.success_metric
         if metric is None:
             metric = next(m for m in SUCCESS_PREFERENCE if m in self.metrics)
@@ -202,7 +209,7 @@ class AuditConfig:
             or not isinstance(threshold, int | float)
             or not math.isfinite(threshold)
         ):
-            raise ValueError(f"success_threshold must be a finite number, got {threshold!r}")
+            raise ValueError(f"success_threshold must be finite, got {threshold!r}")
         self._set("success_threshold", float(threshold))
         if self.kappa is not None:
             _probability("kappa", self.kappa, what="in (0, 1) or None")
@@ -249,6 +256,8 @@ class AuditConfig:
     def replace(self, **changes: Any) -> AuditConfig:
         """A copy with some settings changed (validated again)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
+        # a success metric or threshold derived from the old settings is derived again
+        values.update(dict.fromkeys(getattr(self, "_derived", ())))
         values.update(changes)
         return type(self).from_kwargs(values)
 
@@ -274,11 +283,11 @@ class AuditConfig:
                 value = ",".join(value)
             elif f.name == "shadow":
                 value = bool(value)
-            elif f.name == "sampler":
-                settings = value.describe()
-                value = settings["sampler"]
-                out["sampler_steps"] = settings["steps"] or self.sampler.steps
-                out["sampler_min_stride"] = settings["min_stride"] or self.sampler.min_stride
+            elif f.name == "sampler":  # release 0.1's three keys, in its order
+                out["sampler"] = value.name
+                out["sampler_steps"] = value.steps
+                out["sampler_min_stride"] = value.min_stride
+                continue
             out[f.name] = value
         if self.prior is None:
             for name in ("sampler", "sampler_steps", "sampler_min_stride"):
@@ -308,6 +317,9 @@ def _legacy_sampler(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     steps, stride = kwargs.pop("sampler_steps", None), kwargs.pop("sampler_min_stride", None)
     if steps is None and stride is None:
         return kwargs
+    for name, value in (("sampler_steps", steps), ("sampler_min_stride", stride)):
+        if value is not None:
+            _positive_int(name, value)  # named as the caller spelt it
     base = SamplerSettings.of(kwargs.get("sampler", SamplerSettings()))
     kwargs["sampler"] = SamplerSettings(
         name=base.name,

@@ -394,13 +394,7 @@ class AuditPipeline:
 
     def _denoiser(self) -> dict[str, Any] | None:
         """How the DM reconstructions were made (``None`` without a prior)."""
-        cfg = self.config
         if self.prior is None:
             return None
-        ddim = cfg.sampler == "ddim"
-        return {
-            "prior": self.prior.source,
-            "sampler": cfg.sampler,
-            "steps": cfg.sampler_steps if ddim else None,
-            "min_stride": cfg.sampler_min_stride if ddim else None,
-        }
+        # {"sampler", "steps", "min_stride"}: the sampler's name, its steps where they apply
+        return {"prior": self.prior.source, **self.config.sampler.describe()}

@@ -26,9 +26,9 @@ def test_plain_mnist_example_fast(tmp_path, monkeypatch):
     )
     runpy.run_path(str(REPO / "examples" / "plain_mnist.py"), run_name="__main__")
     records = read_audit_log(tmp_path / "audit.jsonl")
-    assert [r["step"] for r in records] == [2, 4]
-    assert records[-1]["found_singletons"] >= 10
-    assert records[-1]["summary"]["ssim_raw"] > 0.5  # σ = 0.005: digits clearly visible
+    assert [r.step for r in records] == [2, 4]
+    assert records[-1].counts.lone_found >= 10
+    assert records[-1].means["ssim_raw"] > 0.5  # σ = 0.005: digits clearly visible
 
 
 def test_demo_cli_short_run(tmp_path, capsys):
@@ -58,12 +58,13 @@ def test_demo_cli_short_run(tmp_path, capsys):
     assert "sigma_0/report.html" in page and "sigma_1/report.html" in page
     assert "comparison.html" in out
     exact = read_audit_log(tmp_path / "sigma_0" / "audit.jsonl")
-    assert len(exact) == 2 and exact[-1]["found_singletons"] == exact[-1]["true_singletons"] > 0
-    singles = [im for im in exact[-1]["images"] if im["true_count"] == 1]
-    assert singles and min(im["ssim_raw"] for im in singles) > 0.9999
+    last = exact[-1]
+    assert len(exact) == 2 and last.counts.lone_found == last.counts.lone_in_batch > 0
+    singles = [im for im in last.images if im.true_count == 1]
+    assert singles and min(im.metric("ssim", "raw") for im in singles) > 0.9999
     # the embedded prior ran on every recovered image (σ = 0: t* = 0, nearly the identity)
-    assert exact[-1]["denoiser"]["prior"] == "embedded:mnist"
-    assert min(im["ssim_dm"] for im in singles) > 0.9
+    assert last.denoiser["prior"] == "embedded:mnist"
+    assert min(im.metric("ssim", "dm") for im in singles) > 0.9
 
 
 @pytest.mark.slow
@@ -77,12 +78,14 @@ def test_cifar10_resnet9_example_on_real_cifar10(tmp_path, shared_data):
     assert run["config"]["imprint_block"]["image_shape"] == [3, 32, 32]
     assert (tmp_path / "report.html").is_file()
     (record,) = history
-    assert record["denoiser"]["prior"] == "embedded:natural"
-    assert record["found_singletons"] >= 10
-    singles = [im for im in record["images"] if im["true_count"] == 1]
+    assert record.denoiser["prior"] == "embedded:natural"
+    assert record.counts.lone_found >= 10
+    singles = [im for im in record.images if im.true_count == 1]
     # σ = 0.001: readout noise std ≈ 0.03; the natural-image prior removes most of it
-    assert record["summary"]["lpips_dm"] < record["summary"]["lpips_raw"]
-    assert sum(im["mse_dm"] < im["mse_raw"] for im in singles) > 0.8 * len(singles)
+    assert record.mean("lpips", "dm") < record.mean("lpips", "raw")
+    assert sum(im.metric("mse", "dm") < im.metric("mse", "raw") for im in singles) > 0.8 * len(
+        singles
+    )
     # the model is the ResNet-9 the docstring describes: residual blocks, GroupNorm, no BatchNorm
     net = example["resnet9"](width=8)
     kinds = {type(m).__name__ for m in net.modules()}

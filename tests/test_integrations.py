@@ -44,11 +44,11 @@ def _scalar_steps(log_dir, tag) -> list[int]:
 
 
 def _check_exact(records, steps):
-    assert [r["step"] for r in records] == steps
+    assert [r.step for r in records] == steps
     for r in records:  # σ = 0: every sample alone in its bin comes back exactly
-        assert r["found_singletons"] == r["true_singletons"] > 5
-        singles = [im for im in r["images"] if im["true_count"] == 1]
-        assert max(im["mse_raw"] for im in singles) < 1e-9
+        assert r.counts.lone_found == r.counts.lone_in_batch > 5
+        singles = [im for im in r.images if im.true_count == 1]
+        assert max(im.metric("mse", "raw") for im in singles) < 1e-9
 
 
 def _rdp_epsilon(sigma, q, steps):
@@ -132,13 +132,13 @@ def test_lightning_callback_exact_audit_tensorboard_and_resume(tmp_path):
         "lightning_mnist.py", common + sigma + ["--max-steps", "8", "--resume", str(ckpt)]
     )
     records = read_audit_log(audit_dir / "audit.jsonl")
-    assert [r["step"] for r in records] == [2, 4, 6, 8]  # step 6 redone once, not twice
+    assert [r.step for r in records] == [2, 4, 6, 8]  # step 6 redone once, not twice
     # TensorBoard too: the first run's step-6 audit is purged, the redone one shows once (at
     # σ = 0.5 nothing is found, so no per-image metric: the success rate is logged at every audit)
     assert _scalar_steps(trainer.log_dir, "quality/raw/success_rate") == [2, 4, 6, 8]
     q = 1 / 16  # Opacus: 1 / len(loader), 1000 digits in batches of 64
     for r in records:  # ε continues across the resume: the accountant came back too
-        assert math.isclose(r["epsilon"], _rdp_epsilon(0.5, q, r["step"]), rel_tol=1e-9)
+        assert math.isclose(r.epsilon, _rdp_epsilon(0.5, q, r.step), rel_tol=1e-9)
     assert callback.state_dict()["auditor"]["step"] == 8
 
 
@@ -167,10 +167,10 @@ def test_huggingface_callback_exact_audit_tensorboard_and_resume(tmp_path):
     shutil.rmtree(out / "checkpoint-6")  # resume from step 4: the run got further than that
     _example("huggingface_mnist.py", common + sigma + ["--max-steps", "8", "--resume"])
     records = read_audit_log(out / "dmaudit" / "audit.jsonl")
-    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert [r.step for r in records] == [2, 4, 6, 8]
     q = 1 / 16  # Opacus: 1 / len(loader), 1000 digits in batches of 64
     for r in records:
-        assert math.isclose(r["epsilon"], _rdp_epsilon(0.5, q, r["step"]), rel_tol=1e-9)
+        assert math.isclose(r.epsilon, _rdp_epsilon(0.5, q, r.step), rel_tol=1e-9)
 
 
 @pytest.mark.slow
@@ -230,13 +230,13 @@ def test_huggingface_callback_runs_shadow_and_mechanism_modes(mnist5k, tmp_path)
         )
         trainer.train()
         records = read_audit_log(tmp_path / mode / "dmaudit" / "audit.jsonl")
-        assert [r["step"] for r in records] == [2, 4]
+        assert [r.step for r in records] == [2, 4]
         for r in records:
-            assert r["mode"] == mode and r["valid"], r["checks"]
-            statuses = {c["name"]: c["status"] for c in r["checks"]}
+            assert r.mode == mode and r.valid, r.checks
+            statuses = {c.name: c.status for c in r.checks}
             assert {"noise_scale", "clipping", "sampling", "accountant"} <= set(statuses)
-            assert r["batch_size"] > 0  # counted from the model's pixel_values
+            assert r.batch_size > 0  # counted from the model's pixel_values
             if mode == "shadow":
-                assert r["true_singletons"] > 0 and "value_range" in statuses
+                assert r.counts.lone_in_batch > 0 and "value_range" in statuses
             else:
-                assert "value_range" not in statuses and not r["images"]
+                assert "value_range" not in statuses and not r.images

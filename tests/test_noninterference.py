@@ -50,7 +50,7 @@ def _train(
     if auditor is not None:
         auditor.close()
         assert len(auditor.history) == steps // 2
-        assert any("lpips_dm" in im for r in auditor.history for im in r["images"])
+        assert any("lpips_dm" in im.metrics for r in auditor.history for im in r.images)
     params = [q.detach().clone() for q in p.model.parameters()]
     return params, p.engine.get_epsilon(1e-5), torch.rand(4)
 
@@ -102,8 +102,8 @@ def _train_plain(mnist5k, tmp_path, *, audit: bool, steps: int = 6):
     train_steps(model, opt, loader, steps)
     if auditor is not None:
         auditor.close()
-        assert [r["mode"] for r in auditor.history] == ["shadow"] * (steps // 2)
-        assert sum(r["found_singletons"] for r in auditor.history) > 10  # the adversary read
+        assert [r.mode for r in auditor.history] == ["shadow"] * (steps // 2)
+        assert sum(r.counts.lone_found for r in auditor.history) > 10  # the adversary read
     params = [p.detach().clone() for p in model.parameters()]
     return params, engine.get_epsilon(1e-5), torch.rand(4)
 

@@ -36,7 +36,7 @@ def _pipeline(config, generator=None):
 
 
 def _statuses(record):
-    return {c["name"]: c["status"] for c in record["checks"]}
+    return {c.name: c.status for c in record.checks}
 
 
 def _imprint_audit(mnist5k, *, scale=1.0, sigma=0.01):
@@ -45,7 +45,7 @@ def _imprint_audit(mnist5k, *, scale=1.0, sigma=0.01):
     block = model[0]
     captured, opt, engine = _capture_one_step(model, x * scale, y, sigma=sigma)
     pipeline = _pipeline(AuditConfig(metrics=("mse",)))
-    pipeline.prepare(block, shadow=False)
+    pipeline.prepare(block, mode="imprint")
     result = pipeline.run(
         captured,
         accountant=engine.accountant,
@@ -58,20 +58,20 @@ def _imprint_audit(mnist5k, *, scale=1.0, sigma=0.01):
 def test_a_captured_step_becomes_a_valid_checked_and_scored_record(mnist5k):
     result, engine = _imprint_audit(mnist5k)
     record = result.record
-    assert record["step"] == 1 and record["mode"] == "imprint"
+    assert record.step == 1 and record.mode == "imprint"
     statuses = _statuses(record)
     assert {"value_range", "blind"} | MECHANISM <= set(statuses)
-    assert set(statuses.values()) == {"pass"}, record["checks"]
-    assert record["valid"] is True
-    assert record["epsilon"] == pytest.approx(engine.get_epsilon(record["delta"]))
-    assert record["noise_multiplier"] == 0.01 and record["mu_step"] == pytest.approx(100)
-    assert record["found_singletons"] == record["true_singletons"] >= 30
-    lone = [im for im in record["images"] if im["true_count"] == 1]
-    assert len(lone) == record["found_singletons"]
+    assert set(statuses.values()) == {"pass"}, record.checks
+    assert record.valid is True
+    assert record.epsilon == pytest.approx(engine.get_epsilon(record.delta))
+    assert record.noise_multiplier == 0.01 and record.mu_step == pytest.approx(100)
+    assert record.counts.lone_found == record.counts.lone_in_batch >= 30
+    lone = [im for im in record.images if im.true_count == 1]
+    assert len(lone) == record.counts.lone_found
     for im in lone:  # σ·‖x‖ ≈ 0.1 per pixel: predicted and measured noise agree
-        assert 0.5 < im["residual_std_raw"] / im["noise_std"] < 2, im
+        assert 0.5 < im.residual_std_raw / im.noise_std < 2, im
     assert result.truth.shape == result.raw.shape
-    assert result.truth.shape[0] == len(record["images"])
+    assert result.truth.shape[0] == len(record.images)
     assert result.dm is None
 
 
@@ -79,7 +79,7 @@ def test_a_failed_check_makes_the_record_invalid(mnist5k):
     result, _ = _imprint_audit(mnist5k, scale=255.0)  # 0..255 pixels into a [0, 1] block
     record = result.record
     assert _statuses(record)["value_range"] == "fail"
-    assert record["valid"] is False
+    assert record.valid is False
 
 
 def test_shadow_mode_simulates_the_imprint_adversary_on_the_real_batch(mnist5k):
@@ -90,7 +90,7 @@ def test_shadow_mode_simulates_the_imprint_adversary_on_the_real_batch(mnist5k):
     generator = torch.Generator().manual_seed(0)
     config = AuditConfig(metrics=("mse",), shadow=True, public=mnist5k["prior"][0][:500])
     pipeline = _pipeline(config, generator)
-    pipeline.prepare(None, shadow=True)
+    pipeline.prepare(None, mode="shadow")
     before = generator.get_state()
     result = pipeline.run(
         captured,
@@ -99,12 +99,14 @@ def test_shadow_mode_simulates_the_imprint_adversary_on_the_real_batch(mnist5k):
         expected_batch_size=opt.expected_batch_size,
     )
     record = result.record
-    assert record["mode"] == "shadow" and record["valid"] is True
-    assert set(_statuses(record).values()) == {"pass"}, record["checks"]
-    assert record["epsilon"] == math.inf  # σ = 0
-    assert record["found_singletons"] == record["true_singletons"] >= 30
-    lone = [im for im in record["images"] if im["true_count"] == 1]
-    assert lone and max(im["mse_raw"] for im in lone) < 1e-12  # the real batch, read exactly
+    assert record.mode == "shadow" and record.valid is True
+    assert set(_statuses(record).values()) == {"pass"}, record.checks
+    assert record.epsilon == math.inf  # σ = 0
+    assert record.counts.lone_found == record.counts.lone_in_batch >= 30
+    lone = [im for im in record.images if im.true_count == 1]
+    assert (
+        lone and max(im.metric("mse", "raw") for im in lone) < 1e-12
+    )  # the real batch, read exactly
     assert not torch.equal(before, generator.get_state())  # the simulation drew from it
     assert captured.imprint is None  # the captured step itself is left as it was
 
@@ -114,12 +116,13 @@ def test_without_imprint_or_shadow_only_the_mechanism_is_checked(mnist5k):
     torch.manual_seed(0)
     captured, opt, engine = _capture_one_step(small_cnn(), x, y, sigma=1.0, shadow=True)
     pipeline = _pipeline(AuditConfig(metrics=("mse",)))
-    pipeline.prepare(None, shadow=False)
+    pipeline.prepare(None, mode="mechanism")
     record = pipeline.run(
         captured,
         accountant=engine.accountant,
         mode="mechanism",
         expected_batch_size=opt.expected_batch_size,
     ).record
-    assert MECHANISM <= set(_statuses(record)) and record["valid"] is True
-    assert record["images"] == [] and record["success"] == {} and "found_singletons" not in record
+    assert MECHANISM <= set(_statuses(record)) and record.valid is True
+    assert record.images == [] and record.success == {} and record.counts is None
+    assert "found_singletons" not in record.to_json()  # on disk: no readout counts

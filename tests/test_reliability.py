@@ -82,14 +82,14 @@ def test_a_new_run_into_a_used_log_dir_is_refused_and_nothing_mixes(mnist5k, tmp
     third.attach(opt)
     train_steps(model, opt, loader, 1)
     third.close()
-    assert [r["step"] for r in read_audit_log(tmp_path / "audit.jsonl")] == [1]
+    assert [r.step for r in read_audit_log(tmp_path / "audit.jsonl")] == [1]
 
 
 def test_the_demo_run_twice_replaces_its_runs(tmp_path):
     args = ["demo", "--out", str(tmp_path), "--steps", "4", "--every", "2",
             "--noise-multipliers", "0.5", "--prior", "none", "--quiet"]  # fmt: skip
     assert main(args) == 0 and main(args) == 0
-    steps = [r["step"] for r in read_audit_log(tmp_path / "sigma_0.5" / "audit.jsonl")]
+    steps = [r.step for r in read_audit_log(tmp_path / "sigma_0.5" / "audit.jsonl")]
     assert steps == [2, 4]
     report = json.loads((tmp_path / "sigma_0.5" / "report.json").read_text())
     assert report["summary"]["audits"] == 2
@@ -146,7 +146,7 @@ def test_images_are_written_before_their_log_line(mnist5k, tmp_path):
 
     def check(i):
         for record in read_audit_log(tmp_path / "audit.jsonl"):
-            path = tmp_path / "images" / f"step_{record['step']:08d}.npz"
+            path = tmp_path / "images" / f"step_{record.step:08d}.npz"
             seen.append(path.is_file())
 
     model = imprint_model(mnist5k["prior"][0][:1000], num_bins=128)
@@ -269,7 +269,7 @@ def test_the_report_shows_why_when_nothing_is_recovered(mnist5k, tmp_path):
     auditor, _ = audited_run(mnist5k, tmp_path, sigma=1.0, steps=1, every=1, **FAST)
     auditor.close()
     record = auditor.history[-1]
-    assert record["found_singletons"] == 0 and record["missed"]
+    assert record.counts.lone_found == 0 and record.missed
     html = (tmp_path / "report.html").read_text()
     assert "Lone images the attack did not detect" in html
 
@@ -278,12 +278,12 @@ def test_report_grids_are_captioned(mnist5k, tmp_path):
     auditor, _ = audited_run(mnist5k, tmp_path, sigma=0.005, steps=1, every=1, **FAST)
     auditor.close()
     from opacus_dmaudit.sinks.logdir import LogDir as _LogDir
-    from opacus_dmaudit.sinks.report.build import _caption
+    from opacus_dmaudit.sinks.report.images import caption as image_caption
 
     record = auditor.history[-1]
-    image = next(im for im in record["images"] if "mse_raw" in im)
-    caption = _caption(record["step"], image, "mse")
-    assert f"bin {image['bin']}" in caption and "raw MSE" in caption
+    image = next(im for im in record.images if "mse_raw" in im.metrics)
+    caption = image_caption(record.step, image, "mse")
+    assert f"bin {image.bin}" in caption and "raw MSE" in caption
     assert _LogDir(tmp_path).load_images(1)["truth"].shape[0] > 0
     assert "Best and worst reconstructions (by MSE (raw))" in (tmp_path / "report.html").read_text()
 

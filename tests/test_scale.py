@@ -10,6 +10,7 @@ from torch import nn
 
 from opacus_dmaudit import DiffusionPrior, DMAuditor, ImprintBlock, read_audit_log
 from opacus_dmaudit.errors import AuditCheckFailed
+from opacus_dmaudit.sinks.audit_log import read_json_lines
 from tests.helpers import audited_run, make_private, train_steps
 
 #: What the capture at 3x256x256, K = 128, batch 64 does in a fresh process (ghost clipping).
@@ -165,12 +166,12 @@ def test_audit_at_256px_with_a_celebahq_layout_prior(celebahq_prior, tmp_path):
     train_steps(model, opt, loader, 1)
     auditor.close()
     (record,) = read_audit_log(tmp_path / "audit.jsonl")
-    scored = [im for im in record["images"] if "mse_dm" in im]
-    assert scored and all(0 <= im["ssim_dm"] <= 1 for im in scored)
-    assert record["denoiser"]["prior"] == "google/ddpm-celebahq-256"
-    assert "prior_fit_audit" in {c["name"] for c in record["checks"]}
+    scored = [im for im in record.images if "mse_dm" in im.metrics]
+    assert scored and all(0 <= im.metric("ssim", "dm") <= 1 for im in scored)
+    assert record.denoiser["prior"] == "google/ddpm-celebahq-256"
+    assert "prior_fit_audit" in {c.name for c in record.checks}
     assert auditor.last_result.dm.shape[1:] == (3, 256, 256)
-    with __import__("numpy").load(tmp_path / "images" / f"step_{record['step']:08d}.npz") as f:
+    with __import__("numpy").load(tmp_path / "images" / f"step_{record.step:08d}.npz") as f:
         assert f["dm"].shape[1:] == (3, 256, 256)
     assert (tmp_path / "report.html").is_file()
 
@@ -198,8 +199,9 @@ def test_background_audits_write_the_same_records_in_step_order(mnist5k, tmp_pat
     kwargs = dict(prior="embedded:mnist", max_images=4, metrics=("mse", "ssim"), prior_fit_public=2)
     sync = _run(mnist5k, tmp_path / "sync", background=False, **kwargs)
     back = _run(mnist5k, tmp_path / "back", background=True, **kwargs)
-    a = read_audit_log(tmp_path / "sync" / "audit.jsonl")
-    b = read_audit_log(tmp_path / "back" / "audit.jsonl")
+    # the JSON on disk, line by line
+    a = read_json_lines(tmp_path / "sync" / "audit.jsonl")
+    b = read_json_lines(tmp_path / "back" / "audit.jsonl")
     assert [r["step"] for r in b] == [2, 4] == [r["step"] for r in a]
     for ra, rb in zip(a, b):
         for r in (ra, rb):

@@ -22,15 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..checks.entries import is_finite_number
-from ..record import json_view
 from ..schema import stage_label
+from .run_summary import RunSummary, Verdict
 from .text import count, fmt
-
-if TYPE_CHECKING:
-    from .summary import RunSummary
 
 __all__ = [
     "Verdict",
@@ -57,23 +53,6 @@ VERDICT_STATUSES = {
     "undetectable": "nothing detectable; the audit cannot tell",
     "mechanism_ok": "mechanism checks passed (no images audited)",
 }
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What the audit found: a status (:data:`VERDICT_STATUSES`), a headline a
-    non-expert can act on, and the evidence in words."""
-
-    status: str
-    headline: str
-    text: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"status": self.status, "headline": self.headline, "text": self.text}
-
-    def __getitem__(self, key: str) -> str:
-        """Release 0.1's ``verdict["status"]``; read the attributes instead."""
-        return json_view(self)[key]
 
 
 @dataclass(frozen=True)
@@ -294,7 +273,7 @@ RULES: tuple[Rule, ...] = (
 def verdict(summary: RunSummary) -> Verdict:
     """The :class:`Verdict` of a run summary (the first rule of :data:`RULES` that holds).
 
-    ``summarize(records).verdict`` and ``RunSummary.from_json(report["summary"]).verdict`` call it.
+    ``summarize(records).verdict`` and ``summary_from_json(report["summary"]).verdict`` call it.
     """
     evidence = _evidence(summary)
     rule = next(r for r in RULES if r.holds(evidence))

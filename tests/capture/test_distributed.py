@@ -68,12 +68,12 @@ def test_rank0_recovers_the_singletons_of_both_ranks_exactly(tmp_path):
     r0, r1 = _run(tmp_path, sigma=0.0, steps=2)
     assert r1["history"] == [] and not (tmp_path / "log" / "rank1").exists()
     _no_failed_checks(r0["history"])
-    assert [r["step"] for r in r0["history"]] == [1, 2]
+    assert [r.step for r in r0["history"]] == [1, 2]
     for step, record in enumerate(r0["history"]):
-        assert record["batch_size"] == r0["seen"][step].shape[0] + r1["seen"][step].shape[0]
-        assert record["found_singletons"] == record["true_singletons"] > 10
-        singles = [im for im in record["images"] if im["true_count"] == 1]
-        assert singles and max(im["mse_raw"] for im in singles) < 1e-9
+        assert record.batch_size == r0["seen"][step].shape[0] + r1["seen"][step].shape[0]
+        assert record.counts.lone_found == record.counts.lone_in_batch > 10
+        singles = [im for im in record.images if im.true_count == 1]
+        assert singles and max(im.metric("mse", "raw") for im in singles) < 1e-9
         # every recovered image is a real sample of one of the two ranks' batches
         owners = set()
         for img in r0["truths"][step]:
@@ -87,19 +87,19 @@ def test_rank0_recovers_the_singletons_of_both_ranks_exactly(tmp_path):
 def _no_failed_checks(history):
     """Every audit ran the mechanism checks on the global batch, and none failed."""
     for record in history:
-        statuses = {c["name"]: c["status"] for c in record["checks"]}
+        statuses = {c.name: c.status for c in record.checks}
         assert {"noise_scale", "noise_shape", "clipping", "sampling", "accountant"} <= set(statuses)
-        assert "fail" not in statuses.values(), record["checks"]
+        assert "fail" not in statuses.values(), record.checks
 
 
 def test_measured_noise_matches_the_prediction_under_ddp(tmp_path):
     r0, _ = _run(tmp_path, sigma=0.005, steps=3)
     _no_failed_checks(r0["history"])
     ratios = [
-        im["residual_std_raw"] / im["noise_std"]
+        im.residual_std_raw / im.noise_std
         for r in r0["history"]
-        for im in r["images"]
-        if im["true_count"] == 1 and "residual_std_raw" in im
+        for im in r.images
+        if im.true_count == 1 and im.residual_std_raw is not None
     ]
     assert len(ratios) >= 30
     assert 0.85 < statistics.mean(ratios) < 1.15

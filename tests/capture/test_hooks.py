@@ -46,11 +46,11 @@ def assert_exact(auditor, min_found=10):
     assert auditor.history, "no audit ran"
     found = 0
     for record in auditor.history:
-        assert record["found_singletons"] == record["true_singletons"]
-        for im in record["images"]:
-            if im["true_count"] == 1:
-                assert im["residual_std_raw"] < 1e-5
-                assert im["mse_raw"] < 1e-8
+        assert record.counts.lone_found == record.counts.lone_in_batch
+        for im in record.images:
+            if im.true_count == 1:
+                assert im.residual_std_raw < 1e-5
+                assert im.metric("mse", "raw") < 1e-8
                 found += 1
     assert found >= min_found
 
@@ -61,7 +61,7 @@ def test_exact_recovery_without_noise(mnist5k, tmp_path, grad_sample_mode, loss_
     auditor, _ = train_audited(
         mnist5k, tmp_path, grad_sample_mode=grad_sample_mode, loss_reduction=loss_reduction
     )
-    assert [r["step"] for r in auditor.history] == [2, 4]
+    assert [r.step for r in auditor.history] == [2, 4]
     assert_exact(auditor)
 
 
@@ -75,11 +75,8 @@ def test_max_abs_error_of_raw_readout_below_1e4(mnist5k, tmp_path):
     for structure in ("sparse", "cumulative"):
         auditor, _ = train_audited(mnist5k, tmp_path / structure, structure=structure, steps=2)
         res = auditor.last_result
-        singles = [
-            i
-            for i, im in enumerate(res.record["images"])
-            if "mse_raw" in im and im["true_count"] == 1
-        ]
+        # each scored image's row in the step's truth/raw arrays
+        singles = [im.row for im in res.record.scored if im.true_count == 1]
         assert len(singles) >= 10
         err = (res.raw[singles] - res.truth[singles]).abs().max()
         assert err < 1e-4, structure
@@ -88,7 +85,7 @@ def test_max_abs_error_of_raw_readout_below_1e4(mnist5k, tmp_path):
 def test_batch_memory_manager_sees_the_whole_logical_batch(mnist5k, tmp_path):
     auditor, _ = train_audited(mnist5k, tmp_path, batch_size=64, bmm_physical=16)
     # logical batches of ~64 real samples, read from 4+ physical batches
-    assert all(r["batch_size"] > 30 for r in auditor.history)
+    assert all(r.batch_size > 30 for r in auditor.history)
     assert_exact(auditor)
 
 
@@ -97,11 +94,11 @@ def test_empty_poisson_batches(mnist5k, tmp_path):
     auditor, _ = train_audited(
         mnist5k, tmp_path, batch_size=1, n_train=200, steps=20, every=1, sigma=0.0
     )
-    sizes = [r["batch_size"] for r in auditor.history]
+    sizes = [r.batch_size for r in auditor.history]
     assert len(sizes) == 20 and 0 in sizes and max(sizes) > 0
     for r in auditor.history:
-        if r["batch_size"] == 0:
-            assert r["images"] == [] and r["true_singletons"] == 0
+        if r.batch_size == 0:
+            assert r.images == [] and r.counts.lone_in_batch == 0
     assert_exact(auditor, min_found=1)
 
 
@@ -109,7 +106,7 @@ def test_per_layer_clipping_warns_and_recovers_up_to_scale(mnist5k, tmp_path):
     with pytest.warns(UserWarning, match="up to scale"):
         auditor, _ = train_audited(mnist5k, tmp_path, clipping="per_layer", steps=2)
     res = auditor.last_result
-    singles = [i for i, im in enumerate(res.record["images"]) if im["true_count"] == 1]
+    singles = [im.row for im in res.record.scored if im.true_count == 1]
     assert singles
     # same image up to a positive scale: correlation 1
     for i in singles[:5]:
@@ -132,8 +129,8 @@ def test_step_hook_is_chained_and_restored(mnist5k, tmp_path):
         with pytest.raises(RuntimeError, match="already attached"):
             auditor.attach(opt)
     assert opt.step_hook == accountant_hook
-    assert [r["step"] for r in auditor.history] == [1, 2, 3]
-    assert all(r["sample_rate"] == pytest.approx(1 / len(loader)) for r in auditor.history)
+    assert [r.step for r in auditor.history] == [1, 2, 3]
+    assert all(r.sample_rate == pytest.approx(1 / len(loader)) for r in auditor.history)
 
 
 def test_attach_errors_are_clear(mnist5k, tmp_path):

@@ -37,13 +37,13 @@ def _audit(mnist5k, log_dir, *, mode, sigma, steps, **kwargs):
 def test_shadow_audit_reads_the_real_batch_and_is_labelled_everywhere(mnist5k, tmp_path):
     auditor = _audit(mnist5k, tmp_path, mode="shadow", sigma=0.0, steps=2, save_images=True)
     for record in auditor.history:
-        assert record["mode"] == "shadow"
+        assert record.mode == "shadow"
         # σ = 0: every sample alone in a simulated bin comes back exactly
-        assert record["found_singletons"] == record["true_singletons"] > 10
-        singles = [im for im in record["images"] if im["true_count"] == 1]
-        assert max(im["mse_raw"] for im in singles) < 1e-9
-        assert {c["name"] for c in record["checks"]} >= {"value_range", "noise_scale", "sampling"}
-        assert record["valid"]
+        assert record.counts.lone_found == record.counts.lone_in_batch > 10
+        singles = [im for im in record.images if im.true_count == 1]
+        assert max(im.metric("mse", "raw") for im in singles) < 1e-9
+        assert {c.name for c in record.checks} >= {"value_range", "noise_scale", "sampling"}
+        assert record.valid
     run = json.loads((tmp_path / "run.json").read_text())["config"]
     assert run["mode"] == "shadow" and run["imprint_block"] is None
     assert run["shadow"]["calibrated"] and run["shadow"]["num_bins"] == 128
@@ -95,10 +95,10 @@ def test_shadow_success_agrees_with_the_live_imprint_block(mnist5k, tmp_path, si
             report=False,
             save_images=False,
         )
-        hits = sum(round(r["success"]["raw"] * r["batch_size"]) for r in auditor.history)
-        trials = sum(r["batch_size"] for r in auditor.history)
+        hits = sum(round(r.success["raw"] * r.batch_size) for r in auditor.history)
+        trials = sum(r.batch_size for r in auditor.history)
         rates[mode] = (hits / trials, _interval(hits, trials))
-        assert not [c for r in auditor.history for c in r["checks"] if c["status"] == "fail"]
+        assert not [c for r in auditor.history for c in r.checks if c.status == "fail"]
     (live, live_ci), (shadow, shadow_ci) = rates["imprint"], rates["shadow"]
     assert 0.05 < live < 0.95  # a σ where the attack partly succeeds, so the test can disagree
     assert live_ci[0] <= shadow <= live_ci[1] and shadow_ci[0] <= live <= shadow_ci[1], rates
@@ -131,11 +131,11 @@ def test_shadow_reads_a_batch_given_by_keyword(mnist5k, tmp_path):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(pixel_values=xb), yb).backward()
         opt.step()
-        assert auditor.history[-1]["batch_size"] == xb.shape[0]  # counted from the keyword
+        assert auditor.history[-1].batch_size == xb.shape[0]  # counted from the keyword
         if i == 2:
             break
     auditor.close()
-    assert all(r["found_singletons"] == r["true_singletons"] > 5 for r in auditor.history)
+    assert all(r.counts.lone_found == r.counts.lone_in_batch > 5 for r in auditor.history)
 
 
 @pytest.mark.slow
@@ -195,11 +195,11 @@ def test_lightning_callback_runs_shadow_and_mechanism_modes(mnist5k, tmp_path):
         )
         trainer.fit(module)
         records = read_audit_log(tmp_path / mode / "audit.jsonl")
-        assert [r["step"] for r in records] == [2, 4] and {r["mode"] for r in records} == {mode}
+        assert [r.step for r in records] == [2, 4] and {r.mode for r in records} == {mode}
         for r in records:
-            statuses = {c["name"]: c["status"] for c in r["checks"]}
+            statuses = {c.name: c.status for c in r.checks}
             assert {"noise_scale", "clipping", "sampling", "accountant"} <= set(statuses)
-            assert "fail" not in statuses.values(), r["checks"]
-            assert r["batch_size"] > 30  # the batch came through the module's forward
+            assert "fail" not in statuses.values(), r.checks
+            assert r.batch_size > 30  # the batch came through the module's forward
         if mode == "shadow":
-            assert sum(r["true_singletons"] for r in records) > 10
+            assert sum(r.counts.lone_in_batch for r in records) > 10

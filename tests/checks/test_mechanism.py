@@ -57,7 +57,7 @@ def _auditor(tmp_path, engine, opt, model, *, every, imprint=False, **kwargs):
 
 
 def _statuses(record):
-    return {c["name"]: c["status"] for c in record["checks"]}
+    return {c.name: c.status for c in record.checks}
 
 
 # -- bugs are caught on the first audit after they start -----------------------------------------
@@ -130,15 +130,15 @@ def test_a_broken_mechanism_fails_at_the_first_audit_after_it_starts(
     auditor.close()
     before, after = auditor.history
     assert set(_statuses(before)) == MECHANISM
-    assert set(_statuses(before).values()) == {"pass"}, before["checks"]
-    assert _statuses(after)[check] == "fail", after["checks"]
-    assert after["valid"] is False
-    failed = next(c for c in after["checks"] if c["name"] == check)
+    assert set(_statuses(before).values()) == {"pass"}, before.checks
+    assert _statuses(after)[check] == "fail", after.checks
+    assert after.valid is False
+    failed = after.check(check)
     if check == "noise_scale":
         expected = 0.0 if bug == "noise absent" else 0.5
-        assert failed["value"] == pytest.approx(expected, abs=0.03)  # measured / predicted σC
+        assert failed.value == pytest.approx(expected, abs=0.03)  # measured / predicted σC
     if check == "clipping":
-        assert failed["value"] > 1.2  # contributions well above C, as the per-sample norms say
+        assert failed.value > 1.2  # contributions well above C, as the per-sample norms say
 
 
 def test_fixed_shuffled_batches_under_poisson_accounting_warn(mnist5k, tmp_path):
@@ -148,8 +148,8 @@ def test_fixed_shuffled_batches_under_poisson_accounting_warn(mnist5k, tmp_path)
     auditor.close()
     (record,) = auditor.history
     statuses = _statuses(record)
-    assert statuses["sampling"] == "warn", record["checks"]
-    assert record["valid"] and set(statuses.values()) == {"pass", "warn"}
+    assert statuses["sampling"] == "warn", record.checks
+    assert record.valid and set(statuses.values()) == {"pass", "warn"}
 
 
 def test_clipping_off_in_ghost_mode_is_caught_by_the_lone_imprint_bins(mnist5k, tmp_path):
@@ -164,8 +164,8 @@ def test_clipping_off_in_ghost_mode_is_caught_by_the_lone_imprint_bins(mnist5k, 
     train_steps(model, opt, loader, 2, criterion=criterion)
     auditor.close()
     (record,) = auditor.history
-    clipping = next(c for c in record["checks"] if c["name"] == "clipping")
-    assert clipping["status"] == "fail" and clipping["value"] > 2, clipping
+    clipping = record.check("clipping")
+    assert clipping.status == "fail" and clipping.value > 2, clipping
 
 
 def test_strict_raises_after_logging_the_failed_audit(mnist5k, tmp_path, monkeypatch):
@@ -287,7 +287,7 @@ def test_measured_mu_sees_halved_noise_that_the_claimed_mu_hides(mnist5k, tmp_pa
         auditor = _auditor(tmp_path / label, engine, opt, model, every=1, imprint=True)
         train_steps(model, opt, loader, 6, criterion=criterion)
         auditor.close()
-        results[label] = auditor.history[-1]["privacy_measured"]
+        results[label] = auditor.history[-1].privacy_measured
     ok, bad = results["correct"], results["halved"]
     assert ok["mu_step_claimed"] == 1.0 and ok["trials_member"] > 100
     assert ok["mu_step_ci"][0] < 1.0 and ok["mu_step_measured"] > 0.7  # imprint: most of C

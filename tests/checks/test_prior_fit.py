@@ -84,42 +84,41 @@ def test_audits_measure_the_prior_on_their_own_lone_images(mnist5k, shared_data,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from opacus_dmaudit.assets.data import load_cifar10_test
-    from opacus_dmaudit.sinks.report.build import _caption
+    from opacus_dmaudit.sinks.report.images import caption
 
     digits = _audit_once(mnist5k["private"][0][:256], mnist5k["prior"][0][:512], tmp_path / "d")
     cifar, _ = load_cifar10_test(shared_data / "cifar10" / "cifar10_test_first1017.npz")
     grey = 0.299 * cifar[:, :1] + 0.587 * cifar[:, 1:2] + 0.114 * cifar[:, 2:]
     photos = _audit_once(grey[:256], grey[256:768], tmp_path / "p")
     for record in (digits, photos):
-        names = [c["name"] for c in record["checks"]]
+        names = [c.name for c in record.checks]
         assert "prior_fit" in names and "prior_fit_audit" in names
-        fit = record["prior_fit"]
+        fit = record.prior_fit
         assert 1 <= fit["images"] <= 4 and 0 <= fit["faithful_share"] <= 1
-        scored = [im for im in record["images"] if "mse_dm" in im]
-        assert scored and all(isinstance(im["dm_faithful"], bool) for im in scored)
-        measured = [im for im in scored if "fit_mse_dm" in im]
+        scored = [im for im in record.images if "mse_dm" in im.metrics]
+        assert scored and all(isinstance(im.dm_faithful, bool) for im in scored)
+        measured = [im for im in scored if "fit_mse_dm" in im.extra]
         assert len(measured) == fit["images"]
         assert fit["mse_dm"] == pytest.approx(
-            sum(im["fit_mse_dm"] for im in measured) / len(measured)
+            sum(im.extra["fit_mse_dm"] for im in measured) / len(measured)
         )
-    checks = {r: {c["name"]: c for c in rec["checks"]} for r, rec in (("d", digits), ("p", photos))}
-    assert checks["d"]["prior_fit"]["status"] == "pass"
-    assert checks["d"]["prior_fit_audit"]["status"] == "pass"
-    assert digits["prior_fit"]["faithful_share"] >= 0.75
-    assert checks["p"]["prior_fit"]["status"] == "warn"
-    assert checks["p"]["prior_fit_audit"]["status"] == "warn"
-    assert photos["prior_fit"]["mse_dm"] > photos["prior_fit"]["mse_classical"]
-    unfaithful = [im for im in photos["images"] if im.get("dm_faithful") is False]
-    assert len(unfaithful) >= len(photos["images"]) // 2
-    assert "DM: prior unfaithful" in _caption(photos["step"], unfaithful[0], "lpips")
-    assert "unfaithful" not in _caption(digits["step"], digits["images"][0], "lpips")
+    assert digits.check("prior_fit").status == "pass"
+    assert digits.check("prior_fit_audit").status == "pass"
+    assert digits.prior_fit["faithful_share"] >= 0.75
+    assert photos.check("prior_fit").status == "warn"
+    assert photos.check("prior_fit_audit").status == "warn"
+    assert photos.prior_fit["mse_dm"] > photos.prior_fit["mse_classical"]
+    unfaithful = [im for im in photos.images if im.dm_faithful is False]
+    assert len(unfaithful) >= len(photos.images) // 2
+    assert "DM: prior unfaithful" in caption(photos.step, unfaithful[0], "lpips")
+    assert "unfaithful" not in caption(digits.step, digits.images[0], "lpips")
     # TensorBoard: beside the DM metrics; the report: a column beside the DM success rate
     acc = EventAccumulator(str(tmp_path / "p"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert "quality/dm/fit_faithful_share" in tags and "quality/dm/lpips" in tags
     assert acc.Scalars("quality/dm/fit_faithful_share")[0].value == pytest.approx(
-        photos["prior_fit"]["faithful_share"]
+        photos.prior_fit["faithful_share"]
     )
     assert acc.Scalars("checks/prior_fit_audit/status")[0].value == 1.0  # warn
     html = (tmp_path / "p" / "report.html").read_text()

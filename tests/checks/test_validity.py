@@ -9,7 +9,8 @@ from torch import nn
 
 from opacus_dmaudit import DMAuditor, ImprintBlock
 from opacus_dmaudit.reconstruct.bins import lone_sample_moments
-from opacus_dmaudit.sinks.summary import summarize, verdict
+from opacus_dmaudit.sinks.summary import summarize
+from opacus_dmaudit.sinks.verdict import verdict
 from tests.helpers import audited_run, imprint_model, make_private
 
 FAST = {"metrics": ("mse",), "report": True}
@@ -35,8 +36,8 @@ def test_inputs_outside_the_value_range_make_the_audit_invalid(mnist5k, tmp_path
     # pixels 0..255 into a [0, 1] block at σ = 0.01 (ε ≈ 10⁴): formerly 0 bins and "no leakage"
     auditor = _run(mnist5k, tmp_path, scale=255.0)
     for record in auditor.history:
-        status = {c["name"]: c["status"] for c in record["checks"]}
-        assert status["value_range"] == "fail" and record["valid"] is False
+        status = {c.name: c.status for c in record.checks}
+        assert status["value_range"] == "fail" and record.valid is False
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["valid"] is False and report["verdict"]["status"] == "invalid"
     assert "value_range" in report["verdict"]["text"]
@@ -48,16 +49,16 @@ def test_a_batch_with_no_lone_sample_is_blind(mnist5k, tmp_path):
     # two bins for a batch of 64: no sample is ever alone, the audit cannot see
     auditor = _run(mnist5k, tmp_path, sigma=0.0, steps=1, num_bins=2)
     (record,) = auditor.history
-    status = {c["name"]: c["status"] for c in record["checks"]}
-    assert status["blind"] == "fail" and record["valid"] is False
+    status = {c.name: c.status for c in record.checks}
+    assert status["blind"] == "fail" and record.valid is False
 
 
 def test_in_range_calibrated_runs_pass_the_validity_checks(mnist5k, tmp_path):
     auditor = _run(mnist5k, tmp_path)
     for record in auditor.history:
-        status = {c["name"]: c["status"] for c in record["checks"]}
+        status = {c.name: c.status for c in record.checks}
         assert {status[n] for n in ("value_range", "blind", "calibration", "bins")} == {"pass"}
-        assert record["valid"] is True
+        assert record.valid is True
 
 
 @pytest.mark.slow
@@ -89,15 +90,15 @@ def test_bins_stay_fixed_while_the_block_trains_with_the_model(mnist5k, tmp_path
     # the optimizer did move the block's trained parameters ...
     assert any(not torch.equal(a, b.detach()) for a, b in zip(start, block.parameters()))
     records = auditor.history
-    assert [r["step"] for r in records] == [50, 100, 150, 200]
+    assert [r.step for r in records] == [50, 100, 150, 200]
     # ... yet every lone sample is still read out exactly, and as many sit alone as promised
     lone, mean, var = 0, 0.0, 0.0
     for r in records:
-        assert r["found_singletons"] == r["true_singletons"]
-        singles = [im for im in r["images"] if im["true_count"] == 1]
-        assert singles and max(im["mse_raw"] for im in singles) < 1e-9
-        m, sd = lone_sample_moments(r["batch_size"], 128, "sparse")
-        lone, mean, var = lone + r["true_singletons"], mean + m, var + sd**2
+        assert r.counts.lone_found == r.counts.lone_in_batch
+        singles = [im for im in r.images if im.true_count == 1]
+        assert singles and max(im.metric("mse", "raw") for im in singles) < 1e-9
+        m, sd = lone_sample_moments(r.batch_size, 128, "sparse")
+        lone, mean, var = lone + r.counts.lone_in_batch, mean + m, var + sd**2
     assert abs(lone - mean) < 4 * math.sqrt(var) + 1
 
 
@@ -144,28 +145,29 @@ def test_the_verdict_is_written_from_the_counts():
     some = _record(
         success={"raw": 0.0, "dm": 0.03}, found_singletons=5, true_singletons=6,
         detection={"test": "row-fisher", "power": 0.97},
-        images=[{"success_raw": False, "success_dm": True, "true_count": 1}] * 2,
+        images=[{"bin": b, "success_raw": False, "success_dm": True, "true_count": 1}
+                for b in (3, 7)],
     )  # fmt: skip
     v = verdict(summarize([some]))
-    assert v["status"] == "leakage", v
-    assert "no image" not in v["text"].lower()
+    assert v.status == "leakage", v
+    assert "no image" not in v.text.lower()
     # nothing above the noise with a weak test: "cannot tell", with the power, never "no leakage"
     weak = _record(
         success={"raw": 0.0, "dm": 0.0}, found_singletons=0, true_singletons=20,
         detection={"test": "row-fisher", "power": 0.02},
     )  # fmt: skip
     v = verdict(summarize([weak]))
-    assert v["status"] == "undetectable" and "2%" in v["text"]
-    assert "no visible leakage" not in v["text"].lower()
+    assert v.status == "undetectable" and "2%" in v.text
+    assert "no visible leakage" not in v.text.lower()
     # the same with a test that would have seen a lone image: a (qualified) negative
     strong = _record(
         success={"raw": 0.0, "dm": 0.0}, found_singletons=15, true_singletons=16,
         detection={"test": "row-fisher", "power": 0.95},
     )  # fmt: skip
-    assert verdict(summarize([strong]))["status"] == "no_visible_leakage"
+    assert verdict(summarize([strong])).status == "no_visible_leakage"
     # and a failed check overrides everything
     invalid = {**strong, "checks": [{"name": "blind", "status": "fail", "detail": "x"}]}
-    assert verdict(summarize([{**invalid, "valid": False}]))["status"] == "invalid"
+    assert verdict(summarize([{**invalid, "valid": False}])).status == "invalid"
 
 
 def test_identification_above_chance_is_leakage_even_below_the_criterion():
@@ -183,11 +185,11 @@ def test_identification_above_chance_is_leakage_even_below_the_criterion():
         for i in range(1, 11)
     ]
     v = verdict(summarize(records))
-    assert v["status"] == "leakage" and "raw readout" in v["text"], v
-    assert "ε ≥ 3.3" in v["text"]  # the membership bound is stated
+    assert v.status == "leakage" and "raw readout" in v.text, v
+    assert "ε ≥ 3.3" in v.text  # the membership bound is stated
     # at chance level (one per audit), identification is no evidence
     chance = [{**r, "identification": {"raw": 1 / 64, "dm": 1 / 64}} for r in records]
-    assert verdict(summarize(chance))["status"] == "no_visible_leakage"
+    assert verdict(summarize(chance)).status == "no_visible_leakage"
 
 
 def test_a_nan_image_in_the_batch_fails_value_range(mnist5k, tmp_path):
@@ -207,12 +209,13 @@ def test_a_nan_image_in_the_batch_fails_value_range(mnist5k, tmp_path):
     opt.step()
     auditor.close()
     record = auditor.history[-1]
-    status = {c["name"]: c for c in record["checks"]}
-    assert status["value_range"]["status"] == "fail" and "NaN" in status["value_range"]["detail"]
+    status = {c.name: c for c in record.checks}
+    assert status["value_range"].status == "fail" and "NaN" in status["value_range"].detail
     assert not any(
-        c["status"] == "pass" and c.get("value") != c.get("value") for c in status.values()
+        c.status == "pass" and c.values.get("value") != c.values.get("value")
+        for c in status.values()
     )
-    assert record["valid"] is False
+    assert record.valid is False
 
 
 def test_state_after_close_keeps_its_step_and_a_stale_state_is_refused(mnist5k, tmp_path):

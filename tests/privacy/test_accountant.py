@@ -34,20 +34,20 @@ def _prv_run(mnist5k, tmp_path, sigma):
 
 def test_prv_answers_at_ordinary_noise(mnist5k, tmp_path):
     engine, record = _prv_run(mnist5k, tmp_path, sigma=1.0)
-    assert record["epsilon_accountant"] == "prv"
-    assert record["epsilon"] == pytest.approx(engine.get_epsilon(1e-5))
+    assert record.epsilon_accountant == "prv"
+    assert record.epsilon == pytest.approx(engine.get_epsilon(1e-5))
 
 
 def test_tiny_sigma_asks_rdp_about_the_same_history(mnist5k, tmp_path):
     engine, record = _prv_run(mnist5k, tmp_path, sigma=0.02)
     assert 0.02 < PRV_MIN_SIGMA
-    assert record["epsilon_accountant"].startswith("rdp (prv too slow")
+    assert record.epsilon_accountant.startswith("rdp (prv too slow")
     rdp = RDPAccountant()
     rdp.history = list(engine.accountant.history)
-    assert record["epsilon"] == pytest.approx(rdp.get_epsilon(1e-5))
-    assert math.isfinite(record["epsilon"]) and record["epsilon"] > 1000
+    assert record.epsilon == pytest.approx(rdp.get_epsilon(1e-5))
+    assert math.isfinite(record.epsilon) and record.epsilon > 1000
     # ε in context: flagged in the record and, as text, in TensorBoard
-    assert NO_GUARANTEE in record["epsilon_note"]
+    assert NO_GUARANTEE in record.epsilon_note
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})

@@ -28,10 +28,10 @@ def _audit_run(x, y, public, tmp_path, *, sigma, steps=3, structure="sparse", me
 
 def _noise_ratios(auditor):
     return [
-        im["residual_std_raw"] / im["noise_std"]
+        im.residual_std_raw / im.noise_std
         for r in auditor.history
-        for im in r["images"]
-        if im["true_count"] == 1 and "residual_std_raw" in im
+        for im in r.images
+        if im.true_count == 1 and im.residual_std_raw is not None
     ]
 
 
@@ -52,9 +52,7 @@ def test_measured_noise_matches_prediction_on_mnist5k(mnist5k, tmp_path, structu
         # an imprint that dominates the per-sample norm, clipped: per-pixel noise std ≈ σ·‖x‖,
         # and ‖x‖ ≈ 9.5 for MNIST digits
         # (cumulative readouts are noisier by √2 and by √rows of the sample's bin)
-        stds = [
-            im["noise_std"] for r in auditor.history for im in r["images"] if im["true_count"] == 1
-        ]
+        stds = [im.noise_std for r in auditor.history for im in r.images if im.true_count == 1]
         assert statistics.median(stds) == pytest.approx(sigma * 9.5, rel=0.5)
 
 
@@ -68,10 +66,10 @@ def test_real_mnist_test_set(shared_data, mnist5k, tmp_path):
     x, y = x[:1000], y[:1000]
     public = mnist5k["prior"][0][:2000]
     exact = _audit_run(x, y, public, tmp_path / "exact", sigma=0.0, metrics=("mse", "ssim"))
-    singles = [im for r in exact.history for im in r["images"] if im["true_count"] == 1]
+    singles = [im for r in exact.history for im in r.images if im.true_count == 1]
     assert len(singles) >= 60
-    assert max(im["residual_std_raw"] for im in singles) < 1e-5
-    assert min(im["ssim_raw"] for im in singles) > 0.9999
+    assert max(im.residual_std_raw for im in singles) < 1e-5
+    assert min(im.metric("ssim", "raw") for im in singles) > 0.9999
     noisy = _audit_run(x, y, public, tmp_path / "noisy", sigma=0.01)
     ratios = _noise_ratios(noisy)
     assert len(ratios) >= 30
@@ -84,12 +82,12 @@ def test_auditor_denoises_every_recovered_image_with_the_embedded_prior(mnist5k,
         mnist5k, tmp_path, sigma=0.03, steps=3, calibration=2000, prior="embedded:mnist"
     )
     auditor.close()
-    scored = [im for r in auditor.history for im in r["images"] if "mse_raw" in im]
+    scored = [im for r in auditor.history for im in r.images if "mse_raw" in im.metrics]
     assert len(scored) >= 40
     for im in scored:
-        assert {"mse_dm", "ssim_dm", "lpips_dm"} <= im.keys()
+        assert {"mse_dm", "ssim_dm", "lpips_dm"} <= im.metrics.keys()
     for record in auditor.history:
-        assert record["denoiser"] == {
+        assert record.denoiser == {
             "prior": "embedded:mnist",
             "sampler": "ddim",
             "steps": 20,
@@ -97,10 +95,10 @@ def test_auditor_denoises_every_recovered_image_with_the_embedded_prior(mnist5k,
         }
     result = auditor.last_result
     assert result.dm.shape == result.raw.shape and result.dm.shape[0] > 0
-    singles = [im for im in scored if im["true_count"] == 1]
+    singles = [im for im in scored if im.true_count == 1]
     for metric, better in (("mse", min), ("ssim", max), ("lpips", min)):
-        dm = statistics.mean(im[f"{metric}_dm"] for im in singles)
-        raw = statistics.mean(im[f"{metric}_raw"] for im in singles)
+        dm = statistics.mean(im.metric(metric, "dm") for im in singles)
+        raw = statistics.mean(im.metric(metric, "raw") for im in singles)
         assert better(dm, raw) == dm and dm != raw, (metric, dm, raw)
 
 

@@ -169,12 +169,12 @@ def test_power_through_the_auditor_cumulative_and_noise_free(mnist5k, tmp_path):
         auditor.close()
         results[sigma] = auditor.history
     for record in results[0.0]:
-        assert record["detection"]["power"] == 1.0
-        assert record["found_singletons"] == record["true_singletons"] > 0
-    lone = sum(r["true_singletons"] for r in results[0.01])
-    found = sum(r["found_singletons"] for r in results[0.01])
-    predicted = sum(r["detection"]["power"] * r["true_singletons"] for r in results[0.01]) / lone
-    det = results[0.01][0]["detection"]
+        assert record.detection["power"] == 1.0
+        assert record.counts.lone_found == record.counts.lone_in_batch > 0
+    lone = sum(r.counts.lone_in_batch for r in results[0.01])
+    found = sum(r.counts.lone_found for r in results[0.01])
+    predicted = sum(r.detection["power"] * r.counts.lone_in_batch for r in results[0.01]) / lone
+    det = results[0.01][0].detection
     assert det["test"] == "row-fisher" and det["false_bins_per_audit"] == pytest.approx(0.01)
     assert det["level"] == pytest.approx(0.01 / 128)
     assert stats.chi2.sf(det["threshold"], 4) == pytest.approx(det["level"], rel=1e-6)

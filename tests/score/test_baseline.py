@@ -8,7 +8,7 @@ import torch
 from opacus_dmaudit.privacy.bounds import rero_gaussian
 from opacus_dmaudit.score.baseline import estimate_kappa
 from opacus_dmaudit.score.metrics import LPIPS, identified, image_metrics, pairwise
-from opacus_dmaudit.sinks.summary import verdict
+from opacus_dmaudit.sinks.summary import summary_from_json
 from tests.helpers import audited_run
 
 
@@ -92,19 +92,19 @@ def test_records_carry_kappa_at_the_criterion_and_identification(mnist5k, tmp_pa
     )
     auditor.close()
     r = auditor.history[-1]
-    n = round(1 / r["kappa_uniform"])  # expected batch / q: about the 1000 private digits
+    n = round(1 / r.kappa_uniform)  # expected batch / q: about the 1000 private digits
     assert 900 < n <= 1000
-    assert r["kappa_baseline"] is not None and r["kappa_baseline"] > r["kappa_uniform"]
-    assert r["kappa"] == max(r["kappa_baseline"], r["kappa_uniform"])
-    batch = r["batch_size"]
-    assert r["bounds"]["single_step_identification"] == pytest.approx(
+    assert r.kappa_baseline is not None and r.kappa_baseline > r.kappa_uniform
+    assert r.kappa == max(r.kappa_baseline, r.kappa_uniform)
+    batch = r.batch_size
+    assert r.bounds["single_step_identification"] == pytest.approx(
         rero_gaussian(1 / 0.02, 1 / batch)
     )
-    ident = r["identification"]
+    ident = r.identification
     assert set(ident) == {"raw", "clean"}
     # at σ = 0.02 the clean readout of a lone digit is that digit: nearest to it in LPIPS
-    lone = sum("mse_raw" in im and im["true_count"] == 1 for im in r["images"])
-    matched = sum("mse_raw" in im for im in r["images"])
+    lone = sum("mse_raw" in im.metrics and im.true_count == 1 for im in r.images)
+    matched = sum("mse_raw" in im.metrics for im in r.images)
     assert lone > 0 and lone / batch <= ident["clean"] <= matched / batch
     assert 0 < ident["raw"] <= ident["clean"] + 1e-9
 
@@ -122,10 +122,10 @@ def test_verdict_states_no_bound_a_fixed_guess_may_beat():
         "bounds": {"single_step": 0.025, "single_step_identification": 0.12},
         "kappa_uniform": 1e-3,
     }
-    uniform_only = verdict({**base, "kappa": 1e-3, "kappa_baseline": None})["text"]
+    uniform_only = summary_from_json({**base, "kappa": 1e-3, "kappa_baseline": None}).verdict.text
     assert "no attack can reach a success rate above 0.025" not in uniform_only
     assert "may be beaten by a fixed guess" in uniform_only
-    measured = verdict({**base, "kappa": 0.05, "kappa_baseline": 0.05})["text"]
+    measured = summary_from_json({**base, "kappa": 0.05, "kappa_baseline": 0.05}).verdict.text
     assert "no attack can reach a success rate above 0.025" in measured
     assert "κ̂ = 0.05" in measured
     assert "above 0.12 (κ = 1/N exact)" in measured

@@ -88,17 +88,17 @@ def test_close_writes_the_report_with_bounds_and_images(mnist5k, tmp_path):
     )
     auditor.close()
     record = auditor.history[-1]
-    assert record["kappa"] == 1 / 5000
+    assert record.kappa == 1 / 5000
     # the audited step's own event (at σ, for identification, and at a measured µ when known)
     own_step = {"single_step", "single_step_identification", "single_step_measured_mu"}
-    assert {"single_step", "single_step_identification"} <= set(record["bounds"]) <= own_step
-    assert set(record["run_bounds"]) == {"rdp", "profile", "clt_gdp_approx"}  # the whole run
-    assert 0 < record["kappa_baseline"] < 1  # κ̂ from the calibration's public digits
-    assert set(record["identification"]) == {"raw", "clean", "dm"}
-    assert record["bounds"]["single_step"] == pytest.approx(1.0, abs=1e-6)  # µ = 50
-    assert 0 < record["success"]["dm"] <= 1 and record["success"]["clean"] > 0
+    assert {"single_step", "single_step_identification"} <= set(record.bounds) <= own_step
+    assert set(record.run_bounds) == {"rdp", "profile", "clt_gdp_approx"}  # the whole run
+    assert 0 < record.kappa_baseline < 1  # κ̂ from the calibration's public digits
+    assert set(record.identification) == {"raw", "clean", "dm"}
+    assert record.bounds["single_step"] == pytest.approx(1.0, abs=1e-6)  # µ = 50
+    assert 0 < record.success["dm"] <= 1 and record.success["clean"] > 0
     images = load_audit_images(tmp_path / "images" / "step_00000002.npz")
-    n = sum("mse_raw" in im for im in record["images"])
+    n = sum("mse_raw" in im.metrics for im in record.images)
     assert images["truth"].shape == images["dm"].shape == (n, 1, 28, 28)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["summary"]["audits"] == 2

@@ -34,8 +34,8 @@ def test_every_tag_and_image_is_in_the_event_files(mnist5k, tmp_path):
     assert acc.Scalars("quality/dm/lpips")[-1].value < acc.Scalars("quality/raw/lpips")[-1].value
     images = acc.Images("audit/reconstructions")
     assert [im.step for im in images] == [1, 2]
-    found = auditor.history[-1]["images"]
-    n = min(16, sum("mse_raw" in im for im in found))
+    found = auditor.history[-1].images
+    n = min(16, sum("mse_raw" in im.metrics for im in found))
     # rows truth | raw | DM of 28x28 images with 2-pixel padding, one column per image
     assert (images[-1].height, images[-1].width) == (3 * 30 + 2, n * 30 + 2)
     tensors = set(acc.Tags()["tensors"])
@@ -47,7 +47,7 @@ def test_every_tag_and_image_is_in_the_event_files(mnist5k, tmp_path):
 def test_infinite_epsilon_is_shown_not_a_crash(mnist5k, tmp_path):
     auditor, _ = audited_run(mnist5k, tmp_path, sigma=0.0, steps=1)
     auditor.close()
-    assert auditor.history[0]["epsilon"] == math.inf
+    assert auditor.history[0].epsilon == math.inf
     acc = _events(tmp_path)
     assert "privacy/epsilon/text_summary" in acc.Tags()["tensors"]  # ∞ has no chart point
     assert "quality/raw/mse" in acc.Tags()["scalars"]
@@ -82,7 +82,7 @@ def test_resume_continues_the_log_without_duplicates_or_gaps(mnist5k, tmp_path):
 
     train_steps(model, opt, loader, 7, after_step=after)  # audits 2, 4, 6, then a "crash"
     auditor.detach()
-    assert [r["step"] for r in read_audit_log(tmp_path / "audit.jsonl")] == [2, 4, 6]
+    assert [r.step for r in read_audit_log(tmp_path / "audit.jsonl")] == [2, 4, 6]
     assert saved["auditor"]["step"] == 4 and saved["auditor"]["last_audit_step"] == 4
 
     # a new process restores the step-4 checkpoint and trains on to step 10
@@ -95,11 +95,11 @@ def test_resume_continues_the_log_without_duplicates_or_gaps(mnist5k, tmp_path):
     state = json.loads(json.dumps(saved["auditor"]))  # checkpoints may hold it as JSON
     assert torch.equal(resumed.generator.get_state(), torch.tensor(state["generator"]).byte())
     resumed.attach(opt2)
-    assert [r["step"] for r in resumed.history] == [2, 4]
+    assert [r.step for r in resumed.history] == [2, 4]
     train_steps(model2, opt2, loader2, 6)
     resumed.close()
-    steps = [r["step"] for r in read_audit_log(tmp_path / "audit.jsonl")]
+    steps = [r.step for r in read_audit_log(tmp_path / "audit.jsonl")]
     assert steps == [2, 4, 6, 8, 10]
-    assert [r["step"] for r in resumed.history] == [2, 4, 6, 8, 10]
+    assert [r.step for r in resumed.history] == [2, 4, 6, 8, 10]
     # TensorBoard holds each audit once: the crashed run's step-6 audit is purged on resume
     assert [e.step for e in _events(tmp_path).Scalars("quality/raw/mse")] == [2, 4, 6, 8, 10]

@@ -9,7 +9,7 @@ import urllib.parse
 from pathlib import Path
 
 from ..logdir import private_mkdir, write_private
-from ..summary import RunSummary
+from ..summary import RunSummary, summary_from_json
 from ..text import fmt
 from .page import PRIVATE_NOTICE, figure, head, table
 from .plots import png, pyplot
@@ -31,7 +31,7 @@ _COLUMNS = [
 
 def _read(run_dir: Path) -> RunSummary:
     report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
-    return RunSummary.from_json(report["summary"], report.get("verdict"))
+    return summary_from_json(report["summary"], report.get("verdict"))
 
 
 def _row(s: RunSummary) -> list[str]:
