@@ -130,7 +130,9 @@ class DMAuditor:
             no ``ImprintBlock`` (``True``, or a :class:`~opacus_dmaudit.ShadowAdversary`).
         public: public images ``(N, C, H, W)`` (never training data) for the shadow adversary's
             bins, the baseline κ̂ and the prior-fit check.
-        writer: your own ``SummaryWriter``, so the audit lands in the run you already log to.
+        writer: your own ``SummaryWriter``, so the audit's scalars land in the run you already
+            log to; its image grids go to an owner-only event file the auditor creates in
+            ``log_dir`` (your writer's file may be readable by others).
         config: an :class:`~opacus_dmaudit.AuditConfig` with every other setting (the expert
             path); the keywords above, when given, override it.
         **settings: any other :class:`~opacus_dmaudit.AuditConfig` field (``metrics``,

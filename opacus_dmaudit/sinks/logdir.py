@@ -67,8 +67,6 @@ REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 IMAGES = "images"
 EVENTS_GLOB = "events.out.tfevents.*"
-#: the suffix of the event files the auditor's own ``SummaryWriter`` creates
-EVENTS_SUFFIX = ".dmaudit"
 _IMAGE_NAME = re.compile(r"step_(\d{8,})\.npz")
 
 

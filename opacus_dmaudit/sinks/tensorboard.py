@@ -42,11 +42,13 @@ from ..checks.entries import is_finite_number, status_rank
 from ..record import AuditRecord
 from ..schema import METRICS, STAGES, parse_metric_key
 from .files import owner_only_umask, secure_file
-from .logdir import EVENTS_SUFFIX
 
 __all__ = ["TensorBoardSink", "record_scalars", "private_writer"]
 
 logger = logging.getLogger(__name__)
+
+#: the suffix of the event files the auditor's own ``SummaryWriter`` creates
+EVENTS_SUFFIX = ".dmaudit"
 
 
 def private_writer(
