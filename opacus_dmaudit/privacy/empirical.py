@@ -32,10 +32,20 @@ Two estimates, in ``privacy_measured``:
   mechanism checks (:mod:`.mechanism`). It says nothing about the whole run's ε (subsampling and
   composition), which is a different, much smaller-per-step quantity.
 
+Two more read the pooled scores: ``auroc`` and ``tpr_at_fpr_0.001`` (the trade-off picture, see
+:mod:`.tradeoff`), and ``epsilon_composed``: the per-step µ's lower confidence limit µ̂_low
+composed over the run's real ``(σ, q, T)`` history as a Poisson-subsampled Gaussian with noise
+multiplier ``1/µ̂_low`` (for a run at one σ), under the user's accountant type. That is the whole
+run's ε *if* every step is µ̂-GDP given inclusion (the Gaussian-DP assumption of Nasr et al.
+2023, "Tight auditing of differentially private machine learning"): a heuristic estimate, not a
+bound, labelled as such (``epsilon_composed_note``); ``epsilon_lower`` stays the
+assumption-free one-step bound beside it.
+
 Scores are pooled over audits with the same (σ, C) and restart when either changes; shadow audits
-(simulated sums) and steps without noise give no scores. The pool is not checkpointed: after
-a resume (``DMAuditor.load_state_dict``) it starts again from the first audit after the
-checkpoint.
+(simulated sums: their noise is the auditor's own, so their µ says nothing about the mechanism)
+and steps without noise give no scores. Each audit's scores go into its record
+(``evidence["membership"]``), so a resumed run pools them again (:meth:`EmpiricalPrivacy.restore`)
+and ``dmaudit report --export-scores`` can write them out.
 """
 
 from __future__ import annotations
@@ -53,9 +63,25 @@ __all__ = [
     "membership_scores",
     "gaussian_mu",
     "epsilon_lower_bound",
+    "composed_epsilon",
     "EmpiricalPrivacy",
     "THRESHOLD_GRID",
+    "COMPOSED_NOTE",
+    "SHADOW_NOTE",
 ]
+
+#: The label of ``epsilon_composed`` wherever it is shown.
+COMPOSED_NOTE = (
+    "heuristic, not a bound: the membership test's per-step µ (95% lower limit) composed over "
+    "the run's (σ, q, T) as a subsampled Gaussian, assuming each step is µ-GDP (Nasr et al. 2023)"
+)
+
+#: What a shadow audit's record says instead of membership estimates.
+SHADOW_NOTE = (
+    "shadow mode: the simulated adversary's noise is the auditor's own, so a membership µ "
+    "measured on it says nothing about the mechanism; epsilon_measured (from the noise the "
+    "optimizer really added) answers instead"
+)
 
 #: Score thresholds of the ε lower bound, in multiples of the claimed µ = 1/σ (fixed in advance).
 THRESHOLD_GRID = tuple(k / 4 for k in range(1, 9))
@@ -160,6 +186,25 @@ def epsilon_lower_bound(
     return best
 
 
+def composed_epsilon(
+    mu_low: float, *, history, kind: str, delta: float, orders=None
+) -> float | None:
+    """The run's ε if every step were µ_low-GDP given inclusion (see the module doc).
+
+    The history's noise multipliers are scaled so that the last one becomes ``1/mu_low`` (the
+    measured per-step µ; earlier σ keep their ratio to it), sampling rates and steps as given.
+    ``None`` without a positive µ_low or a history.
+    """
+    from .accountant import epsilon_of_history
+
+    history = [(float(s), float(q), int(t)) for s, q, t in history or [] if int(t) > 0]
+    if not history or not mu_low > 0 or not history[-1][0] > 0:
+        return None
+    factor = (1.0 / mu_low) / history[-1][0]
+    scaled = [(s * factor, q, t) for s, q, t in history]
+    return epsilon_of_history(kind, scaled, delta=delta, orders=orders)[0]
+
+
 @dataclass
 class EmpiricalPrivacy:
     """Pools the membership scores of a run's audits and turns them into estimates.
@@ -174,24 +219,61 @@ class EmpiricalPrivacy:
     _key: tuple[float, float] | None = field(default=None, repr=False)
     _member: list[np.ndarray] = field(default_factory=list, repr=False)
     _nonmember: list[np.ndarray] = field(default_factory=list, repr=False)
+    _steps: list[int] = field(default_factory=list, repr=False)
 
-    def add(self, captured: CapturedStep) -> bool:
-        """Add one audited step's scores; ``False`` when it has none."""
+    def add(self, captured: CapturedStep) -> dict[str, Any] | None:
+        """Add one audited step's scores; returns them for the record (``None``: none)."""
+        from .measured import encode_floats
+
         scores = membership_scores(captured)
         if scores is None:
-            return False
+            return None
         key = (float(captured.noise_multiplier), float(captured.max_grad_norm))
-        if key != self._key:
-            self._key, self._member, self._nonmember = key, [], []
-        self._member.append(scores[0])
-        self._nonmember.append(scores[1])
-        return True
+        self.add_scores(scores[0], scores[1], key=key, step=captured.step)
+        return {
+            "member": encode_floats(scores[0]),
+            "nonmember": encode_floats(scores[1]),
+            "noise_multiplier": key[0],
+            "max_grad_norm": key[1],
+        }
 
-    def estimate(self) -> dict[str, Any] | None:
-        """The ``privacy_measured`` entries from the scores pooled so far (``None`` without)."""
+    def add_scores(self, member, nonmember, *, key: tuple[float, float], step: int = 0) -> None:
+        """Pool one audit's scores (restarting the pool when (σ, C) changed)."""
+        if key != self._key:
+            self._key, self._member, self._nonmember, self._steps = key, [], [], []
+        self._member.append(np.asarray(member, dtype=float))
+        self._nonmember.append(np.asarray(nonmember, dtype=float))
+        self._steps.append(int(step))
+
+    def restore(self, records) -> None:
+        """Pool the scores kept in records written before a resume (oldest first)."""
+        from .measured import decode_floats
+
+        for record in records:
+            part = (getattr(record, "evidence", None) or {}).get("membership")
+            if part:
+                key = (float(part["noise_multiplier"]), float(part["max_grad_norm"]))
+                member, nonmember = decode_floats(part["member"]), decode_floats(part["nonmember"])
+                self.add_scores(member, nonmember, key=key, step=record.step)
+
+    def scores(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The pooled ``(member, nonmember)`` scores, or ``None``."""
+        if not self._member:
+            return None
+        return np.concatenate(self._member), np.concatenate(self._nonmember)
+
+    def estimate(self, *, history=None, kind: str = "rdp", orders=None) -> dict[str, Any] | None:
+        """The ``privacy_measured`` entries from the scores pooled so far (``None`` without).
+
+        Args:
+            history: the accountant's ``(σ, q, steps)`` entries, for ``epsilon_composed``.
+            kind: the user's accountant type.
+            orders: RDP orders.
+        """
         if self._key is None or not self._member:
             return None
         from .bounds import gdp_epsilon
+        from .tradeoff import auroc, tpr_at_fpr
 
         sigma = self._key[0]
         member, nonmember = np.concatenate(self._member), np.concatenate(self._nonmember)
@@ -215,4 +297,14 @@ class EmpiricalPrivacy:
             thresholds=tuple(claimed * t for t in THRESHOLD_GRID),
             confidence=self.confidence,
         )
+        if member.size and nonmember.size:
+            out["auroc"] = auroc(member, nonmember)
+            out["tpr_at_fpr_0.001"] = tpr_at_fpr(member, nonmember, 1e-3)
+        if mu is not None and history:
+            composed = composed_epsilon(
+                mu[1], history=history, kind=kind, delta=self.delta, orders=orders
+            )
+            if composed is not None:
+                out["epsilon_composed"] = composed
+                out["epsilon_composed_note"] = COMPOSED_NOTE
         return out

@@ -11,14 +11,20 @@ from opacus import PrivacyEngine
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.capture.hooks import GradientCapture
 from opacus_dmaudit.capture.step import CapturedStep
-from opacus_dmaudit.checks.mechanism import FALSE_ALARM, check_sampling, mechanism_checks
+from opacus_dmaudit.checks.mechanism import (
+    CHECK_NAMES,
+    FALSE_ALARM,
+    check_sampling,
+    mechanism_checks,
+)
 from opacus_dmaudit.checks.validity import validity_checks
 from opacus_dmaudit.errors import AuditCheckFailed
 from opacus_dmaudit.privacy.canaries import Canaries, one_run_epsilon_lower, one_run_p_value
 from opacus_dmaudit.privacy.empirical import epsilon_lower_bound, gaussian_mu
+from opacus_dmaudit.privacy.measured import RunEvidence
 from tests.helpers import imprint_model, private_training, small_cnn, train_steps
 
-MECHANISM = {"noise_scale", "noise_shape", "clipping", "sampling", "accountant"}
+MECHANISM = set(CHECK_NAMES)
 
 
 #: Opacus's adaptive clipping, starting at C = 1.
@@ -215,12 +221,19 @@ def test_correct_runs_pass_every_mechanism_check_over_200_audits(mnist5k):
         train_steps(model, opt, loader, 24, criterion=criterion, bmm=bmm)
         capture.detach()
         assert len(captured) == 24, name
+        run = RunEvidence()  # pooled as the pipeline pools: noise scale, sizes, noise signs
         for step in captured:
-            checks = validity_checks(step) + mechanism_checks(step)
+            run.add(step)
+            checks = validity_checks(step) + mechanism_checks(step, run)
             failed = [c for c in checks if c["status"] == "fail"]
             assert not failed, (name, step.step, failed)
             names = {c["name"] for c in checks}
-            assert {"noise_scale", "noise_shape", "sampling", "accountant"} <= names, name
+            expected = {"noise_scale", "noise_shape", "sampling", "accountant"}
+            if step is not captured[0]:
+                expected.add("noise_freshness")
+            if step.mechanism["noise"]["clean_sq"] > 0:  # an empty batch has nothing to scale
+                expected.add("normalisation")
+            assert expected <= names, (name, names)
             seen |= names
         audits += len(captured)
     assert audits >= 200
