@@ -319,11 +319,20 @@ class AuditPipeline:
         membership, privacy_measured = measured if measured is not None else (None, None)
         if membership:
             evidence["membership"] = membership
+        reading = read_epsilon(
+            accountant,
+            delta=self.config.delta,
+            noise_multiplier=captured.noise_multiplier,
+            explained=self._explained,
+        )
         parts = {
             "checks": [CheckEntry.from_json(c) for c in checks + fit_checks],
             "prior_fit": fit_summary,
             "privacy_measured": privacy_measured,
-            "epsilon_measured": self._stage("measured", errors, self._measured, accountant),
+            "reading": reading,
+            "epsilon_measured": self._stage(
+                "measured", errors, self._measured, accountant, reading.epsilon
+            ),
             "evidence": evidence or None,
             "errors": errors,
         }
@@ -422,7 +431,7 @@ class AuditPipeline:
         )
         return scores, estimate
 
-    def _measured(self, accountant) -> dict[str, Any] | None:
+    def _measured(self, accountant, claimed: float | None) -> dict[str, Any] | None:
         """ε̂ of the run so far, its interval and basis (:mod:`.privacy.measured`)."""
         if accountant is None:
             return None
@@ -432,6 +441,7 @@ class AuditPipeline:
             history=history_from_accountant(accountant),
             delta=self.config.delta,
             orders=_orders(accountant),
+            claimed=claimed,
         )
 
     def _prior_fit_checks(
@@ -490,9 +500,7 @@ class AuditPipeline:
         sigma = captured.noise_multiplier
         sample_rate = sample_rate_from_accountant(accountant)
         kappa, kappa_baseline, kappa_uniform = self.kappa(sample_rate, expected_batch_size)
-        reading = read_epsilon(
-            accountant, delta=cfg.delta, noise_multiplier=sigma, explained=self._explained
-        )
+        reading = parts["reading"]
         measured = parts["privacy_measured"]
         history = history_from_accountant(accountant)
         errors = parts["errors"]

@@ -14,7 +14,9 @@ the clean sum S. When the gradient was divided by D·(1+d)⁻¹ instead, that "n
 the noise scaled by 1+d. Under a correct mechanism the slope is N(0, (σC)²/‖S‖²) exactly (Z is
 independent of S) and the residual's scale is 1 to within the χ² interval. With the step's
 actual batch size B, dividing by B instead of D gives ``1 + d = D/B``: the check tests that
-direction with both statistics at once (and then says so), and any significant slope in general.
+direction with both statistics at once (and then says so, provided the slope sides with D/B − 1
+rather than with 0, which tells it from noise merely scaled by another factor), and any
+significant slope in general.
 """
 
 from __future__ import annotations
@@ -146,4 +148,7 @@ def _by_actual_batch(stat: dict[str, float], captured: CapturedStep, z_limit: fl
     score /= math.sqrt(w_scale + w_slope)
     near_scale = abs(stat["scale"] - (1 + d)) <= z_limit * stat["scale_se"] * (1 + abs(d))
     near_slope = abs(stat["slope"] - d) <= z_limit * stat["slope_se"] + stat["rounding"]
-    return size if score > z_limit and near_scale and near_slope else None
+    # the slope must side with D/B − 1 rather than with 0: noise merely scaled by another factor
+    # (noise at 0.9×, a scale the checks call noise_scale's) leaves the slope at 0
+    sides = abs(stat["slope"] - d) < abs(stat["slope"])
+    return size if score > z_limit and near_scale and near_slope and sides else None

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .accountant import epsilon_of_history
+from .reaccount import rescaled_epsilons
 from .tradeoff import auroc, gaussian_tradeoff, roc_points, tpr_at_fpr
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ __all__ = [
     "decode_signs",
     "ASSUMES",
     "CANNOT_SEE",
+    "measured_rows",
     "roc_points",
     "gaussian_tradeoff",
     "auroc",
@@ -278,23 +279,8 @@ def _clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
     return lo, hi
 
 
-def _scaled(history, sigma_factor: float, q_factor: float, steps: int):
-    """The history with σ and q scaled and T steps in all (the last entries absorb the change)."""
-    out = [[s * sigma_factor, min(q * q_factor, 1.0), int(t)] for s, q, t in history if t > 0]
-    extra = steps - sum(t for _, _, t in out)
-    while out and extra < 0:  # fewer steps than the accountant holds: drop from the end
-        cut = min(out[-1][2], -extra)
-        out[-1][2] -= cut
-        extra += cut
-        if out[-1][2] == 0:
-            out.pop()
-    if out and extra > 0:
-        out[-1][2] += extra
-    return [tuple(e) for e in out]
-
-
 def measured_epsilon(
-    run: RunEvidence, *, kind: str, history, delta: float, orders=None
+    run: RunEvidence, *, kind: str, history, delta: float, orders=None, claimed=None
 ) -> dict[str, Any] | None:
     """ε̂ of the run so far with its 95 % interval and basis (``None`` without the evidence).
 
@@ -304,6 +290,7 @@ def measured_epsilon(
         history: the accountant's ``(σ, q, steps)`` entries.
         delta: the run's δ.
         orders: RDP orders (the user's RDP accountant's).
+        claimed: the accountant's own ε (a long PRV run rescales it instead of re-running PRV).
 
     Returns:
         ``{"epsilon_measured", "epsilon_measured_ci", "epsilon_measured_basis"}``.
@@ -315,14 +302,22 @@ def measured_epsilon(
         return None
     claimed_sigma, claimed_q = history[-1][0], history[-1][1]
     steps = max(run.steps, 1)
+    factors = [
+        (sigma[0] / claimed_sigma, rate["value"] / claimed_q),
+        (sigma[2] / claimed_sigma, rate["ci"][0] / claimed_q),  # most noise, lowest rate
+        (sigma[1] / claimed_sigma, rate["ci"][1] / claimed_q),  # least noise, highest rate
+    ]
+    from .._opacus import rdp_orders
 
-    def eps(s: float, q: float) -> tuple[float, str]:
-        scaled = _scaled(history, s / claimed_sigma, q / claimed_q, steps)
-        return epsilon_of_history(kind, scaled, delta=delta, orders=orders)
-
-    value, how = eps(sigma[0], rate["value"])
-    low = eps(sigma[2], rate["ci"][0])[0]  # most noise, lowest rate
-    high = eps(sigma[1], rate["ci"][1])[0]  # least noise, highest rate
+    (value, low, high), how = rescaled_epsilons(
+        kind,
+        history,
+        factors,
+        steps=steps,
+        delta=delta,
+        orders=tuple(orders or rdp_orders()),
+        claimed=claimed,
+    )
     basis = {
         "accountant": how,
         "noise_multiplier": sigma[0],
@@ -347,3 +342,27 @@ def measured_epsilon(
         "epsilon_measured_ci": [low, high],
         "epsilon_measured_basis": basis,
     }
+
+
+def measured_rows(records) -> dict[str, Any]:
+    """The report's rows for the run's measured ε and the attack's composed estimate (the last
+    record that has them), for ``report.json``'s ``privacy`` table."""
+    last = next((r for r in reversed(list(records)) if r.epsilon_measured is not None), None)
+    if last is None:
+        return {}
+    basis = last.epsilon_measured_basis or {}
+    rows: dict[str, Any] = {
+        "epsilon_measured (the run's noise, sampling and steps, re-accounted)": (
+            last.epsilon_measured
+        ),
+        "epsilon_measured 95% CI": last.epsilon_measured_ci,
+        "noise_multiplier measured": basis.get("noise_multiplier"),
+        "sample_rate measured": basis.get("sample_rate"),
+        "secure_mode": basis.get("secure_mode"),
+    }
+    composed = (last.privacy_measured or {}).get("epsilon_composed")
+    if composed is not None:
+        rows["epsilon_composed (attack's per-step mu composed; a heuristic, not a bound)"] = (
+            composed
+        )
+    return rows
