@@ -313,7 +313,9 @@ class AuditPipeline:
         if self.config.mechanism_checks:
             mech = self._stage("checks", errors, mechanism_checks, captured, self.evidence)
             checks = checks + (mech or [])
-        fit = self._stage("prior_fit", errors, self._prior_fit_checks, scored)
+        fit = None  # the prior's fit needs the prior: not again once it failed here
+        if all(e["stage"] != "prior" for e in errors):
+            fit = self._stage("prior_fit", errors, self._prior_fit_checks, scored)
         fit_checks, fit_summary = fit if fit is not None else ([], None)
         measured = self._stage("measured", errors, self._membership, captured, accountant, mode)
         membership, privacy_measured = measured if measured is not None else (None, None)

@@ -699,4 +699,4 @@ def mechanism_checks(captured: CapturedStep, run: Any = None) -> list[dict[str, 
     return out
 
 
-_POOLED = {check_noise_scale, check_sampling, check_noise_freshness}
+_POOLED = {check_noise_scale, check_sampling, check_noise_freshness, check_normalisation}

@@ -29,7 +29,7 @@ from .entries import check
 if TYPE_CHECKING:
     from ..capture.step import CapturedStep
 
-__all__ = ["check_normalisation", "normaliser_changes"]
+__all__ = ["check_normalisation", "normaliser_changes", "normalisation_evidence"]
 
 
 def normaliser_changes(dataset_size: int | None, sample_rate: float | None) -> bool:
@@ -45,6 +45,17 @@ def _actual_batch(captured: CapturedStep) -> int | None:
     sizes = captured.batch_sizes
     size = sizes[-1] if sizes else captured.batch_size
     return int(size) if size is not None and size > 0 else None
+
+
+def normalisation_evidence(captured: CapturedStep) -> dict[str, float] | None:
+    """``{"scale", "se", "ratio"}`` of this audit for the run's pool: the noise's measured scale,
+    its standard error and D/B (the scale dividing by the actual batch size B would give)."""
+    noise = (captured.mechanism or {}).get("noise")
+    stat = _statistics(noise) if noise and noise["count"] else None
+    size = _actual_batch(captured)
+    if stat is None or size is None or not captured.denominator > 0:
+        return None
+    return {"scale": stat["scale"], "se": stat["scale_se"], "ratio": captured.denominator / size}
 
 
 def _statistics(stats: dict[str, Any]) -> dict[str, float] | None:
@@ -69,7 +80,9 @@ def _statistics(stats: dict[str, Any]) -> dict[str, float] | None:
 def check_normalisation(captured: CapturedStep, run: Any = None) -> dict[str, Any] | None:
     """``fail`` when the gradient was divided by the actual batch size (or by anything but the
     optimizer's divisor); ``warn`` when the expected batch size itself depends on the dataset's
-    size (opacus#571)."""
+    size (opacus#571). ``run.scales`` (earlier audits' :func:`normalisation_evidence`) lets two
+    audits whose noise scales differ as their batch sizes do tell the normalisation apart from
+    noise scaled by one constant."""
     from scipy import stats as st
 
     from .mechanism import FALSE_ALARM
@@ -93,7 +106,7 @@ def check_normalisation(captured: CapturedStep, run: Any = None) -> dict[str, An
         "scale": stat["scale"],
         "detectable": z_limit * stat["slope_se"],
     }
-    actual = _by_actual_batch(stat, captured, z_limit)
+    actual = _by_actual_batch(stat, captured, z_limit, getattr(run, "scales", None))
     if actual is not None:
         return check(
             "normalisation",
@@ -133,9 +146,12 @@ def check_normalisation(captured: CapturedStep, run: Any = None) -> dict[str, An
     return check("normalisation", "pass", base, **values)
 
 
-def _by_actual_batch(stat: dict[str, float], captured: CapturedStep, z_limit: float) -> int | None:
+def _by_actual_batch(
+    stat: dict[str, float], captured: CapturedStep, z_limit: float, earlier=None
+) -> int | None:
     """The actual batch size B when the statistics say the gradient was divided by B instead of
-    the optimizer's divisor D (both the slope and the scale point at D/B − 1), else ``None``."""
+    the optimizer's divisor D (the scale, and the slope or an earlier audit, point at D/B − 1),
+    else ``None``."""
     size = _actual_batch(captured)
     divisor = captured.denominator
     if size is None or not divisor > 0:
@@ -151,4 +167,24 @@ def _by_actual_batch(stat: dict[str, float], captured: CapturedStep, z_limit: fl
     # the slope must side with D/B − 1 rather than with 0: noise merely scaled by another factor
     # (noise at 0.9×, a scale the checks call noise_scale's) leaves the slope at 0
     sides = abs(stat["slope"] - d) < abs(stat["slope"])
-    return size if score > z_limit and near_scale and near_slope and sides else None
+    if not (score > z_limit and near_scale and near_slope):
+        return None
+    if sides or _tracks_batch_size(stat, earlier or [], captured.step, z_limit):
+        return size
+    return None
+
+
+def _tracks_batch_size(stat: dict[str, float], earlier, step: int, z_limit: float) -> bool:
+    """Whether a recent audit's noise scale also matched its own D/B (and not 1) while differing
+    from this audit's: scales that follow the batch size, which one constant noise factor cannot
+    give."""
+    for other_step, other in list(earlier)[-8:]:
+        if other_step >= step:
+            continue
+        se, ratio = other["se"] * (1 + abs(other["ratio"] - 1)), other["ratio"]
+        matches = abs(other["scale"] - ratio) <= z_limit * se
+        not_one = abs(other["scale"] - 1) > z_limit * other["se"]
+        apart = abs(other["scale"] - stat["scale"]) > z_limit * math.hypot(se, stat["scale_se"])
+        if matches and not_one and apart:
+            return True
+    return False

@@ -119,6 +119,7 @@ def step_evidence(captured: CapturedStep) -> dict[str, Any]:
     ``"signs"`` and ``"clip"`` (:func:`~opacus_dmaudit.checks.mechanism.clip_ratio`).
     """
     from ..checks.mechanism import clip_ratio
+    from ..checks.normalisation import normalisation_evidence
 
     sizes: dict[str, int] = {}
     for size in captured.batch_sizes:
@@ -143,6 +144,9 @@ def step_evidence(captured: CapturedStep) -> dict[str, Any]:
             out["signs"] = encode_signs(noise["signs"])
     if mech:
         out["clip"] = clip_ratio(captured)
+        scale = normalisation_evidence(captured)
+        if scale is not None:
+            out["scale"] = scale
     if mech.get("secure_mode") is not None:
         out["secure_mode"] = bool(mech["secure_mode"])
     return out
@@ -162,6 +166,7 @@ class RunEvidence:
         dataset_size, sample_rate, expected_batch_size, slack: the sampling's parameters.
         steps: the steps taken, by the last audit's count.
         signs: ``(step, signs)`` of each audit's noise at the fixed coordinates.
+        scales: ``(step, {"scale", "se", "ratio"})`` of each audit (the normalisation check).
         secure_mode: the optimizer's ``secure_mode`` (``None``: unknown).
     """
 
@@ -178,6 +183,7 @@ class RunEvidence:
     slack: float = 1.0
     steps: int = 0
     signs: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    scales: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     secure_mode: bool | None = None
 
     def add(self, captured: CapturedStep) -> dict[str, Any]:
@@ -204,6 +210,8 @@ class RunEvidence:
             self.sigma = float(noise["sigma"])
         if evidence.get("signs"):
             self.signs.append((self.steps, decode_signs(evidence["signs"])))
+        if evidence.get("scale"):
+            self.scales.append((self.steps, dict(evidence["scale"])))
         clip = evidence.get("clip")
         if clip is not None:
             self.clip = max(self.clip or 1.0, float(clip))
