@@ -32,10 +32,14 @@ Two estimates, in ``privacy_measured``:
   mechanism checks (:mod:`.mechanism`). It says nothing about the whole run's ε (subsampling and
   composition), which is a different, much smaller-per-step quantity.
 
-Two more read the pooled scores: ``auroc`` and ``tpr_at_fpr_0.001`` (the trade-off picture, see
-:mod:`.tradeoff`), and ``epsilon_composed``: the per-step µ's lower confidence limit µ̂_low
-composed over the run's real ``(σ, q, T)`` history as a Poisson-subsampled Gaussian with noise
-multiplier ``1/µ̂_low`` (for a run at one σ), under the user's accountant type. That is the whole
+More read the pooled scores: ``auroc`` and ``tpr_at_fpr_0.001`` (the trade-off picture, see
+:mod:`.tradeoff`); ``mu_step_full_budget`` with its interval, the per-step µ of a member that
+takes the whole clipping budget (:func:`full_budget_mu`: every member's score weighed by its
+share of C, so that members whose gradient was small, e.g. well-fitted samples late in
+training, still count; 1/σ under a correct mechanism); and ``epsilon_composed``: that µ's lower
+confidence limit µ̂_low composed over the run's real ``(σ, q, T)`` history as a
+Poisson-subsampled Gaussian with noise multiplier ``1/µ̂_low`` (for a run at one σ), under the
+user's accountant type. That is the whole
 run's ε *if* every step is µ̂-GDP given inclusion (the Gaussian-DP assumption of Nasr et al.
 2023, "Tight auditing of differentially private machine learning"): a heuristic estimate, not a
 bound, labelled as such (``epsilon_composed_note``); ``epsilon_lower`` stays the
@@ -72,8 +76,9 @@ __all__ = [
 
 #: The label of ``epsilon_composed`` wherever it is shown.
 COMPOSED_NOTE = (
-    "heuristic, not a bound: the membership test's per-step µ (95% lower limit) composed over "
-    "the run's (σ, q, T) as a subsampled Gaussian, assuming each step is µ-GDP (Nasr et al. 2023)"
+    "heuristic, not a bound: the membership test's per-step µ at a full clipping budget (95% "
+    "lower limit) composed over the run's (σ, q, T) as a subsampled Gaussian, assuming each "
+    "step is µ-GDP (Nasr et al. 2023)"
 )
 
 #: What a shadow audit's record says instead of membership estimates.
@@ -87,8 +92,10 @@ SHADOW_NOTE = (
 THRESHOLD_GRID = tuple(k / 4 for k in range(1, 9))
 
 
-def membership_scores(captured: CapturedStep) -> tuple[np.ndarray, np.ndarray] | None:
-    """Oracle projection scores of the lone bins (members) and the empty bins (non-members).
+def membership_scores(captured: CapturedStep) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Oracle projection scores of the lone bins (members) and the empty bins (non-members), and
+    each member's share of the clipping budget (its clean row's norm over C: a member scores
+    N(share/σ, 1) under a correct mechanism).
 
     Returns ``None`` without live imprint sums, without noise, or without a lone bin.
     """
@@ -120,7 +127,8 @@ def membership_scores(captured: CapturedStep) -> tuple[np.ndarray, np.ndarray] |
     idx = empty.nonzero().flatten()
     pick = directions[torch.arange(idx.numel()) % directions.shape[0]]
     nonmember = (noised[idx] * pick).sum(dim=1) / scale[idx]
-    return member.numpy(), nonmember.numpy()
+    share = norms[lone, 0] / (captured.max_grad_norm * factor[lone])
+    return member.numpy(), nonmember.numpy(), share.double().numpy()
 
 
 def gaussian_mu(
@@ -142,6 +150,36 @@ def gaussian_mu(
     se = math.sqrt(se**2 + mu**2 / (2 * (len(nonmember) - 1)))  # the std is estimated too
     z = float(stats.norm.isf((1 - confidence) / 2))
     return mu, mu - z * se, mu + z * se
+
+
+def full_budget_mu(
+    member: np.ndarray, nonmember: np.ndarray, share: np.ndarray, *, confidence: float = 0.95
+) -> tuple[float, float, float] | None:
+    """``(µ̂, low, high)``: the per-step µ of a member that takes the whole clipping budget C.
+
+    A member with budget share a (its contribution's norm over C) scores N(a·µ, 1) in units of
+    the non-members' spread, so the least-squares estimate ``Σ a(s − m₀) / (sd₀ Σ a²)`` measures
+    µ at a = 1 from every member, however small its share; times the largest share seen when it
+    exceeds 1 (a contribution above C: broken clipping). Under a correct mechanism it is 1/σ: it
+    measures what the noise lets through per unit of sensitivity, the quantity the accountant
+    composes. Normal interval (the spread's estimate included).
+    """
+    from scipy import stats
+
+    share = np.asarray(share, dtype=float)
+    if len(member) < 2 or len(nonmember) < 2 or not (share**2).sum() > 0:
+        return None
+    sd = float(np.std(nonmember, ddof=1))
+    if not sd > 0:
+        return None
+    m0 = float(np.mean(nonmember))
+    weight = float((share**2).sum())
+    unit = float((share * (member - m0)).sum()) / weight / sd
+    se = math.sqrt(1 / weight + (share.sum() / weight) ** 2 / len(nonmember))
+    se = math.sqrt(se**2 + unit**2 / (2 * (len(nonmember) - 1)))
+    z = float(stats.norm.isf((1 - confidence) / 2))
+    top = max(1.0, float(share.max()))
+    return unit * top, (unit - z * se) * top, (unit + z * se) * top
 
 
 def _clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
@@ -220,6 +258,7 @@ class EmpiricalPrivacy:
     _member: list[np.ndarray] = field(default_factory=list, repr=False)
     _nonmember: list[np.ndarray] = field(default_factory=list, repr=False)
     _steps: list[int] = field(default_factory=list, repr=False)
+    _share: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def add(self, captured: CapturedStep) -> dict[str, Any] | None:
         """Add one audited step's scores; returns them for the record (``None``: none)."""
@@ -229,20 +268,27 @@ class EmpiricalPrivacy:
         if scores is None:
             return None
         key = (float(captured.noise_multiplier), float(captured.max_grad_norm))
-        self.add_scores(scores[0], scores[1], key=key, step=captured.step)
+        self.add_scores(scores[0], scores[1], scores[2], key=key, step=captured.step)
         return {
             "member": encode_floats(scores[0]),
             "nonmember": encode_floats(scores[1]),
+            "member_share": encode_floats(scores[2]),
             "noise_multiplier": key[0],
             "max_grad_norm": key[1],
         }
 
-    def add_scores(self, member, nonmember, *, key: tuple[float, float], step: int = 0) -> None:
-        """Pool one audit's scores (restarting the pool when (σ, C) changed)."""
+    def add_scores(
+        self, member, nonmember, share=None, *, key: tuple[float, float], step: int = 0
+    ) -> None:
+        """Pool one audit's scores (restarting the pool when (σ, C) changed); ``share``: each
+        member's share of the clipping budget (``None``: unknown, taken as 1)."""
         if key != self._key:
             self._key, self._member, self._nonmember, self._steps = key, [], [], []
-        self._member.append(np.asarray(member, dtype=float))
+            self._share = []
+        member = np.asarray(member, dtype=float)
+        self._member.append(member)
         self._nonmember.append(np.asarray(nonmember, dtype=float))
+        self._share.append(np.ones_like(member) if share is None else np.asarray(share, float))
         self._steps.append(int(step))
 
     def restore(self, records) -> None:
@@ -254,7 +300,8 @@ class EmpiricalPrivacy:
             if part:
                 key = (float(part["noise_multiplier"]), float(part["max_grad_norm"]))
                 member, nonmember = decode_floats(part["member"]), decode_floats(part["nonmember"])
-                self.add_scores(member, nonmember, key=key, step=record.step)
+                share = decode_floats(part["member_share"]) if "member_share" in part else None
+                self.add_scores(member, nonmember, share, key=key, step=record.step)
 
     def scores(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The pooled ``(member, nonmember)`` scores, or ``None``."""
@@ -300,9 +347,15 @@ class EmpiricalPrivacy:
         if member.size and nonmember.size:
             out["auroc"] = auroc(member, nonmember)
             out["tpr_at_fpr_0.001"] = tpr_at_fpr(member, nonmember, 1e-3)
-        if mu is not None and history:
+        full = full_budget_mu(
+            member, nonmember, np.concatenate(self._share), confidence=self.confidence
+        )
+        if full is not None:
+            out["mu_step_full_budget"] = full[0]
+            out["mu_step_full_budget_ci"] = [full[1], full[2]]
+        if full is not None and history:
             composed = composed_epsilon(
-                mu[1], history=history, kind=kind, delta=self.delta, orders=orders
+                full[1], history=history, kind=kind, delta=self.delta, orders=orders
             )
             if composed is not None:
                 out["epsilon_composed"] = composed
