@@ -1,7 +1,7 @@
 """The run's ε measured beside Opacus's: correct runs at ε ∈ {1, 2, 4, 8} and the bugs users hit.
 
-    python benchmarks/run_epsilon.py          # quick: MNIST at ε = 4, two bugs (a few minutes)
-    python benchmarks/run_epsilon.py --full   # MNIST and CIFAR-10 at ε ∈ {1, 2, 4, 8}, all bugs
+    python benchmarks/run_epsilon.py          # quick: MNIST at ε = 4, two bugs (2-3 minutes)
+    python benchmarks/run_epsilon.py --full   # MNIST, CIFAR-10 at ε ∈ {1, 2, 4, 8}, all bugs (~25 min)
 
 Every run is a real Opacus DP-SGD run (Poisson sampling, δ = 10⁻⁵, RDP accountant, ghost
 clipping) of the package's small CNN behind a live 512-bin ``ImprintBlock``, audited by a
@@ -21,8 +21,14 @@ target ε at this run's q and T. Each row reads the last audit's record:
 Data: the MNIST test set (10 000 digits, batches of ⌈N/len(loader)⌉ = 294 at q = 1/34) and the
 first 1017 CIFAR-10 test images (q = 1/16, about 64 per batch), from ``../shared/data``; bins
 calibrated on public images (MNIST-5k training digits, natural-image patches). q and T are the
-largest these 2-core machines run in the time stated: ``--full`` runs T = 300 steps per correct
-run and 100 to 300 per injected bug (about 40 minutes on 2 cores), the quick mode T = 60.
+largest these 2-core machines run in the time stated. Measured CPU cost (2 threads, ghost
+clipping, 512 bins): a step 0.8 CPU-s on MNIST and 0.4 on CIFAR-10, an audit 0.35 and 1.5.
+
+* quick (default): MNIST at ε = 4, T = 60 (audit every 3 steps), and two bugs (noise ×0.9, a
+  sampler at twice the rate; T = 30): about 140 CPU-s, 2 to 3 minutes on 2 idle cores;
+* ``--full``: T = 200 per correct run (audit every 3 steps on MNIST, every 5 on CIFAR-10), T = 40
+  per injected bug on MNIST at ε = 4 (150 for noise ×0.97; bugs that start mid-run start at step
+  20), audits every 5 steps: about 1 800 CPU-s, 20 to 25 minutes on 2 idle cores.
 
 Targets (issue 20): correct runs with measured/claimed in [0.95, 1.05] and the claimed ε inside
 the interval; every injected bug outside its interval or failing a check; the attack's composed
@@ -54,6 +60,7 @@ from opacus_dmaudit.assets.models import small_cnn
 BINS = 512
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
 BATCH = {"mnist": 300, "cifar10": 64}
+DATASETS = ("mnist", "cifar10")
 BUGS = (
     "noise x0.9",
     "noise x0.97",
@@ -218,7 +225,7 @@ def run(spec: Spec, cache: dict, out: Path) -> dict:
         if spec.bug == "divided by the actual batch size" and step == half:
             divide_by_actual_batch(opt)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     factor = {"noise x0.9": 0.9, "noise x0.97": 0.97}.get(spec.bug)
     with scaled_noise(factor) if factor else contextlib.nullcontext():
         if spec.bug == "accountant restored from len(accountant)":
@@ -236,10 +243,12 @@ def run(spec: Spec, cache: dict, out: Path) -> dict:
         else:
             train(model, opt, criterion, loader, spec.steps, after_step)
     auditor.close()
-    return row(spec, sigma, q, auditor.history, time.perf_counter() - start)
+    seconds = (time.perf_counter() - start, time.process_time() - cpu)
+    return row(spec, sigma, q, auditor.history, seconds)
 
 
-def row(spec: Spec, sigma: float, q: float, history, seconds: float) -> dict:
+def row(spec: Spec, sigma: float, q: float, history, seconds: tuple[float, float]) -> dict:
+    """The table's row of one run (``seconds``: wall-clock and CPU time of its training)."""
     last = history[-1]
     measured = last.privacy_measured or {}
     fired = sorted(
@@ -262,7 +271,9 @@ def row(spec: Spec, sigma: float, q: float, history, seconds: float) -> dict:
         "one_step_claimed": measured.get("epsilon_step_claimed"),
         "mu_measured": measured.get("mu_step_measured"),
         "checks": fired,
-        "seconds": seconds,
+        "audits": len(history),
+        "seconds": seconds[0],
+        "cpu_seconds": seconds[1],
     }
 
 
@@ -312,16 +323,19 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def specs(full: bool) -> list[Spec]:
+    """The runs of the quick mode, or of ``--full`` (costs in the module's docstring)."""
     if not full:
         return [
             Spec("mnist", 4.0, steps=60, every=3),
             Spec("mnist", 4.0, "noise x0.9", steps=30, every=3),
             Spec("mnist", 4.0, "sampler at twice the rate", steps=30, every=3),
         ]
-    out = [Spec(d, e, steps=300, every=3) for d in ("mnist", "cifar10") for e in EPSILONS]
+    # audits cost little on MNIST and 1.5 CPU-s on CIFAR-10; more audits, more membership trials
+    out = [
+        Spec(d, e, steps=200, every=3 if d == "mnist" else 5) for d in DATASETS for e in EPSILONS
+    ]
     for bug in BUGS:
-        steps = 300 if bug == "noise x0.97" else 100
-        out.append(Spec("mnist", 4.0, bug, steps=steps, every=5))
+        out.append(Spec("mnist", 4.0, bug, steps=150 if bug == "noise x0.97" else 40, every=5))
     return out
 
 
@@ -340,7 +354,8 @@ def main() -> int:
         rows.append(run(spec, cache, scratch))
         r = rows[-1]
         print(f"  {r['dataset']} ε={r['target']:g} {r['bug'] or 'correct'}: measured "
-              f"{r['measured']} claimed {r['claimed']:.3f} ({r['seconds']:.0f} s)",
+              f"{r['measured']} claimed {r['claimed']:.3f} ({r['seconds']:.0f} s, "
+              f"{r['cpu_seconds']:.0f} CPU s)",
               file=sys.stderr, flush=True)  # fmt: skip
     shutil.rmtree(scratch, ignore_errors=True)  # the audit logs hold training images
     print_table(rows)
