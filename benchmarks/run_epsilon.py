@@ -68,7 +68,7 @@ BUGS = (
     "sampler at twice the rate",
     "generator re-seeded every step",
     "divided by the actual batch size",
-    "WeightedRandomSampler",
+    "WeightedRandomSampler (opacus#813)",
     "data loader replaced after make_private",
     "accountant restored from len(accountant)",
 )
@@ -130,8 +130,11 @@ def divide_by_actual_batch(opt) -> None:
 
 
 def weighted_loader(x, y, batch: int):
+    """opacus#813: class-balancing weights drawing half the data set per pass, so Opacus's
+    q = 1/len(loader) is twice the rate at which records are really drawn (ε overstated, and the
+    batches are not Poisson)."""
     counts = torch.bincount(y, minlength=10).float()
-    sampler = torch.utils.data.WeightedRandomSampler((1 / counts)[y], len(y), replacement=True)
+    sampler = torch.utils.data.WeightedRandomSampler((1 / counts)[y], len(y) // 2, replacement=True)
     return torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=batch, sampler=sampler
     )
@@ -146,7 +149,7 @@ def make_run(spec: Spec, x, y, public, sigma: float):
     model = nn.Sequential(block, small_cnn(x.shape[1], x.shape[-1], width=8))
     batch = BATCH[spec.dataset]
     generator = torch.Generator().manual_seed(1)
-    weighted = spec.bug == "WeightedRandomSampler"
+    weighted = spec.bug == "WeightedRandomSampler (opacus#813)"
     loader = (
         weighted_loader(x, y, batch)
         if weighted
@@ -313,8 +316,10 @@ def verdicts(rows: list[dict]) -> list[str]:
                        f"inside {r['inside']} -> {'met' if ok else 'MISSED'}")  # fmt: skip
         else:
             failed = any(c.endswith("fail") for c in r["checks"])
+            warned = any(c.endswith("warn") and not c.startswith("bins") for c in r["checks"])
             ok = failed or not r["inside"]
-            out.append(f"{r['bug']}: outside {not r['inside']}, check failed {failed} -> "
+            out.append(f"{r['bug']}: outside {not r['inside']}, check failed {failed}"
+                       f"{', warned' if warned and not failed else ''} -> "
                        f"{'met' if ok else 'MISSED'}")  # fmt: skip
         if r["attack"] is not None and r["bug"] is None:
             share = r["attack"] / r["claimed"]
