@@ -42,6 +42,11 @@ On the ``DPOptimizer``:
 ``attach_step_hook``              accountant; the capture chains onto it and restores it
                                   (:func:`step_hook`, :func:`attach_step_hook`,
                                   :func:`restore_step_hook`; ``capture/hooks.py``).
+``secure_mode``, ``generator``   whether the noise comes from a cryptographically secure
+                                  generator, and the user's noise generator; stated in the run
+                                  file (:func:`secure_mode`; ``auditor.py``).
+``grad_state``                    FSDP's per-parameter clean sums, kept off the parameter
+                                  (:func:`is_fsdp`: FSDP is refused at attach, ``auditor.py``).
 ``original_optimizer``            the wrapped torch optimizer, whose public
                                   ``register_step_pre_hook`` / ``register_step_post_hook`` fire
                                   around the parameter update (:func:`original_optimizer`;
@@ -80,6 +85,12 @@ Elsewhere in Opacus:
                                   (:func:`set_accountant_history`; ``privacy/bounds.py``,
                                   ``auditor.py``: a frozen copy per audit,
                                   ``integrations/__init__.py``: checkpoints).
+``PrivacyEngine.dataset``         the dataset ``make_private`` saw (Opacus keeps it to warn
+                                  about a dataset switch): its length N is the population the
+                                  sampling rate q applies to (:func:`dataset_size`;
+                                  ``auditor.py``: the sampling check and the measured q).
+``GradSampleHooks._module``       the model ``make_private(..., wrap_model=False)`` hooks
+                                  (:func:`hooked_module`; ``auditor.py``).
 ``DEFAULT_ALPHAS``                an RDP accountant's orders (:func:`rdp_orders`;
                                   ``privacy/accountant.py``).
 ``PRVAccountant._get_dprv``       private: the discretised privacy-loss distribution
@@ -132,6 +143,10 @@ __all__ = [
     "attached_capture",
     "mark_attached",
     "is_ghost",
+    "is_fsdp",
+    "secure_mode",
+    "dataset_size",
+    "hooked_module",
     "module_clipping_bound",
     "accountant_history",
     "set_accountant_history",
@@ -251,10 +266,41 @@ def is_ghost(optimizer) -> bool:
     return any("FastGradientClipping" in c.__name__ for c in type(optimizer).__mro__)
 
 
+def is_fsdp(optimizer) -> bool:
+    """Whether ``optimizer`` is Opacus's FSDP optimizer (clean sums kept in ``grad_state``)."""
+    return any("FSDP" in c.__name__ for c in type(optimizer).__mro__) or hasattr(
+        optimizer, "grad_state"
+    )
+
+
+def secure_mode(optimizer) -> bool | None:
+    """Whether the optimizer draws its noise in Opacus's ``secure_mode`` (``None``: unknown)."""
+    value = getattr(optimizer, "secure_mode", None)
+    return None if value is None else bool(value)
+
+
 # -- modules and accountants -----------------------------------------------------------------------
 def module_clipping_bound(module) -> float | None:
     """The clipping bound a ghost grad-sample module applies itself (``None`` for others)."""
     return getattr(module, "max_grad_norm", None)
+
+
+def dataset_size(privacy_engine) -> int | None:
+    """N, the size of the dataset ``make_private`` saw (``None`` when unknown)."""
+    dataset = getattr(privacy_engine, "dataset", None)
+    try:
+        return int(len(dataset)) if dataset is not None else None
+    except TypeError:  # an iterable dataset has no length
+        return None
+
+
+def hooked_module(model):
+    """The ``nn.Module`` behind what ``make_private(..., wrap_model=False)`` returned (its
+    ``GradSampleHooks``), or ``model`` itself."""
+    inner = getattr(model, "_module", None)
+    if inner is not None and type(model).__name__.startswith("GradSampleHooks"):
+        return inner
+    return model
 
 
 def accountant_history(accountant) -> list:

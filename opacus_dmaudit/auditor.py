@@ -29,9 +29,12 @@ import torch
 
 from ._opacus import (
     accountant_history,
+    dataset_size,
     expected_batch_size,
+    is_fsdp,
     is_ghost,
     original_optimizer,
+    secure_mode,
     set_accountant_history,
 )
 from .capture.hooks import GradientCapture
@@ -276,6 +279,7 @@ class DMAuditor:
         if self._capture is not None:
             raise RuntimeError("the auditor is already attached; call detach() first")
         _check_noise_multiplier(optimizer)
+        _refuse_fsdp(optimizer)
         self._summary = None
         block = self._find_block(optimizer, block, model)
         mode = "imprint" if block is not None else "shadow" if self.config.shadow else "mechanism"
@@ -302,9 +306,12 @@ class DMAuditor:
         if block is None:
             try:
                 block = find_imprint_block(list(getattr(optimizer, "params", [])))
-            except ValueError:
-                if not self.config.shadow and model is None and not self.config.mechanism_checks:
-                    raise
+            except ValueError as err:
+                if not self.config.shadow and not self.config.mechanism_checks:
+                    raise ValueError(
+                        f"{err}; or keep mechanism_checks=True (the default) to check the DP "
+                        "mechanism, or shadow=True to simulate the imprint adversary"
+                    ) from None
                 block = None
         if block is None and self.config.shadow and model is None:
             raise ValueError(
@@ -331,6 +338,8 @@ class DMAuditor:
             start_step=start,
             mechanism=self.config.mechanism_checks,
             accountant=self.accountant,
+            dataset_size=dataset_size(self.privacy_engine),
+            search=False,  # _find_block searched: no block means the mechanism checks
         )
 
     def _check_block(self, block, optimizer, example_input) -> None:
@@ -488,6 +497,11 @@ class DMAuditor:
                 "imprint_block": None if block is None else _block_description(block),
                 "noise_multiplier": capture.optimizer.noise_multiplier,
                 "max_grad_norm": float(capture.optimizer.max_grad_norm),
+                # the noise's source: Opacus's secure_mode draws it from a cryptographically
+                # secure generator; without it, torch's generator (fine for auditing and
+                # research, not for a deployment whose noise an attacker could predict)
+                "secure_mode": secure_mode(capture.optimizer),
+                "dataset_size": capture.dataset_size,
                 # an Opacus accountant is falsy before its first step (len(history) == 0)
                 "accountant": None if accountant is None else type(accountant).__name__,
             },
@@ -614,6 +628,19 @@ class DMAuditor:
             accountant=accountant if accountant is not None else self.accountant,
             mode=self.mode,
             expected_batch_size=expected_batch_size(self._capture.optimizer),
+        )
+
+
+def _refuse_fsdp(optimizer) -> None:
+    """FSDP shards every parameter's clean and noised sums across processes: refused."""
+    if is_fsdp(optimizer):
+        raise ValueError(
+            'FSDP (Opacus\'s FSDPOptimizerFastGradientClipping, grad_sample_mode="ghost_fsdp") '
+            "is not supported: the audit reads every parameter's clean and noised sums, which "
+            "FSDP shards across processes. Supported: one process (hooks, functorch, ghost "
+            "clipping, BatchMemoryManager, per-layer and adaptive clipping, wrap_model=False, "
+            "mixed precision) and DDP (DPDDP). Audit an FSDP model on a single process or "
+            "under DPDDP"
         )
 
 

@@ -68,14 +68,15 @@ def _print_table(runs) -> None:
     from .sinks.verdict import VERDICT_STATUSES
 
     print(
-        f"\n{'sigma':>8} {'epsilon':>10} {'lone found/in batch':>20} {'LPIPS raw':>10} "
-        f"{'LPIPS DM':>9} {'success raw':>12} {'DM':>6}  verdict"
+        f"\n{'sigma':>8} {'epsilon':>10} {'measured':>10} {'lone found/in batch':>20} "
+        f"{'LPIPS raw':>10} {'LPIPS DM':>9} {'success raw':>12} {'DM':>6}  verdict"
     )
     for run in runs:
         s = run.summary
         label = f"{run.noise_multiplier:g}" + ("*" if run.broken else "")
         print(
-            f"{label:>8} {fmt(s.epsilon):>10} {f'{s.lone_found}/{s.lone_in_batch}':>20} "
+            f"{label:>8} {fmt(s.epsilon):>10} {fmt(_measured_epsilon(run)):>10} "
+            f"{f'{s.lone_found}/{s.lone_in_batch}':>20} "
             f"{fmt(s.means.get('lpips_raw'), '.3f'):>10} {fmt(s.means.get('lpips_dm'), '.3f'):>9} "
             f"{fmt(s.success_rate.get('raw'), '.0%'):>12} {fmt(s.success_rate.get('dm'), '.0%'):>6}  "
             f"{VERDICT_STATUSES[s.verdict.status]}"
@@ -83,10 +84,23 @@ def _print_table(runs) -> None:
     print(
         "lone: training images alone in an imprint bin, summed over audits; success: the share "
         "of each audited batch reconstructed to LPIPS <= 0.1 (mean over audits); LPIPS: mean over "
-        "the recovered images, lower is closer to the real image"
+        "the recovered images, lower is closer to the real image; measured: the run's ε "
+        "re-accounted from the noise, sampling and steps it really had (95% interval in the "
+        "report)"
     )
     if any(run.broken for run in runs):
         print("*: the --broken-noise run, whose optimizer adds half the noise it reports")
+
+
+def _measured_epsilon(run) -> float | None:
+    """The last audit's measured ε of a demo run (from its log)."""
+    from .sinks.audit_log import read_audit_log
+
+    try:
+        records = read_audit_log(run.log)
+    except (OSError, ValueError):
+        return None
+    return records[-1].epsilon_measured if records else None
 
 
 def _print_demo(runs, out: Path) -> None:
@@ -144,6 +158,8 @@ def _report(args: argparse.Namespace) -> int:
     from .errors import AuditLogError
     from .sinks.report import build_report
 
+    if args.export_scores is not None:
+        return _export_scores(args)
     for log_dir in args.log_dirs:
         try:
             json_path, html_path = build_report(log_dir)
@@ -151,6 +167,28 @@ def _report(args: argparse.Namespace) -> int:
             raise ValueError(str(err)) from None
         print(f"{log_dir}: wrote {json_path} and {html_path}")
     print("The reports contain private training images (owner-only files); share them with care.")
+    return 0
+
+
+def _export_scores(args: argparse.Namespace) -> int:
+    """``dmaudit report LOGDIR --export-scores PATH``: the membership scores as an npz."""
+    from .errors import AuditLogError
+    from .privacy.export import export_scores
+    from .sinks.audit_log import read_audit_log
+    from .sinks.logdir import LogDir
+
+    if len(args.log_dirs) != 1:
+        raise ValueError("--export-scores writes one file: give exactly one LOGDIR")
+    log = LogDir(args.log_dirs[0]).audit_log
+    try:
+        counts = export_scores(read_audit_log(log), args.export_scores)
+    except (FileNotFoundError, PermissionError, AuditLogError) as err:
+        raise ValueError(str(err)) from None
+    print(
+        f"wrote {counts['member']} member and {counts['nonmember']} non-member scores of "
+        f"{counts['audits']} audits to {args.export_scores} (keys: help(opacus_dmaudit."
+        "privacy.export))"
+    )
     return 0
 
 
@@ -208,6 +246,14 @@ def _add_report(sub, formatter) -> None:
         formatter_class=formatter,
     )
     rep.add_argument("log_dirs", nargs="+", metavar="LOGDIR", help="an auditor's log_dir")
+    rep.add_argument(
+        "--export-scores",
+        metavar="PATH",
+        default=None,
+        help="instead of the report, write the membership test's scores (members and "
+        "non-members of every live imprint audit) to PATH as an npz for other auditing tools; "
+        "its keys are documented in opacus_dmaudit/privacy/export.py",
+    )
     rep.set_defaults(func=_report)
 
 

@@ -25,15 +25,22 @@ from typing import Any
 
 import torch
 
+from ._opacus import rdp_orders
 from .capture.imprint import ImprintBlock
 from .capture.step import CapturedStep
 from .checks.mechanism import mechanism_checks
 from .checks.prior_fit import PublicFit, audit_fit, public_fit
 from .checks.validity import validity_checks
 from .config import AuditConfig
-from .privacy.accountant import history_from_accountant, read_epsilon, sample_rate_from_accountant
+from .privacy.accountant import (
+    accountant_kind,
+    history_from_accountant,
+    read_epsilon,
+    sample_rate_from_accountant,
+)
 from .privacy.bounds import run_bounds, step_bounds
-from .privacy.empirical import EmpiricalPrivacy
+from .privacy.empirical import SHADOW_NOTE, EmpiricalPrivacy
+from .privacy.measured import RunEvidence, measured_epsilon
 from .reconstruct.prior import DiffusionPrior
 from .record import (
     AuditRecord,
@@ -48,9 +55,62 @@ from .score.identification import identification_rates
 from .score.metrics import LPIPS
 from .score.scoring import ScoredStep, score_step
 
-__all__ = ["AuditPipeline", "AuditResult"]
+__all__ = ["AuditPipeline", "AuditResult", "STAGE_NAMES"]
 
 logger = logging.getLogger(__name__)
+
+#: The stages an audit record can name in ``stage_errors``.
+STAGE_NAMES = (
+    "shadow",
+    "scoring",
+    "prior",
+    "metrics",
+    "identification",
+    "prior_fit",
+    "checks",
+    "bounds",
+    "measured",
+)
+
+
+class ShadowInputError(ValueError):
+    """A batch a shadow audit cannot simulate an imprint on (not images)."""
+
+
+def _stage_of(err: BaseException, default: str = "scoring") -> str:
+    """Which stage of scoring raised ``err``: ``"prior"``, ``"metrics"`` or ``default``."""
+    tb = err.__traceback__
+    stage = default
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if name.endswith(("reconstruct/prior.py", "reconstruct/sampler.py")) or "diffusers" in name:
+            stage = "prior"
+        elif name.endswith("score/metrics.py") or "/lpips" in name:
+            stage = "metrics"
+        tb = tb.tb_next
+    return stage
+
+
+def _check_shadow_public(shadow) -> None:
+    """Public images the shadow adversary cannot calibrate on are refused now, at attach (NaN
+    pixels, fewer images than bins), not at the first audit."""
+    public = getattr(shadow, "public", None)
+    if public is None:
+        return
+    try:
+        shadow.block(tuple(public.shape[1:]))  # calibrates, as the first audit would
+    except ValueError as err:
+        raise ValueError(
+            f"the public= images cannot calibrate the shadow adversary's bins: {err}"
+        ) from None
+
+
+def _orders(accountant):
+    """The RDP orders of the user's accountant (Opacus's defaults for other kinds)."""
+    try:
+        return rdp_orders(accountant)
+    except Exception:
+        return None
 
 
 class AuditResult:
@@ -104,7 +164,9 @@ class AuditPipeline:
         self.baseline: Baseline | None = None  # κ̂, measured once on public images
         self.prior_fit: PublicFit | None = None  # the prior's fit on public images
         self.empirical = EmpiricalPrivacy(delta=config.delta)
+        self.evidence = RunEvidence()  # the run's pooled mechanism evidence
         self._explained: set[str] = set()  # ε notes already explained in the log
+        self._failed_stages: set[str] = set()  # stages whose failure was logged
 
     # -- once per run ----------------------------------------------------------------------------
     def prepare(self, block: ImprintBlock | None, *, mode: str) -> None:
@@ -125,6 +187,7 @@ class AuditPipeline:
                 if isinstance(given, ShadowAdversary)
                 else ShadowAdversary(public=self.config.public)
             )
+            _check_shadow_public(self.shadow)
         self.baseline = self._measure_baseline(block)
         self.prior_fit = self._fit_prior_public(block)
 
@@ -209,6 +272,14 @@ class AuditPipeline:
         return fit
 
     # -- every audit -----------------------------------------------------------------------------
+    def restore(self, records) -> None:
+        """Pool the evidence of the records a resumed run keeps (the noise, batch sizes, signs
+        and membership scores of every audit before the checkpoint)."""
+        self.evidence = RunEvidence()
+        self.evidence.restore(records)
+        self.empirical = EmpiricalPrivacy(delta=self.config.delta)
+        self.empirical.restore(records)
+
     def run(
         self,
         captured: CapturedStep,
@@ -219,33 +290,53 @@ class AuditPipeline:
     ) -> AuditResult:
         """Check, score and describe one captured step.
 
+        A stage that fails (shadow, scoring, prior, metrics, identification, prior fit, checks,
+        bounds, measured numbers) is recorded in the record's ``stage_errors`` with its reason,
+        and everything else is still computed and written.
+
         Args:
             captured: the step the capture (or a shadow) recorded.
             accountant: the Opacus accountant as of that step (``None``: no ε).
-            mode: ``"imprint"``, ``"shadow"`` or ``"mechanism"`` (recorded).
+            mode: ``"imprint"``, ``"shadow"`` or ``"mechanism"`` (recorded; a shadow audit whose
+                batch cannot be simulated is recorded as ``"mechanism"``).
             expected_batch_size: the optimizer's expected batch size (for κ = 1/N).
         """
         start = time.perf_counter()
-        scored = None
+        errors: list[dict[str, str]] = []
         if captured.imprint is None and self.shadow is not None:
-            captured = self.shadow.simulate(captured, generator=self.generator)
-        if captured.imprint is not None:
-            scored = score_step(
-                captured,
-                self.config,
-                prior=self.prior,
-                lpips=self.lpips,
-                generator=self.generator,
-            )
-        checks = validity_checks(captured)
+            simulated = self._simulate(captured, errors)
+            mode = "mechanism" if simulated is None else mode
+            captured = simulated or captured
+        scored = self._score(captured, errors) if captured.imprint is not None else None
+        evidence = self._stage("measured", errors, self.evidence.add, captured) or {}
+        checks = self._stage("checks", errors, validity_checks, captured) or []
         if self.config.mechanism_checks:
-            checks = checks + mechanism_checks(captured)
-        fit_checks, fit_summary = self._prior_fit_checks(scored)
-        measured = self.empirical.estimate() if self.empirical.add(captured) else None
+            mech = self._stage("checks", errors, mechanism_checks, captured, self.evidence)
+            checks = checks + (mech or [])
+        fit = None  # the prior's fit needs the prior: not again once it failed here
+        if all(e["stage"] != "prior" for e in errors):
+            fit = self._stage("prior_fit", errors, self._prior_fit_checks, scored)
+        fit_checks, fit_summary = fit if fit is not None else ([], None)
+        measured = self._stage("measured", errors, self._membership, captured, accountant, mode)
+        membership, privacy_measured = measured if measured is not None else (None, None)
+        if membership:
+            evidence["membership"] = membership
+        reading = read_epsilon(
+            accountant,
+            delta=self.config.delta,
+            noise_multiplier=captured.noise_multiplier,
+            explained=self._explained,
+        )
         parts = {
             "checks": [CheckEntry.from_json(c) for c in checks + fit_checks],
             "prior_fit": fit_summary,
-            "privacy_measured": measured,
+            "privacy_measured": privacy_measured,
+            "reading": reading,
+            "epsilon_measured": self._stage(
+                "measured", errors, self._measured, accountant, reading.epsilon
+            ),
+            "evidence": evidence or None,
+            "errors": errors,
         }
         record = self._record(
             captured,
@@ -267,6 +358,92 @@ class AuditPipeline:
             scored.dm,
             missed_truth=scored.missed_truth,
             missed_raw=scored.missed_raw,
+        )
+
+    def _stage(self, name: str, errors: list[dict[str, str]], fn, *args):
+        """``fn(*args)``, or ``None`` with the failure recorded (and logged once per stage)."""
+        try:
+            return fn(*args)
+        except Exception as err:  # one stage must never cost the audit its other results
+            self._stage_failed(name, err, errors)
+            return None
+
+    def _stage_failed(self, name: str, err: BaseException, errors: list[dict[str, str]]) -> None:
+        text = f"{type(err).__name__}: {err}"
+        errors.append({"stage": name, "error": text})
+        if name not in self._failed_stages:
+            self._failed_stages.add(name)
+            logger.warning(
+                "audit stage %r failed (%s); the audit records everything else and says which "
+                "stage is missing (logged once per stage)",
+                name,
+                text,
+                exc_info=not isinstance(err, ShadowInputError),
+            )
+
+    def _simulate(self, captured: CapturedStep, errors: list[dict[str, str]]):
+        """The shadow adversary's capture, or ``None`` (a mechanism-only audit) when the batch
+        cannot be simulated: not images, or a dict/tuple batch without an image tensor."""
+        try:
+            if captured.inputs.numel() == 0 and captured.input_kind is not None:
+                raise ShadowInputError(
+                    f"the model's batch is a {captured.input_kind} without an image tensor (or "
+                    "under a name the capture does not know): shadow audits simulate an imprint "
+                    "on images, so this audit checks the mechanism only. Pass the images as the "
+                    "model's first argument, or as pixel_values=/images=/x=, to simulate"
+                )
+            try:
+                return self.shadow.simulate(captured, generator=self.generator)
+            except ValueError as err:
+                if "shadow audits" in str(err):
+                    raise ShadowInputError(f"{err} This audit checks the mechanism only.") from err
+                raise
+        except Exception as err:
+            self._stage_failed("shadow", err, errors)
+            return None
+
+    def _score(self, captured: CapturedStep, errors: list[dict[str, str]]) -> ScoredStep | None:
+        """Scoring with the prior; when the prior (or its sampler) fails, the raw readout without
+        it; when scoring itself fails, nothing (the record says which stage failed)."""
+        try:
+            return score_step(
+                captured, self.config, prior=self.prior, lpips=self.lpips, generator=self.generator
+            )
+        except Exception as err:
+            stage = _stage_of(err)
+            self._stage_failed(stage, err, errors)
+            if stage != "prior" or self.prior is None:
+                return None
+        try:  # the raw readout without the prior
+            return score_step(
+                captured, self.config, prior=None, lpips=self.lpips, generator=self.generator
+            )
+        except Exception as err:
+            self._stage_failed(_stage_of(err, "scoring"), err, errors)
+            return None
+
+    def _membership(self, captured: CapturedStep, accountant, mode: str | None):
+        """``(this audit's membership scores or None, privacy_measured)``."""
+        if mode == "shadow":
+            return None, {"note": SHADOW_NOTE}
+        scores = self.empirical.add(captured)
+        history = history_from_accountant(accountant)
+        estimate = self.empirical.estimate(
+            history=history, kind=accountant_kind(accountant), orders=_orders(accountant)
+        )
+        return scores, estimate
+
+    def _measured(self, accountant, claimed: float | None) -> dict[str, Any] | None:
+        """ε̂ of the run so far, its interval and basis (:mod:`.privacy.measured`)."""
+        if accountant is None:
+            return None
+        return measured_epsilon(
+            self.evidence,
+            kind=accountant_kind(accountant),
+            history=history_from_accountant(accountant),
+            delta=self.config.delta,
+            orders=_orders(accountant),
+            claimed=claimed,
         )
 
     def _prior_fit_checks(
@@ -325,11 +502,14 @@ class AuditPipeline:
         sigma = captured.noise_multiplier
         sample_rate = sample_rate_from_accountant(accountant)
         kappa, kappa_baseline, kappa_uniform = self.kappa(sample_rate, expected_batch_size)
-        reading = read_epsilon(
-            accountant, delta=cfg.delta, noise_multiplier=sigma, explained=self._explained
-        )
+        reading = parts["reading"]
         measured = parts["privacy_measured"]
         history = history_from_accountant(accountant)
+        errors = parts["errors"]
+        bounds = self._stage(
+            "bounds", errors, self._bounds, captured, scored, kappa, measured, history
+        )
+        epsilon_measured = parts["epsilon_measured"] or {}
         return AuditRecord(
             step=captured.step,
             mode=mode,
@@ -343,30 +523,41 @@ class AuditPipeline:
             sample_rate=sample_rate,
             clipping=captured.clipping,
             batch_size=captured.batch_size,
-            **(self._scores(captured, scored) if scored is not None else {}),
+            **(self._scores(captured, scored, errors) if scored is not None else {}),
             kappa=kappa,
             kappa_baseline=kappa_baseline,
             kappa_uniform=kappa_uniform,
             # this step's own event (the one `success` measures) and, apart, the whole run's
-            bounds=step_bounds(
-                noise_multiplier=sigma,
-                kappa=kappa,
-                mu_measured=(measured or {}).get("mu_step_measured"),
-                candidates=captured.batch_size
-                if scored is not None and captured.batch_size
-                else None,
-            )
-            or None,
-            run_bounds=run_bounds(kappa=kappa, history=history) if kappa and history else None,
+            bounds=bounds[0] if bounds else None,
+            run_bounds=bounds[1] if bounds else None,
             privacy_measured=measured,
             denoiser=self._denoiser() if scored is not None else None,
             checks=parts["checks"],
             valid=validity(parts["checks"]),
             prior_fit=parts["prior_fit"],
             audit_seconds=seconds,
+            epsilon_measured=epsilon_measured.get("epsilon_measured"),
+            epsilon_measured_ci=epsilon_measured.get("epsilon_measured_ci"),
+            epsilon_measured_basis=epsilon_measured.get("epsilon_measured_basis"),
+            evidence=parts["evidence"],
+            stage_errors=errors,
         )
 
-    def _scores(self, captured: CapturedStep, scored: ScoredStep) -> dict[str, Any]:
+    @staticmethod
+    def _bounds(captured, scored, kappa, measured, history):
+        """``(bounds of this step, bounds of the whole run)``."""
+        step = step_bounds(
+            noise_multiplier=captured.noise_multiplier,
+            kappa=kappa,
+            mu_measured=(measured or {}).get("mu_step_measured"),
+            candidates=captured.batch_size if scored is not None and captured.batch_size else None,
+        )
+        run = run_bounds(kappa=kappa, history=history) if kappa and history else None
+        return step or None, run
+
+    def _scores(
+        self, captured: CapturedStep, scored: ScoredStep, errors: list[dict[str, str]]
+    ) -> dict[str, Any]:
         """The record's readout and score fields of a scored step."""
         cfg = self.config
         batch = captured.batch_size
@@ -385,8 +576,12 @@ class AuditPipeline:
                 stage: (n / batch if batch else None) for stage, n in scored.success.items()
             },
             # the share of the batch whose reconstruction is nearest its own image
-            "identification": identification_rates(
-                scored, captured, metric=cfg.success_metric, lpips=self.lpips
+            "identification": self._stage(
+                "identification",
+                errors,
+                lambda: identification_rates(
+                    scored, captured, metric=cfg.success_metric, lpips=self.lpips
+                ),
             ),
             "images": images,
             "missed": [MissedImage.from_json(m) for m in scored.missed],

@@ -20,7 +20,13 @@ Its parts, in the order of the data flow:
 * the baselines and bounds of this step (``kappa``, ``kappa_baseline``, ``kappa_uniform``,
   ``bounds``) and of the whole run (``run_bounds``);
 * ``privacy_measured`` (the membership test's estimates), ``prior_fit``, ``denoiser``;
-* ``checks`` (:class:`CheckEntry` list) and ``valid`` (``False`` when a check failed).
+* the run's ε measured (:mod:`~opacus_dmaudit.privacy.measured`): ``epsilon_measured``, its 95 %
+  interval ``epsilon_measured_ci`` and what it rests on, ``epsilon_measured_basis``; the compact
+  per-audit ``evidence`` the pooled numbers are recomputed from (noise χ² and coordinates, batch
+  sizes since the previous audit, noise signs at fixed coordinates, membership scores);
+* ``checks`` (:class:`CheckEntry` list) and ``valid`` (``False`` when a check failed);
+* ``stage_errors``: the stages of the audit that failed (``[{"stage", "error"}]``; a failed
+  stage is not a failed check, but what it would have computed is missing).
 
 On disk the keys keep the names of release 0.1 (``summary`` for the means,
 ``true_singletons``/``found_singletons`` for lone samples).
@@ -394,6 +400,11 @@ class AuditRecord:
     missed: list[MissedImage] = field(default_factory=list)
     prior_fit: dict[str, Any] | None = None
     audit_seconds: float | None = None
+    epsilon_measured: float | None = None
+    epsilon_measured_ci: list[float] | None = None
+    epsilon_measured_basis: dict[str, Any] | None = None
+    evidence: dict[str, Any] | None = None
+    stage_errors: list[dict[str, str]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -431,6 +442,11 @@ class AuditRecord:
     @property
     def failed_checks(self) -> list[CheckEntry]:
         return [c for c in self.checks if c.status == "fail"]
+
+    @property
+    def failed_stages(self) -> list[str]:
+        """The stages that failed at this audit (their results are missing, not negative)."""
+        return [e.get("stage", "?") for e in self.stage_errors]
 
     # -- JSON ------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -477,6 +493,13 @@ class AuditRecord:
             out["prior_fit"] = self.prior_fit
         if self.audit_seconds is not None:
             out["audit_seconds"] = self.audit_seconds
+        if self.epsilon_measured is not None:
+            out["epsilon_measured"] = self.epsilon_measured
+        for key in ("epsilon_measured_ci", "epsilon_measured_basis", "evidence"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.stage_errors:
+            out["stage_errors"] = [dict(e) for e in self.stage_errors]
         out.update(self.extra)
         return _plain(out)
 
@@ -545,6 +568,11 @@ class AuditRecord:
             missed=_items(data, "missed", MissedImage.from_json, where),
             prior_fit=_mapping(data, "prior_fit", where=where),
             audit_seconds=_number(data, "audit_seconds", where=where),
+            epsilon_measured=_number(data, "epsilon_measured", where=where),
+            epsilon_measured_ci=_interval(data, "epsilon_measured_ci", where),
+            epsilon_measured_basis=_mapping(data, "epsilon_measured_basis", where=where),
+            evidence=_mapping(data, "evidence", where=where),
+            stage_errors=_items(data, "stage_errors", _stage_error, where),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -580,6 +608,28 @@ def _bounds(data: Mapping[str, Any], version: int, where: str):
         run = {k: v for k, v in bounds.items() if k != "single_step"}
         bounds = {"single_step": bounds.get("single_step")}
     return bounds, run
+
+
+def _interval(data: Mapping[str, Any], key: str, where: str) -> list[float] | None:
+    """A ``[low, high]`` pair of numbers (either may be null), or ``None``."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise RecordError(f"{where}: {key!r} must be a [low, high] pair, got {value!r}")
+    pair = {str(i): v for i, v in enumerate(value)}
+    return [
+        _number(pair, "0", where=f"{where}: {key}"),
+        _number(pair, "1", where=f"{where}: {key}"),
+    ]
+
+
+def _stage_error(value: Any, where: str) -> dict[str, str]:
+    value = _object(value, where)
+    stage = _text(value, "stage", where=where)
+    if not stage:
+        raise RecordError(f"{where}: a stage error needs its 'stage' (text)")
+    return {"stage": stage, "error": _text(value, "error", where=where) or ""}
 
 
 def _validity(data: Mapping[str, Any], version: int, checks: list[CheckEntry]) -> bool | None:

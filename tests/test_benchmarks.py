@@ -124,3 +124,21 @@ def test_utility_quick(shared_data):
         shares = [float(row[-4]) for row in table[1:]]
         # the imprint's share of the per-sample gradient grows with α; at α = 100 it is most of it
         assert 0 <= shares[0] < shares[1] < shares[2] <= 1 and shares[2] > 0.5, shares
+
+
+@pytest.mark.slow
+def test_run_epsilon_quick(tmp_path, shared_data):
+    """The run's ε measured on real Opacus runs: a correct run agrees with the accountant, each
+    injected bug is outside the interval and fails its check."""
+    out = _run("run_epsilon.py", "--out", str(tmp_path))
+    assert "| data | target ε | injected bug |" in out
+    targets = [line for line in out.splitlines() if line.startswith("* ")]
+    assert len(targets) == 3 and all("-> met" in line for line in targets), targets
+    rows = json.loads((tmp_path / "run_epsilon_quick.json").read_text())
+    correct = [r for r in rows if r["bug"] is None]
+    assert len(correct) == 1 and len(rows) == 3
+    for r in correct:
+        assert 0.95 <= r["measured"] / r["claimed"] <= 1.05 and r["inside"]
+        assert r["checks"] == [] and 0.5 <= r["attack"] / r["claimed"] <= 1.2
+    for r, check in zip(rows[1:], ("noise_scale fail", "sampling fail")):
+        assert not r["inside"] and r["ci"][0] > r["claimed"] and check in r["checks"], r

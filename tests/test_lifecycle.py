@@ -170,6 +170,8 @@ def test_a_log_of_the_previous_release_resumes_with_unknown_validity(mnist5k, tm
     }
     model = imprint_model(mnist5k["prior"][0][:512], num_bins=64)
     model, opt, loader, engine = make_private(model, *mnist5k["private"], sigma=0.01)
+    # a real resume restores the accountant too (else the accountant check fails, opacus#834)
+    engine.accountant.history.append((0.01, 1 / len(loader), 2))
     auditor = DMAuditor(privacy_engine=engine, log_dir=tmp_path, every_n_steps=1, **FAST)
     auditor.load_state_dict(state)
     auditor.attach(opt)

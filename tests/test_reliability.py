@@ -309,3 +309,10 @@ def test_demo_table_and_comparison_page_agree(tmp_path, capsys):
     pair = f"{s['found_singletons']}/{s['true_singletons']}"
     assert pair in out and pair in (tmp_path / "comparison.html").read_text()
     assert report["verdict"]["text"] in out
+    # the measured ε column: the run's ε re-accounted, from the run's own log
+    from opacus_dmaudit.sinks.text import fmt
+
+    measured = read_audit_log(tmp_path / "sigma_0.005" / "audit.jsonl")[-1].epsilon_measured
+    assert measured is not None
+    row = next(line for line in out.splitlines() if line.strip().startswith("0.005"))
+    assert fmt(measured) in row.split()

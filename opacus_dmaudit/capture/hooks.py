@@ -47,6 +47,7 @@ from .._opacus import (
     attached_capture,
     expected_batch_size,
     grad_sample,
+    hooked_module,
     last_step_skipped,
     mark_attached,
     noise_denominator,
@@ -54,13 +55,14 @@ from .._opacus import (
     original_optimizer,
     process_rank,
     restore_step_hook,
+    secure_mode,
     step_hook,
     summed_grad,
     world_size,
 )
 from ..privacy.accountant import history_from_accountant, steps_from_accountant
 from .imprint import ImprintBlock, find_imprint_block
-from .mechanism import clean_sums_before, snapshot_clipping, snapshot_noise
+from .mechanism import clean_sums_before, noise_signs, snapshot_clipping, snapshot_noise
 from .step import CapturedStep, ImprintSums
 
 __all__ = ["GradientCapture", "clipping_mode"]
@@ -82,6 +84,32 @@ def clipping_mode(optimizer: DPOptimizer) -> str:
 
 #: Keyword names under which models take their batch (the first found is the batch).
 _INPUT_NAMES = ("pixel_values", "input", "inputs", "x", "images", "input_ids")
+
+
+def batch_tensor(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, str]:
+    """The batch among a forward call's arguments, and what the batch was.
+
+    The first positional tensor; in a dict (a Hugging Face-style batch) or a keyword, the
+    tensor under one of :data:`_INPUT_NAMES`, else the first tensor; in a tuple or list, its
+    first tensor. Returns ``(tensor or None, kind)`` with kind ``"tensor"``, ``"dict"``,
+    ``"sequence"``, ``"keyword"`` or ``"none"``.
+    """
+    first = args[0] if args else None
+    if isinstance(first, torch.Tensor):
+        return first, "tensor"
+    if isinstance(first, dict):
+        return _named_tensor(first), "dict"
+    if isinstance(first, tuple | list):
+        found = next((v for v in first if isinstance(v, torch.Tensor)), None)
+        return found, "sequence"
+    found = _named_tensor(kwargs)
+    return found, "keyword" if found is not None else "none"
+
+
+def _named_tensor(values: dict) -> torch.Tensor | None:
+    named = [values.get(k) for k in _INPUT_NAMES]
+    tensors = [v for v in named + list(values.values()) if isinstance(v, torch.Tensor)]
+    return tensors[0] if tensors else None
 
 
 def _count_from_gradients(optimizer: DPOptimizer) -> int:
@@ -122,13 +150,18 @@ class GradientCapture:
         block: the ``ImprintBlock`` to read; found through the optimizer's parameters if ``None``
             and ``model`` is not given.
         model: without an ``ImprintBlock``: the module whose forward inputs are the batch (the
-            model ``make_private`` returned); the capture then records no imprint sums.
+            model ``make_private`` returned, or with ``wrap_model=False`` the model it hooked);
+            the capture then records no imprint sums.
         should_capture: called with the 1-based index of the upcoming step; ``True`` to capture it.
         on_capture: receives each :class:`CapturedStep` right after the parameter update.
         start_step: steps already taken (so step numbers continue across resumes).
         mechanism: also record the DP mechanism's statistics on captured steps (see
             :mod:`.mechanism`).
         accountant: the privacy accountant, whose history the mechanism statistics record.
+        dataset_size: N, the population the sampling rate applies to (``None``: unknown; the
+            sampling check then brackets it from the expected batch size).
+        search: look for an ``ImprintBlock`` among the optimizer's parameters when neither
+            ``block`` nor ``model`` is given (``False``: mechanism statistics only).
     """
 
     def __init__(
@@ -142,6 +175,8 @@ class GradientCapture:
         start_step: int = 0,
         mechanism: bool = False,
         accountant=None,
+        dataset_size: int | None = None,
+        search: bool = True,
     ) -> None:
         if not isinstance(optimizer, DPOptimizer):
             raise TypeError(
@@ -151,8 +186,10 @@ class GradientCapture:
         if attached_capture(optimizer) is not None:
             raise RuntimeError("another auditor is attached to this optimizer; detach it first")
         params = list(optimizer.params)
-        if block is None and model is None:
+        if block is None and model is None and search:
             block = find_imprint_block(params)
+        if model is not None:
+            model = hooked_module(model)
         if block is not None and (
             not any(p is block.imprint.weight for p in params)
             or not any(p is block.imprint.bias for p in params)
@@ -188,6 +225,9 @@ class GradientCapture:
         self._before: list | None = None  # clean sums before the last physical batch (BMM)
         self._size_counts: dict[int, int] = {}  # batch size -> steps, since attach
         self._start = (0, 0)  # (steps taken, steps the accountant counted) at attach
+        self.dataset_size = dataset_size
+        self._previous_signs = None  # noise signs of the step before an audited one
+        self.input_kind = None  # what the model's forward got as its batch, when not a tensor
         names = {}
         if model is not None:
             names = {id(p): name for name, p in model.named_parameters()}
@@ -250,11 +290,9 @@ class GradientCapture:
 
     # -- hooks -----------------------------------------------------------------------------------
     def _model_forward_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output):
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor):
-            named = [kwargs.get(k) for k in _INPUT_NAMES]
-            tensors = [v for v in named + list(kwargs.values()) if isinstance(v, torch.Tensor)]
-            x = tensors[0] if tensors else None
+        x, kind = batch_tensor(args, kwargs)
+        if kind not in ("tensor", "keyword"):
+            self.input_kind = kind
         if x is not None:
             self._forward_hook(module, (x,), output)
 
@@ -290,11 +328,26 @@ class GradientCapture:
                     self._pending.mechanism = self._mechanism_snapshot(optimizer, clean)
             if self._pending is not None:
                 self._pending.batch_sizes = self._batch_sizes
+                self._pending.input_kind = self.input_kind
                 if self.mechanism:
                     self._record_sampling(optimizer, self._pending)
             self._batch_sizes = []
             self._before = None
+            self._previous_signs = None
+        elif self.mechanism and self._should_capture(self.step + 1):
+            self._keep_signs(optimizer)
         self._inputs = []
+
+    def _keep_signs(self, optimizer: DPOptimizer) -> None:
+        """The step before an audited one: keep its noise signs at the fixed positions, so the
+        audit can tell whether the noise was drawn afresh (cheap: a thousand coordinates)."""
+        if self.distributed and self.rank != 0:
+            return
+        try:
+            self._previous_signs = noise_signs(optimizer, denominator=noise_denominator(optimizer))
+        except Exception:  # never take training down for a cross-check
+            logger.exception("reading the noise signs of step %d failed", self.step)
+            self._previous_signs = None
 
     def _mechanism_snapshot(self, optimizer: DPOptimizer, clean: list) -> dict:
         """Noise and clipping statistics of this process (see :mod:`.mechanism`)."""
@@ -312,6 +365,9 @@ class GradientCapture:
             out["noise"] = snapshot_noise(
                 optimizer, denominator=noise_denominator(optimizer), names=self._names
             )
+            if out["noise"] is not None:
+                out["noise"]["previous_signs"] = self._previous_signs
+        out["secure_mode"] = secure_mode(optimizer)
         return out
 
     def _record_sampling(self, optimizer: DPOptimizer, captured: CapturedStep) -> None:
@@ -332,6 +388,9 @@ class GradientCapture:
             "sample_rate": history[-1][1] if history else None,
             "expected_batch_size": float(expected) * world * accumulated if expected else None,
             "slack": float(accumulated),
+            "dataset_size": self.dataset_size,
+            "accumulated": accumulated,
+            "loss_reduction": getattr(optimizer, "loss_reduction", None),
         }
         mech["accountant"] = (
             None
@@ -340,6 +399,9 @@ class GradientCapture:
                 "history": history[-1:],
                 "counted": steps_from_accountant(self.accountant) - self._start[1],
                 "taken": self.step - self._start[0],
+                # the whole run: a resumed accountant must hold every step taken (opacus#834)
+                "total_counted": steps_from_accountant(self.accountant),
+                "total_taken": self.step,
             }
         )
         captured.mechanism = mech

@@ -29,8 +29,13 @@ from .._opacus import (
 
 __all__ = [
     "NOISE_SAMPLE",
+    "FINGERPRINT",
     "SUM_TOLERANCE",
+    "TOLERANCE_UNITS",
+    "rounding_unit",
+    "sum_tolerance",
     "noise_std_of",
+    "noise_signs",
     "snapshot_noise",
     "snapshot_clipping",
     "clean_sums_before",
@@ -39,8 +44,35 @@ __all__ = [
 #: Coordinates of the noise kept per audit for the shape test.
 NOISE_SAMPLE = 4096
 
-#: The clean sum may differ from the recomputed clipped sum by this relative amount.
+#: Fixed coordinates whose noise signs are kept per audit (and at the step before it) for the
+#: freshness check: the same positions at every step, so reused noise agrees in sign.
+FINGERPRINT = 1024
+
+#: The clean sum may differ from the recomputed clipped sum by this relative amount (float32 and
+#: float64; lower precisions get :func:`sum_tolerance`).
 SUM_TOLERANCE = 1e-4
+
+#: Relative tolerances are this many unit round-offs of the coarsest dtype involved.
+TOLERANCE_UNITS = 4
+
+
+def rounding_unit(dtype: torch.dtype | None) -> float:
+    """The unit round-off ``eps/2`` of a floating dtype (bf16 2⁻⁸, fp16 2⁻¹¹, fp32 2⁻²⁴)."""
+    if dtype is None or not dtype.is_floating_point:
+        return 0.0
+    return torch.finfo(dtype).eps / 2
+
+
+def sum_tolerance(dtypes) -> float:
+    """How far a recomputed sum may be from Opacus's, relatively, given the dtypes it was computed
+    in: :data:`SUM_TOLERANCE`, or :data:`TOLERANCE_UNITS` round-offs of the coarsest dtype (bf16:
+    1.6 %, fp16: 0.2 %), whichever is larger."""
+    units = [rounding_unit(getattr(torch, d, None) if isinstance(d, str) else d) for d in dtypes]
+    return max([SUM_TOLERANCE] + [TOLERANCE_UNITS * u for u in units])
+
+
+def _dtype_name(t: torch.Tensor | None) -> str | None:
+    return None if t is None else str(t.dtype).replace("torch.", "")
 
 
 def noise_std_of(optimizer) -> float:
@@ -59,6 +91,49 @@ def _param_label(index: int, p: torch.Tensor, names: Mapping[int, str] | None) -
     return f"{name} ({shape})" if name else f"parameter {index} ({shape})"
 
 
+def _positions(optimizer, size: int) -> torch.Tensor:
+    """``size`` evenly spaced flat positions over *all* the optimizer's parameters (the same at
+    every step, whichever parameters have a gradient)."""
+    total = sum(p.numel() for p in optimizer.params)
+    if total <= size:
+        return torch.arange(total)
+    return torch.div(torch.arange(size) * total, size, rounding_mode="floor")
+
+
+def _noise_of(p: torch.Tensor, denominator: float) -> torch.Tensor | None:
+    """This step's noise on ``p`` (``p.grad·denominator − p.summed_grad``, float64, flat)."""
+    clean = summed_grad(p)
+    if p.grad is None or clean is None:
+        return None
+    noised = p.grad.detach().reshape(-1).double() * denominator
+    return noised - clean.detach().reshape(-1).double()
+
+
+@torch.no_grad()
+def noise_signs(optimizer, *, denominator: float, size: int = FINGERPRINT) -> torch.Tensor | None:
+    """Signs (−1, 0 where unknown, +1) of this step's noise at :func:`_positions` (int8).
+
+    Fresh Gaussian noise agrees in sign with another step's at each position with probability
+    1/2; noise drawn again from a re-seeded generator agrees everywhere. Reads only the
+    ``size`` coordinates.
+    """
+    picks = _positions(optimizer, size)
+    out = torch.zeros(picks.numel(), dtype=torch.int8)
+    offset, found = 0, False
+    for p in optimizer.params:
+        lo = int(torch.searchsorted(picks, offset))
+        hi = int(torch.searchsorted(picks, offset + p.numel()))
+        clean = summed_grad(p)
+        if hi > lo and p.grad is not None and clean is not None:
+            local = (picks[lo:hi] - offset).to(p.grad.device)
+            noised = p.grad.detach().reshape(-1)[local].double() * denominator
+            noise = noised - clean.detach().reshape(-1)[local].double()
+            out[lo:hi] = torch.sign(noise).to(torch.int8).cpu()
+            found = True
+        offset += p.numel()
+    return out if found else None
+
+
 @torch.no_grad()
 def snapshot_noise(
     optimizer,
@@ -73,12 +148,16 @@ def snapshot_noise(
     (the step hook; under DDP on rank 0, before the all-reduce, where rank 0 holds all the noise).
 
     Returns:
-        ``{"sum_sq", "sum", "count", "rounding_sq", "expected_std", "params", "sample"}``:
-        ``rounding_sq`` bounds the squared norm of the float round-off in the measured noise;
-        ``params`` holds ``[label, sum_sq, count]`` per parameter; ``sample`` up to
-        ``sample_size`` distinct coordinates, evenly spaced over all parameters (under a correct
-        mechanism every coordinate's noise is independent, so any fixed choice is a fair
-        sample). ``None`` when no parameter has both sums.
+        ``{"sum_sq", "sum", "count", "rounding_sq", "expected_std", "params", "sample", "dot",
+        "clean_sq", "signs", "dtypes"}``: ``rounding_sq`` bounds the squared norm of the float
+        round-off in the measured noise (of the noised and of the clean sum); ``params`` holds
+        ``[label, sum_sq, count]`` per parameter; ``sample`` up to ``sample_size`` distinct
+        coordinates, evenly spaced over all parameters (under a correct mechanism every
+        coordinate's noise is independent, so any fixed choice is a fair sample); ``dot`` and
+        ``clean_sq``: ``⟨noise, clean⟩`` and ``‖clean‖²`` (a gradient scaled by another factor
+        than the optimizer's denominator leaves part of the clean sum in the "noise"); ``signs``:
+        :func:`noise_signs`; ``dtypes``: of the gradients and clean sums. ``None`` when no
+        parameter has both sums.
     """
     params = [p for p in optimizer.params if p.grad is not None and summed_grad(p) is not None]
     if not params:
@@ -89,20 +168,27 @@ def snapshot_noise(
     else:
         picks = torch.arange(total)
     out = {"sum_sq": 0.0, "sum": 0.0, "count": 0, "rounding_sq": 0.0, "params": []}
+    out.update(dot=0.0, clean_sq=0.0, dtypes=sorted({_dtype_name(p.grad) for p in params}))
+    out["dtypes"] = sorted(set(out["dtypes"]) | {_dtype_name(summed_grad(p)) for p in params})
     pieces = []
     offset = 0
     for index, p in enumerate(optimizer.params):
-        clean = summed_grad(p)
-        if p.grad is None or clean is None:
+        noise = _noise_of(p, denominator)
+        if noise is None:
             continue
-        noised = p.grad.detach().reshape(-1).double() * denominator
-        noise = noised - clean.detach().reshape(-1).double()
+        clean = summed_grad(p).detach().reshape(-1).double()
+        noised = noise + clean
         sq = float(noise.square().sum())
-        eps = torch.finfo(p.grad.dtype).eps if p.grad.is_floating_point() else 0.0
         out["sum_sq"] += sq
         out["sum"] += float(noise.sum())
         out["count"] += noise.numel()
-        out["rounding_sq"] += float((noised * eps).square().sum())
+        out["dot"] += float((noise * clean).sum())
+        out["clean_sq"] += float(clean.square().sum())
+        eps = 2 * rounding_unit(p.grad.dtype)
+        eps_clean = 2 * rounding_unit(summed_grad(p).dtype)
+        out["rounding_sq"] += float(
+            (noised * eps).square().sum() + (clean * eps_clean).square().sum()
+        )
         out["params"].append([_param_label(index, p, names), sq, noise.numel()])
         lo = int(torch.searchsorted(picks, offset))
         hi = int(torch.searchsorted(picks, offset + noise.numel()))
@@ -110,6 +196,7 @@ def snapshot_noise(
             pieces.append(noise[(picks[lo:hi] - offset).to(noise.device)].cpu())
         offset += noise.numel()
     out["sample"] = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64)
+    out["signs"] = noise_signs(optimizer, denominator=denominator)
     out["expected_std"] = noise_std_of(optimizer)
     return out
 
@@ -164,7 +251,10 @@ def snapshot_clipping(
         ``max_clipped``: largest clipped contribution norm over C, ``max_norm``: largest
         unclipped norm over C, and when the sums disagree ``unclipped_residual`` and
         ``effective_max``: the largest contribution norm over C that fits the clean sum) or
-        ``"ghost"`` (``module_bound``, ``max_clipped``), or ``None`` when neither exists.
+        ``"ghost"`` (``module_bound``, ``max_clipped``), or ``None`` when neither exists. Both
+        carry ``dtypes`` and the ``tolerance`` (:func:`sum_tolerance`) those dtypes allow; a
+        per-sample record whose sums disagree also carries ``fitted_bound`` (the κ for which
+        clipping at κ·C explains the clean sum best) and its ``fitted_residual``.
     """
     params = list(optimizer.params)
     bound = float(optimizer.max_grad_norm)
@@ -181,9 +271,12 @@ def snapshot_clipping(
         module_bound = module_clipping_bound(module)
         applied = float(module_bound) if module_bound is not None else bound
         clipped = torch.clamp(applied / (n + 1e-6), max=1.0) * n if n.numel() else n
+        dtypes = sorted({_dtype_name(t) for t in norms} | {_dtype_name(p) for p in params})
         return {
             "source": "ghost",
             "bound": bound,
+            "dtypes": dtypes,
+            "tolerance": sum_tolerance(dtypes),
             "module_bound": None if module_bound is None else float(module_bound),
             "samples": int(n.numel()),
             "max_norm": float(n.max()) / bound if n.numel() else 0.0,
@@ -196,48 +289,98 @@ def _per_sample_stats(params, samples, clean, before, bound, per_layer) -> dict[
     live = [(i, g) for i, g in enumerate(samples) if g is not None and clean[i] is not None]
     batch = int(live[0][1].shape[0]) if live else 0
     out: dict[str, Any] = {"source": "per_sample", "bound": bound, "samples": batch}
+    dtypes = {_dtype_name(g) for _, g in live} | {_dtype_name(clean[i]) for i, _ in live}
+    dtypes |= {_dtype_name(params[i]) for i, _ in live}
+    out["dtypes"] = sorted(d for d in dtypes if d)
+    out["tolerance"] = sum_tolerance(out["dtypes"])
     if batch == 0:
         out.update(residual=0.0, max_clipped=0.0, max_norm=0.0)
         return out
-    flat = [g.reshape(batch, -1) for _, g in live]
+    flat = [g.reshape(batch, -1).double() for _, g in live]  # Opacus sums in ≥ fp32 too
     layer_norms = torch.stack([f.norm(2, dim=1) for f in flat], dim=1)  # (B, P)
     norms = layer_norms.norm(2, dim=1)
     if per_layer is not None:
         limits = torch.tensor([float(per_layer[i]) for i, _ in live], dtype=layer_norms.dtype)
         limits = limits.to(layer_norms.device)
-        factors = (limits / (layer_norms + 1e-6)).clamp(max=1.0)  # (B, P)
-        clipped = (factors * layer_norms).norm(2, dim=1)
     else:
-        factor = (bound / (norms + 1e-6)).clamp(max=1.0)
-        factors = factor[:, None].expand(-1, len(live))
-        clipped = factor * norms
-    diff_sq = ref_sq = raw_sq = 0.0
-    for j, (i, g) in enumerate(live):
-        target = clean[i].detach().double()
-        if before is not None and before[i] is not None:
-            target = target - before[i].double()
-        target = target.reshape(-1)
-        f = factors[:, j].to(g.dtype)
-        expected = torch.einsum("i,i...", f, g).reshape(-1).double()
-        diff_sq += float((target - expected).square().sum())
-        ref_sq += float(expected.square().sum())
-        raw_sq += float((target - g.sum(dim=0).reshape(-1).double()).square().sum())
+        limits = None
+    factors = _factors(layer_norms, norms, bound, limits)
+    clipped = (factors * layer_norms).norm(2, dim=1)
+    targets = [_target(clean, before, i) for i, _ in live]
+    diff_sq, ref_sq = _residual(flat, targets, factors)
+    raw_sq = sum(float((t - f.sum(dim=0)).square().sum()) for f, t in zip(flat, targets))
     scale = math.sqrt(ref_sq) if ref_sq > 0 else 1.0
     out.update(
         residual=math.sqrt(diff_sq) / scale,
         max_clipped=float(clipped.max()) / bound,
         max_norm=float(norms.max()) / bound,
     )
-    if out["residual"] > SUM_TOLERANCE:
+    if out["residual"] > out["tolerance"]:
         out["unclipped_residual"] = math.sqrt(raw_sq) / scale
         out["effective_max"] = _effective_max(live, flat, clean, before, norms, bound)
+        out.update(_fit_bound(flat, targets, layer_norms, norms, bound, limits, scale))
     return out
+
+
+def _factors(layer_norms, norms, bound: float, limits) -> torch.Tensor:
+    """``(B, P)`` per-sample (and per-layer) clipping factors at the bound(s), as Opacus uses."""
+    if limits is not None:
+        return (limits / (layer_norms + 1e-6)).clamp(max=1.0)
+    factor = (bound / (norms + 1e-6)).clamp(max=1.0)
+    return factor[:, None].expand(-1, layer_norms.shape[1])
+
+
+def _target(clean, before, i: int) -> torch.Tensor:
+    """The clean clipped sum of the per-sample gradients at hand (float64, flat)."""
+    target = clean[i].detach().double()
+    if before is not None and before[i] is not None:
+        target = target - before[i].double()
+    return target.reshape(-1)
+
+
+def _residual(flat, targets, factors) -> tuple[float, float]:
+    """``(‖target − Σ_i f_i g_i‖², ‖Σ_i f_i g_i‖²)`` over all parameters."""
+    diff_sq = ref_sq = 0.0
+    for j, (g, target) in enumerate(zip(flat, targets)):
+        expected = torch.einsum("i,i...", factors[:, j].to(g), g).reshape(-1)
+        diff_sq += float((target - expected).square().sum())
+        ref_sq += float(expected.square().sum())
+    return diff_sq, ref_sq
+
+
+def _fit_bound(flat, targets, layer_norms, norms, bound, limits, scale) -> dict[str, float]:
+    """The bound κ·C that best explains the clean sum (golden-section search on κ).
+
+    Returns ``{"fitted_bound": κ, "fitted_residual": relative distance at κ}``: a sum clipped
+    at 1.1·C (a bug that leaves the noise at σC) fits κ = 1.1 with a residual at round-off.
+    """
+    top = max(float(norms.max()) / bound, 1.0) * 1.01
+    lo, hi = 0.0, top
+    golden = (math.sqrt(5) - 1) / 2
+
+    def cost(k: float) -> float:
+        scaled = None if limits is None else limits * k
+        return _residual(flat, targets, _factors(layer_norms, norms, bound * k, scaled))[0]
+
+    a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+    fa, fb = cost(a), cost(b)
+    for _ in range(40):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - golden * (hi - lo)
+            fa = cost(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + golden * (hi - lo)
+            fb = cost(b)
+    best = (a, fa) if fa <= fb else (b, fb)
+    return {"fitted_bound": best[0], "fitted_residual": math.sqrt(best[1]) / scale}
 
 
 def _effective_max(live, flat, clean, before, norms, bound) -> float | None:
     """Largest ``|c_i|·‖g_i‖ / C`` for the per-sample factors ``c`` that best fit the clean sum."""
     batch = flat[0].shape[0]
-    if batch > 512:
+    if batch > 512:  # a B×B system: the fitted bound speaks for large batches
         return None
     gram = torch.zeros(batch, batch, dtype=torch.float64)
     rhs = torch.zeros(batch, dtype=torch.float64)

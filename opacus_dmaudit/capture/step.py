@@ -54,6 +54,9 @@ class CapturedStep:
         mechanism: statistics of the DP mechanism at this step (``"noise"``, ``"clipping"``,
             ``"sampling"``, ``"accountant"``; see :mod:`.mechanism`), or ``None`` when the
             capture does not record them.
+        input_kind: ``None`` when the hooked model got its batch as a tensor; ``"dict"``,
+            ``"sequence"`` or ``"none"`` when it got a dict, a tuple/list or no tensor at all
+            (a shadow audit then cannot simulate an imprint on it).
     """
 
     step: int
@@ -65,6 +68,7 @@ class CapturedStep:
     imprint: ImprintSums | None = None
     batch_sizes: list[int] = field(default_factory=list)
     mechanism: dict | None = None
+    input_kind: str | None = None
 
     @property
     def noise_std(self) -> float:

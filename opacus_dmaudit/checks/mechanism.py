@@ -47,8 +47,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..capture.mechanism import SUM_TOLERANCE
+from ..capture.mechanism import SUM_TOLERANCE, TOLERANCE_UNITS, rounding_unit
 from .entries import check
+from .freshness import check_noise_freshness
+from .normalisation import check_normalisation
 
 if TYPE_CHECKING:
     from ..capture.step import CapturedStep
@@ -65,13 +67,27 @@ __all__ = [
 ]
 
 #: The mechanism checks, in the order they run.
-CHECK_NAMES = ("noise_scale", "noise_shape", "clipping", "sampling", "accountant")
+CHECK_NAMES = (
+    "noise_scale",
+    "noise_shape",
+    "clipping",
+    "sampling",
+    "accountant",
+    "noise_freshness",
+    "normalisation",
+)
 
 #: Per-check probability of a false ``fail`` (or sampling ``warn``) on a correct mechanism.
 FALSE_ALARM = 1e-6
 
-#: A contribution may exceed C by this relative amount (float32 round-off of norms and factors).
+#: A contribution may exceed C by this relative amount (float32 round-off of norms and factors);
+#: lower precisions allow :data:`~opacus_dmaudit.capture.mechanism.TOLERANCE_UNITS` round-offs.
 CLIP_TOLERANCE = 1e-3
+
+
+def clip_tolerance(dtype: torch.dtype | None) -> float:
+    """How far above C a norm computed in ``dtype`` may read on a correct mechanism."""
+    return max(CLIP_TOLERANCE, TOLERANCE_UNITS * rounding_unit(dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,12 +98,15 @@ def _chi2_interval(count: int, level: float) -> tuple[float, float]:
     return float(stats.chi2.ppf(level / 2, count)), float(stats.chi2.isf(level / 2, count))
 
 
-def check_noise_scale(captured: CapturedStep) -> dict[str, Any] | None:
+def check_noise_scale(captured: CapturedStep, run: Any = None) -> dict[str, Any] | None:
     """``fail`` when the measured noise is smaller than σC (or biased), ``warn`` when larger.
 
     Under a correct mechanism ``‖noise‖²/(σC)²`` is χ²(n) over the n captured coordinates; the
-    test allows the bounded float round-off on top. A third of :data:`FALSE_ALARM` each goes to
-    the whole-vector test, the mean, and the per-parameter tests (Bonferroni over parameters).
+    test allows the bounded float round-off on top. A quarter of :data:`FALSE_ALARM` each goes to
+    the whole-vector test, the mean, the per-parameter tests (Bonferroni over parameters) and
+    the test pooled over every audit of the run so far (``run.pooled_noise``: noise is drawn
+    independently at every step, so the χ² statistics add up and the detection limit shrinks as
+    1/√(coordinates × audits)). Each records the smallest deficit it detects at this size.
     """
     stats = (captured.mechanism or {}).get("noise")
     if not stats or not stats["count"]:
@@ -98,21 +117,28 @@ def check_noise_scale(captured: CapturedStep) -> dict[str, Any] | None:
     c_lo, c_hi = _chi2_interval(n, 0.05)
     ratio = math.sqrt(sum_sq / n) / expected
     ci = [math.sqrt(sum_sq / c_hi) / expected, math.sqrt(sum_sq / c_lo) / expected]
+    alpha = FALSE_ALARM / 4
+    pooled = _pooled_noise(run, alpha)
     base = (
         f"measured noise std / predicted σC = {ratio:.4f} (95% CI {ci[0]:.4f}–{ci[1]:.4f}) over "
-        f"{n:,} coordinates of all parameters (predicted σC = {expected:.4g})"
+        f"{n:,} coordinates of all parameters (predicted σC = {expected:.4g}; this audit "
+        f"detects a deficit of {detectable_deficit(n, alpha):.2%}"
     )
+    base += f"{pooled['text']})" if pooled else ")"
     values = {"value": ratio, "ci": ci, "coordinates": n, "predicted_std": expected}
-    alpha = FALSE_ALARM / 3
+    values["detectable"] = detectable_deficit(n, alpha)
+    if pooled:
+        values.update({k: v for k, v in pooled.items() if k != "text" and k != "low"})
     low, high, z = _noise_scale_tests(stats, alpha)
-    if low:
+    if low or (pooled and pooled["low"]):
+        shown = ratio if low else pooled["pooled_value"]
         return check(
             "noise_scale",
             "fail",
-            base + f": the gradient carries {1 - ratio:.0%} less noise than the accountant "
-            "assumes, so the reported ε understates the privacy loss (check the noise "
-            "multiplier, a custom optimizer's add_noise, or noise generated on some parameters "
-            "only)",
+            base + f": the gradient carries {1 - shown:.1%} less noise than the accountant "
+            f"assumes{'' if low else ' (pooled over the run)'}, so the reported ε understates "
+            "the privacy loss (check the noise multiplier, a custom optimizer's add_noise, or "
+            "noise generated on some parameters only)",
             **values,
         )
     missing = _parameters_short_of_noise(stats["params"], expected, alpha)
@@ -143,6 +169,35 @@ def check_noise_scale(captured: CapturedStep) -> dict[str, Any] | None:
             **values,
         )
     return check("noise_scale", "pass", base, **values)
+
+
+def detectable_deficit(count: int, alpha: float) -> float:
+    """The smallest relative noise deficit ``1 − ratio`` a χ²(count) test at ``alpha`` fails on."""
+    if count <= 0:
+        return 1.0
+    from scipy import stats
+
+    return 1.0 - math.sqrt(float(stats.chi2.ppf(alpha, count)) / count)
+
+
+def _pooled_noise(run: Any, alpha: float) -> dict[str, Any] | None:
+    """The noise scale pooled over the run's audits (``None`` with fewer than two audits)."""
+    pooled = getattr(run, "pooled_noise", None)
+    if not pooled or pooled["audits"] < 2 or not pooled["count"]:
+        return None
+    n, chi2, rounding = pooled["count"], pooled["chi2"], pooled["rounding"]
+    q_lo, _ = _chi2_interval(n, alpha)
+    ratio = math.sqrt(chi2 / n)
+    detect = detectable_deficit(n, alpha)
+    return {
+        "low": not math.sqrt(chi2) >= math.sqrt(q_lo) - math.sqrt(rounding),
+        "pooled_value": ratio,
+        "pooled_coordinates": n,
+        "pooled_audits": pooled["audits"],
+        "detectable_pooled": detect,
+        "text": f"; pooled over {pooled['audits']} audits: {ratio:.4f} over {n:,} coordinates, "
+        f"detects {detect:.2%}",
+    }
 
 
 def _noise_without_sigma(stats: dict[str, Any]) -> dict[str, Any]:
@@ -234,8 +289,9 @@ def check_noise_shape(captured: CapturedStep) -> dict[str, Any] | None:
     )
 
 
-def _lone_rows(captured: CapturedStep) -> tuple[float, int] | None:
-    """Largest clean-row norm of a bin holding exactly one sample, over C, and how many bins."""
+def _lone_rows(captured: CapturedStep) -> tuple[float, int, float] | None:
+    """Largest clean-row norm of a bin holding exactly one sample, over C, how many bins, and the
+    tolerance the clean sums' dtype allows."""
     sums = captured.imprint
     if sums is None or sums.simulated or sums.membership.numel() == 0:
         return None
@@ -245,8 +301,9 @@ def _lone_rows(captured: CapturedStep) -> tuple[float, int] | None:
     if not bool(lone.any()):
         return None
     dw, db, _ = bin_rows(sums.weight_clean, sums.bias_clean, structure=sums.geometry.structure)
-    rows = torch.cat([dw, db[:, None]], dim=1)[lone].norm(dim=1)
-    return float(rows.max()) / captured.max_grad_norm, int(lone.sum())
+    rows = torch.cat([dw.double(), db.double()[:, None]], dim=1)[lone].norm(dim=1)
+    tolerance = clip_tolerance(sums.weight_clean.dtype)
+    return float(rows.max()) / captured.max_grad_norm, int(lone.sum()), tolerance
 
 
 def check_clipping(captured: CapturedStep) -> dict[str, Any] | None:
@@ -261,7 +318,7 @@ def check_clipping(captured: CapturedStep) -> dict[str, Any] | None:
     stats = (captured.mechanism or {}).get("clipping")
     lone = _lone_rows(captured) if captured.max_grad_norm > 0 else None
     bound = captured.max_grad_norm
-    if lone is not None and lone[0] > 1 + CLIP_TOLERANCE:
+    if lone is not None and lone[0] > 1 + lone[2]:
         return check(
             "clipping",
             "fail",
@@ -270,6 +327,7 @@ def check_clipping(captured: CapturedStep) -> dict[str, Any] | None:
             "clipping is not applied as the accountant assumes, so the noise does not cover one "
             "sample's influence",
             value=lone[0],
+            detectable=lone[2],
         )
     if stats and stats["source"] == "per_sample" and stats.get("partial"):
         stats = None  # the per-sample gradients cover part of the step only
@@ -282,8 +340,9 @@ def check_clipping(captured: CapturedStep) -> dict[str, Any] | None:
             "clipping",
             "pass",
             f"{lone[1]} imprint bins holding a single sample carry clean gradients of norm at most "
-            f"{lone[0]:.4f}× C (C = {bound:.4g})",
+            f"{lone[0]:.4f}× C (C = {bound:.4g}; detects an excess of {lone[2]:.1%})",
             value=lone[0],
+            detectable=lone[2],
         )
     if stats and stats["source"] == "ghost":
         return _ghost_clipping(stats, bound)
@@ -299,28 +358,40 @@ def _per_sample_clipping(
         if lone is None:
             return check("clipping", "pass", "no samples at this step", value=0.0)
         return None
-    if stats["residual"] > SUM_TOLERANCE:
+    tolerance = stats.get("tolerance", SUM_TOLERANCE)
+    if stats["residual"] > tolerance:
         return _clipped_sum_differs(stats)
     text = (
         f"the clean sum is the sum of {stats['samples']} per-sample gradients clipped to "
-        f"C = {bound:.4g} (relative difference {stats['residual']:.1e}); largest "
+        f"C = {bound:.4g} (relative difference {stats['residual']:.1e}, tolerance "
+        f"{tolerance:.1e} for {'/'.join(stats.get('dtypes') or ['float32'])}); largest "
         f"contribution {stats['max_clipped']:.4f}× C, largest unclipped norm "
         f"{stats['max_norm']:.3g}× C"
     )
     if lone is not None:
         text += f"; {lone[1]} lone imprint bins at most {lone[0]:.4f}× C"
-    return check("clipping", "pass", text, value=stats["max_clipped"], residual=stats["residual"])
+    return check(
+        "clipping",
+        "pass",
+        text,
+        value=stats["max_clipped"],
+        residual=stats["residual"],
+        detectable=tolerance,
+    )
 
 
 def _clipped_sum_differs(stats: dict[str, Any]) -> dict[str, Any]:
     """``fail``: the clean sum is not the per-sample gradients clipped to C (and what it is)."""
     eff = stats.get("effective_max")
+    tolerance = stats.get("tolerance", SUM_TOLERANCE)
     unclipped = stats.get("unclipped_residual", math.inf)
-    what = (
-        "it equals the sum of the *unclipped* per-sample gradients"
-        if unclipped <= SUM_TOLERANCE
-        else "it is not the sum of the per-sample gradients clipped to C"
-    )
+    fitted, fit_residual = stats.get("fitted_bound"), stats.get("fitted_residual", math.inf)
+    if unclipped <= tolerance:
+        what = "it equals the sum of the *unclipped* per-sample gradients"
+    elif fitted is not None and fit_residual <= tolerance:
+        what = f"it is the sum of the per-sample gradients clipped at {fitted:.4f}× C"
+    else:
+        what = "it is not the sum of the per-sample gradients clipped to C"
     eff_text = (
         f"; the per-sample factors that fit it give contributions up to {eff:.3g}× C"
         if eff is not None
@@ -333,15 +404,59 @@ def _clipped_sum_differs(stats: dict[str, Any]) -> dict[str, Any]:
         f"(relative difference {stats['residual']:.3g}): {what}{eff_text} (largest "
         f"per-sample norm {stats['max_norm']:.3g}× C). The noise σC covers one sample's "
         "influence only when every sample is clipped to C.",
-        value=eff if eff is not None else stats["max_norm"],
+        value=clipped_ratio(stats),
         residual=stats["residual"],
+        detectable=tolerance,
     )
+
+
+def clipped_ratio(stats: dict[str, Any]) -> float:
+    """The largest contribution over C that explains a clean sum the check found wrong: the
+    fitted bound when it explains the sum, else the least-squares factors' largest
+    contribution, else the largest unclipped norm (nothing was clipped)."""
+    tolerance = stats.get("tolerance", SUM_TOLERANCE)
+    if stats.get("unclipped_residual", math.inf) <= tolerance:
+        return float(stats["max_norm"])
+    fitted = stats.get("fitted_bound")
+    if fitted is not None and stats.get("fitted_residual", math.inf) <= tolerance:
+        return float(fitted)
+    candidates = [stats.get("effective_max"), fitted]
+    known = [float(c) for c in candidates if c is not None]
+    return max(known) if known else float(stats["max_norm"])
+
+
+def clip_ratio(captured: CapturedStep) -> float | None:
+    """The largest contribution of one sample to this step's clean sum, over C (at least 1).
+
+    What the clipping check measured: 1 when every sample was clipped to C, more when some
+    contributed more (a lone imprint bin above C, a clean sum clipped at a larger bound, a ghost
+    module clipping at a larger bound). ``None`` without evidence. The measured ε divides the
+    measured noise by C times this (the sensitivity the noise has to cover).
+    """
+    if captured.max_grad_norm <= 0:
+        return None
+    stats = (captured.mechanism or {}).get("clipping")
+    lone = _lone_rows(captured)
+    ratios = []
+    if lone is not None:
+        ratios.append(lone[0] if lone[0] > 1 + lone[2] else 1.0)
+    if stats and stats["source"] == "per_sample" and not stats.get("partial"):
+        if stats["samples"] and stats["residual"] > stats.get("tolerance", SUM_TOLERANCE):
+            ratios.append(clipped_ratio(stats))
+        else:
+            ratios.append(1.0)
+    elif stats and stats["source"] == "ghost":
+        bound = stats.get("module_bound")
+        ratios.append(max(1.0, bound / captured.max_grad_norm) if bound else 1.0)
+    return max(1.0, *ratios) if ratios else None
 
 
 def _ghost_clipping(stats: dict[str, Any], bound: float) -> dict[str, Any]:
     """Ghost clipping without lone bins: only the model's clipping bound can be compared with C."""
     module_bound = stats.get("module_bound")
-    if module_bound is not None and module_bound > bound * (1 + CLIP_TOLERANCE):
+    if module_bound is not None and module_bound > bound * (
+        1 + stats.get("tolerance", 0) + CLIP_TOLERANCE
+    ):
         return check(
             "clipping",
             "fail",
@@ -369,7 +484,7 @@ def _binomial_trials(lam: float, q: float) -> int:
 
 
 def _most_regular(
-    counts: dict[int, int], steps: int, lams: tuple[float, float], q: float
+    counts: dict[int, int], steps: int, trials: tuple[int, int], q: float
 ) -> tuple[float, int | None]:
     """``(p, value)``: a p-value of the most over-represented batch size under Binomial(N, q).
 
@@ -380,7 +495,7 @@ def _most_regular(
     """
     from scipy import stats
 
-    n_lo, n_hi = (_binomial_trials(x, q) for x in lams)
+    n_lo, n_hi = trials
     top = int(n_hi * q + 40 * math.sqrt(n_hi * q + 1) + 40)
     values = np.arange(0, max(top, max(counts) + 1) + 1)
     mode_n = np.clip(np.round(values / q), n_lo, n_hi)
@@ -400,21 +515,25 @@ def _most_regular(
     return min(bound, 1.0), worst_value
 
 
-def check_sampling(captured: CapturedStep) -> dict[str, Any] | None:
+def check_sampling(captured: CapturedStep, run: Any = None) -> dict[str, Any] | None:
     """Batch sizes against Poisson sampling at the accountant's rate q.
 
     Under Poisson sampling of N examples at rate q, each step's batch size is Binomial(N, q),
-    independently. N·q is taken as the optimizer's expected batch size (Opacus sets it to
-    ⌊N·q⌋, so N·q lies within one of it; both ends are tried). ``fail`` when the total over all
-    counted steps is impossible under that law (q is not the rate the batches were drawn at);
-    ``warn`` when some batch size recurs far more often than Binomial(N, q) allows (fixed-size or
-    shuffled batches accounted as Poisson: a common practice whose ε is not the one printed).
+    independently. N is the dataset's size when the privacy engine knows it, else bracketed from
+    the optimizer's expected batch size (Opacus sets it to ⌊N·q⌋, so N·q lies within one of it;
+    both ends are tried). ``fail`` when the total over all counted steps is impossible under that
+    law (q is not the rate the batches were drawn at: a sampler at another rate, a data loader
+    replaced after ``make_private``); ``warn`` when some batch size recurs far more often than
+    Binomial(N, q) allows (fixed-size, shuffled or weighted batches accounted as Poisson). The
+    counts are pooled over the run (``run.size_counts``, resumes included) when given.
     """
     mech = captured.mechanism or {}
     sampling = mech.get("sampling")
     if not sampling:
         return None
-    counts = {int(k): int(v) for k, v in sampling["counts"].items()}
+    pooled = getattr(run, "size_counts", None)
+    source = pooled if pooled else sampling["counts"]
+    counts = {int(k): int(v) for k, v in source.items()}
     unknown = counts.pop(-1, 0)
     q = sampling.get("sample_rate")
     lam = sampling.get("expected_batch_size")
@@ -430,40 +549,57 @@ def check_sampling(captured: CapturedStep) -> dict[str, Any] | None:
         return None
     from scipy import stats
 
+    trials = _trials(sampling, q, lam)
     total = sum(size * c for size, c in counts.items())
     mean = total / steps
-    lams = (lam, lam + sampling.get("slack", 1.0))
     # the total over `steps` independent Binomial(N, q) is Binomial(steps·N, q)
-    p_low = max(float(stats.binom.cdf(total, steps * _binomial_trials(x, q), q)) for x in lams)
-    p_high = max(float(stats.binom.sf(total - 1, steps * _binomial_trials(x, q), q)) for x in lams)
-    detail = (
-        f"{steps} steps, mean batch size {mean:.2f} against N·q ≈ {lam:g} at the accountant's "
-        f"q = {q:.4g}"
+    p_low = max(float(stats.binom.cdf(total, steps * n, q)) for n in trials)
+    p_high = max(float(stats.binom.sf(total - 1, steps * n, q)) for n in trials)
+    z = float(stats.norm.isf(FALSE_ALARM / 6))
+    detect = z * math.sqrt((1 - q) / (steps * trials[0] * q))
+    population = (
+        f"N = {trials[0]:,}" if trials[0] == trials[1] else f"N in {trials[0]:,}–{trials[1]:,}"
     )
-    values = {"value": mean / lam, "steps": steps}
+    detail = (
+        f"{steps} steps, mean batch size {mean:.2f} against N·q ≈ {trials[0] * q:.4g} at the "
+        f"accountant's q = {q:.4g} ({population}; detects a rate off by {detect:.1%})"
+    )
+    values = {"value": mean / (trials[0] * q), "steps": steps, "detectable": detect}
     if min(p_low, p_high) < FALSE_ALARM / 3:
         return check(
             "sampling",
             "fail",
             detail + f": batches are {'smaller' if p_low < p_high else 'larger'} than Poisson "
             "sampling at the accountant's rate allows, so the accountant's q (and ε) is not "
-            "this run's",
+            "this run's (a sampler at another rate, or a data loader replaced after "
+            "make_private?)",
             **values,
         )
     # too regular: a value that recurs more often than Binomial(N, q) could make it
-    worst, worst_value = _most_regular(counts, steps, lams, q)
+    worst, worst_value = _most_regular(counts, steps, trials, q)
     if worst < FALSE_ALARM / 3:
         share = counts[worst_value] / steps
         return check(
             "sampling",
             "warn",
             detail + f": {share:.0%} of the batches have exactly {worst_value} samples, far "
-            "more regular than Poisson sampling (fixed-size or shuffled batches?). The "
-            "accountant's ε assumes Poisson sampling; for shuffled fixed-size batches it is not "
-            "a valid bound (use poisson_sampling=True)",
+            "more regular than Poisson sampling (fixed-size, shuffled or weighted batches, e.g. "
+            "a WeightedRandomSampler or a data loader replaced after make_private?). The "
+            "accountant's ε assumes Poisson sampling; for such batches it is not a valid bound "
+            "(use make_private's poisson_sampling=True loader)",
             **values,
         )
     return check("sampling", "pass", detail + ": consistent with Poisson sampling", **values)
+
+
+def _trials(sampling: dict[str, Any], q: float, lam: float) -> tuple[int, int]:
+    """``(N low, N high)``: the dataset's size, or the range the expected batch size allows."""
+    size = sampling.get("dataset_size")
+    if size:
+        return int(size), int(size)
+    lams = (lam, lam + sampling.get("slack", 1.0))
+    low, high = (_binomial_trials(x, q) for x in lams)
+    return low, high
 
 
 def check_accountant(captured: CapturedStep) -> dict[str, Any] | None:
@@ -493,6 +629,7 @@ def check_accountant(captured: CapturedStep) -> dict[str, Any] | None:
         )
     acc_sigma, acc_q, _ = acc["history"][-1]
     counted, taken = acc.get("counted"), acc.get("taken")
+    total_counted, total_taken = acc.get("total_counted"), acc.get("total_taken")
     if acc_sigma != sigma:
         return check(
             "accountant",
@@ -509,6 +646,23 @@ def check_accountant(captured: CapturedStep) -> dict[str, Any] | None:
             f"took {taken}: ε misses steps (was its step hook replaced or detached?)",
             value=float(counted - taken),
         )
+    if total_counted is not None and total_taken is not None and total_counted != total_taken:
+        fewer = total_counted < total_taken
+        return check(
+            "accountant",
+            "fail" if fewer else "warn",
+            f"the accountant holds {total_counted} steps in all, the optimizer has taken "
+            f"{total_taken} (this auditor's count, resumes included): "
+            + (
+                "ε leaves steps out. Was the accountant restored from a step count such as "
+                "len(accountant), which counts history entries, not steps (opacus#834)? "
+                "Save and restore accountant.state_dict()"
+                if fewer
+                else "ε counts steps this run did not take (an accountant carried over from "
+                "another run, or restored from a later checkpoint?); it is conservative"
+            ),
+            value=float(total_counted - total_taken),
+        )
     return check(
         "accountant",
         "pass",
@@ -518,16 +672,31 @@ def check_accountant(captured: CapturedStep) -> dict[str, Any] | None:
     )
 
 
-def mechanism_checks(captured: CapturedStep) -> list[dict[str, Any]]:
-    """Every mechanism check that has something to check at this step (see the module doc)."""
+def mechanism_checks(captured: CapturedStep, run: Any = None) -> list[dict[str, Any]]:
+    """Every mechanism check that has something to check at this step (see the module doc).
+
+    Args:
+        captured: the audited step.
+        run: what the run's audits so far pooled (:class:`~opacus_dmaudit.privacy.measured.
+            RunEvidence`, this audit included): the pooled noise scale, the batch sizes of every
+            step, earlier audits' noise signs. ``None``: this audit alone.
+    """
     if captured.mechanism is None:
         return []
     out = []
-    for fn in (check_noise_scale, check_noise_shape, check_clipping, check_sampling):
-        entry = fn(captured)
+    for fn in (
+        check_noise_scale,
+        check_noise_shape,
+        check_clipping,
+        check_sampling,
+        check_accountant,
+        check_noise_freshness,
+        check_normalisation,
+    ):
+        entry = fn(captured, run) if fn in _POOLED else fn(captured)
         if entry is not None:
             out.append(entry)
-    entry = check_accountant(captured)
-    if entry is not None:
-        out.append(entry)
     return out
+
+
+_POOLED = {check_noise_scale, check_sampling, check_noise_freshness, check_normalisation}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._opacus import accountant_history, rdp_orders
+from .._opacus import accountant_history, rdp_orders, set_accountant_history
 
 __all__ = [
     "EpsilonReading",
@@ -28,6 +28,8 @@ __all__ = [
     "steps_from_accountant",
     "sample_rate_from_accountant",
     "step_rdp",
+    "accountant_kind",
+    "epsilon_of_history",
     "PRV_MIN_SIGMA",
     "MEANINGLESS_EPSILON",
     "NO_GUARANTEE",
@@ -218,6 +220,45 @@ def _explain_once(reading: EpsilonReading, explained: set[str] | None) -> None:
             reading.epsilon,
             NO_GUARANTEE,
         )
+
+
+def accountant_kind(accountant) -> str:
+    """``"rdp"``, ``"prv"``, ``"gdp"`` (Opacus's names), another lower-case name, or ``"none"``."""
+    if accountant is None:
+        return "none"
+    return type(accountant).__name__.replace("Accountant", "").lower()
+
+
+def epsilon_of_history(
+    kind: str, history: list[tuple[float, float, int]], *, delta: float, orders=None
+) -> tuple[float, str]:
+    """``(ε, how)`` of a ``(σ, q, steps)`` history under the accountant ``kind``, as
+    :func:`read_epsilon` computes it for that kind (so that the same history gives the same ε).
+
+    PRV below :data:`PRV_MIN_SIGMA` and kinds this package does not know are answered by RDP
+    (``how`` says so); ``nan`` when the accountant fails.
+    """
+    history = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0]
+    if not history:
+        return 0.0, kind
+    if min(s for s, _, _ in history) <= 0:
+        return math.inf, kind
+    how = kind
+    if kind == "prv" and min(s for s, _, _ in history) < PRV_MIN_SIGMA:
+        kind, how = "rdp", f"rdp (prv too slow below sigma {PRV_MIN_SIGMA})"
+    elif kind not in ("rdp", "prv", "gdp"):
+        kind, how = "rdp", f"rdp ({kind} not known here)"
+    try:
+        if kind == "rdp":
+            return _rdp_epsilon(history, tuple(orders or rdp_orders()), delta)[0], how
+        from opacus.accountants import GaussianAccountant, PRVAccountant
+
+        acc = PRVAccountant() if kind == "prv" else GaussianAccountant()
+        set_accountant_history(acc, history)
+        return float(acc.get_epsilon(delta=delta)), how
+    except Exception as err:  # an accountant failing must never stop training
+        logger.warning("could not compute ε of the measured history: %s", err)
+        return math.nan, how
 
 
 def epsilon_from_accountant(accountant, *, delta: float, noise_multiplier: float) -> float:

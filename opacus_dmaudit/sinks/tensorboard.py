@@ -2,7 +2,8 @@
 
 The tags come from :func:`~opacus_dmaudit.schema.record_scalars` (``step`` is the optimizer step):
 
-* ``privacy/epsilon``, ``privacy/mu_step`` (µ = 1/σ) and the measured ``privacy/*`` estimates; a
+* ``privacy/epsilon``, ``privacy/epsilon_measured`` (with ``_low``/``_high``, its 95 % interval),
+  ``privacy/mu_step`` (µ = 1/σ) and the membership test's ``privacy/*`` estimates; a
   value of ∞ (σ = 0) is written as text under the same tag, since a chart cannot show it;
   ``privacy/epsilon_note`` (text) says when ε carries no meaningful guarantee (ε > 100, or an
   RDP ε at the smallest order);
@@ -266,6 +267,10 @@ def record_scalars(record: AuditRecord) -> dict[str, float]:
     ``shadow/``: they describe the simulated adversary, not the trained model.
     """
     out: dict[str, Any] = {"privacy/epsilon": record.epsilon, "privacy/mu_step": record.mu_step}
+    # the run's ε measured from what it did (noise, sampling, steps), beside the accountant's
+    out["privacy/epsilon_measured"] = record.epsilon_measured
+    low, high = record.epsilon_measured_ci or (None, None)
+    out["privacy/epsilon_measured_low"], out["privacy/epsilon_measured_high"] = low, high
     for name, value in (record.privacy_measured or {}).items():
         out[f"privacy/{name}"] = value
     for key, value in record.means.items():

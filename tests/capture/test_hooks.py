@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from opacus_dmaudit import DMAuditor, ImprintBlock
-from tests.helpers import audited_run, imprint_model, make_private, small_cnn, train_steps
+from tests.helpers import (
+    audited_run,
+    imprint_model,
+    make_private,
+    private_training,
+    small_cnn,
+    train_steps,
+)
 
 FAST_METRICS = ("mse", "ssim")
 
@@ -140,8 +147,9 @@ def test_attach_errors_are_clear(mnist5k, tmp_path):
         auditor.attach(torch.optim.SGD(plain.parameters(), lr=0.1))
 
     _, opt, _, _ = make_private(small_cnn(), *mnist5k["private"])
-    with pytest.raises(ValueError, match="no ImprintBlock"):
-        auditor.attach(opt)
+    nothing = DMAuditor(log_dir=tmp_path / "none", metrics=FAST_METRICS, mechanism_checks=False)
+    with pytest.raises(ValueError, match="no ImprintBlock.*mechanism_checks=True"):
+        nothing.attach(opt)  # neither a block, nor shadow, nor the mechanism checks: nothing to do
 
     model = imprint_model(mnist5k["prior"][0][:500], num_bins=16)
     _, opt, _, _ = make_private(model, *mnist5k["private"])
@@ -156,3 +164,58 @@ def test_attach_errors_are_clear(mnist5k, tmp_path):
         DMAuditor(log_dir=tmp_path, sampler_min_stride=0)
     with pytest.raises(ValueError, match="unknown metrics"):
         DMAuditor(log_dir=tmp_path, metrics=("psnr", "fid"))
+
+
+# -- Opacus 1.6's other modes -----------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["mechanism", "shadow", "imprint"])
+def test_make_private_without_wrapping_the_model_is_audited(mnist5k, tmp_path, mode):
+    """make_private(..., wrap_model=False) (the Hugging Face path) hooks the user's own model and
+    returns a GradSampleHooks object; either may be given as model=."""
+    x, y = mnist5k["private"]
+    torch.manual_seed(0)
+    if mode == "imprint":
+        model = imprint_model(mnist5k["prior"][0][:500], num_bins=64)
+    else:
+        model = small_cnn()
+    p = private_training(model, x, y, sigma=1.0 if mode == "mechanism" else 0.01,
+                         wrap_model=False)  # fmt: skip
+    assert type(p.model).__name__ == "GradSampleHooks"
+    auditor = DMAuditor(privacy_engine=p.engine, log_dir=tmp_path, every_n_steps=2,
+                        metrics=FAST_METRICS, shadow=mode == "shadow",
+                        public=mnist5k["prior"][0][:500], tensorboard=False, report=False,
+                        save_images=False)  # fmt: skip
+    auditor.attach(p.optimizer, model=p.model if mode == "shadow" else model)
+    train_steps(model, p.optimizer, p.loader, 2)
+    auditor.close()
+    (record,) = auditor.history
+    assert record.mode == mode and record.valid is True, record.checks
+    assert {"noise_scale", "clipping", "sampling"} <= {c.name for c in record.checks}
+    if mode != "mechanism":
+        assert record.counts.lone_found >= 10  # images read through the unwrapped model
+
+
+def test_fsdp_is_refused_at_attach_with_what_is_supported(tmp_path):
+    """FSDP shards the sums the audit reads: a real FSDP optimizer (one process, gloo) is refused
+    with a message that says what is supported."""
+    import torch.distributed as dist
+    from opacus import PrivacyEngine
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        fully_shard(model)
+        data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(2, (64,)))
+        model, opt, _, _ = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=torch.utils.data.DataLoader(data, batch_size=8), noise_multiplier=1.0,
+            max_grad_norm=1.0, grad_sample_mode="ghost_fsdp", criterion=torch.nn.CrossEntropyLoss(),
+        )  # fmt: skip
+        auditor = DMAuditor(log_dir=tmp_path / "audit", tensorboard=False, report=False)
+        with pytest.raises(ValueError, match="FSDP.*not supported.*Supported: one process"):
+            auditor.attach(opt, model=model)
+        assert not (tmp_path / "audit" / "audit.jsonl").exists()
+    finally:
+        dist.destroy_process_group()

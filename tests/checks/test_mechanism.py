@@ -1,5 +1,6 @@
 """The DP mechanism checked at every audit, on real Opacus: bugs are caught, correct runs pass."""
 
+import contextlib
 import json
 import math
 
@@ -11,14 +12,20 @@ from opacus import PrivacyEngine
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.capture.hooks import GradientCapture
 from opacus_dmaudit.capture.step import CapturedStep
-from opacus_dmaudit.checks.mechanism import FALSE_ALARM, check_sampling, mechanism_checks
+from opacus_dmaudit.checks.mechanism import (
+    CHECK_NAMES,
+    FALSE_ALARM,
+    check_sampling,
+    mechanism_checks,
+)
 from opacus_dmaudit.checks.validity import validity_checks
 from opacus_dmaudit.errors import AuditCheckFailed
 from opacus_dmaudit.privacy.canaries import Canaries, one_run_epsilon_lower, one_run_p_value
 from opacus_dmaudit.privacy.empirical import epsilon_lower_bound, gaussian_mu
+from opacus_dmaudit.privacy.measured import RunEvidence
 from tests.helpers import imprint_model, private_training, small_cnn, train_steps
 
-MECHANISM = {"noise_scale", "noise_shape", "clipping", "sampling", "accountant"}
+MECHANISM = set(CHECK_NAMES)
 
 
 #: Opacus's adaptive clipping, starting at C = 1.
@@ -215,12 +222,19 @@ def test_correct_runs_pass_every_mechanism_check_over_200_audits(mnist5k):
         train_steps(model, opt, loader, 24, criterion=criterion, bmm=bmm)
         capture.detach()
         assert len(captured) == 24, name
+        run = RunEvidence()  # pooled as the pipeline pools: noise scale, sizes, noise signs
         for step in captured:
-            checks = validity_checks(step) + mechanism_checks(step)
+            run.add(step)
+            checks = validity_checks(step) + mechanism_checks(step, run)
             failed = [c for c in checks if c["status"] == "fail"]
             assert not failed, (name, step.step, failed)
             names = {c["name"] for c in checks}
-            assert {"noise_scale", "noise_shape", "sampling", "accountant"} <= names, name
+            expected = {"noise_scale", "noise_shape", "sampling", "accountant"}
+            if step is not captured[0]:
+                expected.add("noise_freshness")
+            if step.mechanism["noise"]["clean_sq"] > 0:  # an empty batch has nothing to scale
+                expected.add("normalisation")
+            assert expected <= names, (name, names)
             seen |= names
         audits += len(captured)
     assert audits >= 200
@@ -364,3 +378,246 @@ def test_demo_broken_noise_run_turns_its_report_red(tmp_path, capsys):
     assert "id='failed-checks'" in broken and "This audit is invalid" in broken
     report = json.loads((tmp_path / "sigma_1_broken" / "report.json").read_text())
     assert report["verdict"]["status"] == "invalid"
+
+
+# -- precision: tolerances from the dtypes actually used -------------------------------------------
+def _reduced_precision_steps(p, steps, *, autocast):
+    """DP-SGD steps with the forward under bf16 autocast (step and backward outside it, as
+    torch's AMP recipe has them) or in the model's own dtype."""
+    batches = iter(p.loader)
+    for _ in range(steps):
+        xb, yb = next(batches)
+        p.optimizer.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext():
+            out = p.model(xb)
+        torch.nn.functional.cross_entropy(out.float(), yb).backward()
+        p.optimizer.step()
+
+
+@pytest.mark.parametrize("precision", ["bf16 autocast", "bf16 model", "fp16 model", "float64"])
+def test_reduced_and_double_precision_give_no_false_failure(mnist5k, tmp_path, precision):
+    """A correct mechanism in bf16/fp16/float64: no check fails and strict training goes on;
+    clipping at 1.1 C is still caught under bf16 autocast (the tolerance is not blind)."""
+    x, y = mnist5k["private"]
+    dtype = {"bf16 model": torch.bfloat16, "fp16 model": torch.float16}.get(precision)
+    dtype = torch.float64 if precision == "float64" else dtype
+    torch.manual_seed(0)
+    model = small_cnn().to(dtype or torch.float32)
+    p = private_training(model, x.to(dtype or torch.float32), y, sigma=1.0)
+    auditor = _auditor(tmp_path, p.engine, p.optimizer, p.model, every=2, strict=True)
+    _reduced_precision_steps(p, 6, autocast=precision == "bf16 autocast")
+    auditor.close()
+    assert len(auditor.history) == 3
+    for record in auditor.history:
+        assert not record.failed_checks, record.failed_checks
+    clipping = auditor.history[-1].check("clipping")
+    assert clipping.status == "pass" and "tolerance" in clipping.detail
+    if precision == "bf16 autocast":
+        _clipping_at(p.optimizer, 1.1)
+        bad = _auditor(tmp_path / "bug", p.engine, p.optimizer, p.model, every=2)
+        _reduced_precision_steps(p, 2, autocast=True)
+        bad.close()
+        assert bad.history[-1].check("clipping").status == "fail"
+
+
+def _clipping_at(opt, factor):
+    original = opt.clip_and_accumulate
+
+    def clip():
+        bound = opt.max_grad_norm
+        opt.max_grad_norm = bound * factor
+        try:
+            original()
+        finally:
+            opt.max_grad_norm = bound
+
+    opt.clip_and_accumulate = clip
+
+
+# -- pooled noise_scale -----------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["6k-parameter CNN", "demo CNN"])
+def test_noise_at_097_is_caught_within_8_audits(mnist5k, tmp_path, monkeypatch, model):
+    """Each audit alone detects a deficit of about 4.6 % on 6k coordinates; pooled over the run's
+    audits the limit shrinks as 1/sqrt(audits), and 3 % less noise fails."""
+    from opacus_dmaudit.demo import digit_cnn
+
+    x, y = mnist5k["private"]
+    torch.manual_seed(0)
+    net = small_cnn() if model.startswith("6k") else digit_cnn()
+    p = private_training(net, x, y, sigma=1.0)
+    auditor = _auditor(tmp_path, p.engine, p.optimizer, p.model, every=1)
+    _halve_noise(monkeypatch, 0.97)
+    train_steps(p.model, p.optimizer, p.loader, 8, criterion=p.criterion)
+    auditor.close()
+    statuses = [r.check("noise_scale").status for r in auditor.history]
+    assert "fail" in statuses, statuses
+    last = auditor.history[-1].check("noise_scale")
+    assert last.values["pooled_audits"] == 8
+    assert last.values["detectable_pooled"] < 0.02 < last.values["detectable"]
+    assert last.values["pooled_value"] == pytest.approx(0.97, abs=0.01)
+    for record in auditor.history:  # every check says what it can detect at this size
+        for entry in record.checks:
+            if entry.name in ("noise_scale", "clipping", "sampling", "normalisation"):
+                assert entry.values.get("detectable") is not None, entry
+
+
+# -- bugs users hit ---------------------------------------------------------------------------------
+def test_noise_from_a_generator_reseeded_every_step_fails_freshness(mnist5k, tmp_path):
+    """Noise drawn again from a re-seeded generator has the right scale and shape; only its
+    repetition across steps shows (fixed-position noise signs, the step before each audit)."""
+    x, y = mnist5k["private"]
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    p = private_training(small_cnn(), x, y, sigma=1.0, noise_generator=generator)
+    auditor = _auditor(tmp_path, p.engine, p.optimizer, p.model, every=5)
+
+    def reseed(step):
+        if step >= 7:  # "reproducible" noise, reset after every step
+            generator.manual_seed(1)
+
+    train_steps(p.model, p.optimizer, p.loader, 10, reseed, criterion=p.criterion)
+    auditor.close()
+    before, after = auditor.history
+    assert before.check("noise_freshness").status == "pass"
+    fresh = after.check("noise_freshness")
+    assert fresh.status == "fail" and fresh.value == pytest.approx(1.0), fresh
+    assert {"noise_scale", "noise_shape"} <= {c.name for c in after.checks if c.status == "pass"}
+
+
+def _divide_by_actual_batch(opt):
+    """The noised sum divided by the batch's actual size instead of the expected one."""
+
+    def scale_grad():
+        size = next(len(p.grad_sample) for p in opt.params if p.grad_sample is not None)
+        for p in opt.params:
+            p.grad /= size * opt.accumulated_iterations
+
+    opt.scale_grad = scale_grad
+
+
+def test_normalising_by_the_actual_batch_size_fails(mnist5k, tmp_path):
+    """opacus#571/#819's mechanism at its extreme: a divisor that depends on the data. The noise
+    scale then follows D/B; the check names the batch size it was divided by."""
+    x, y = mnist5k["private"]
+    model = imprint_model(mnist5k["prior"][0][:1000], num_bins=128)
+    p = private_training(model, x, y, sigma=1.0)
+    auditor = _auditor(tmp_path, p.engine, p.optimizer, p.model, every=3, imprint=True)
+
+    def start(step):
+        if step == 4:
+            _divide_by_actual_batch(p.optimizer)
+
+    train_steps(p.model, p.optimizer, p.loader, 6, start, criterion=p.criterion)
+    auditor.close()
+    before, after = auditor.history
+    assert before.check("normalisation").status == "pass"
+    entry = after.check("normalisation")
+    assert entry.status == "fail", entry
+    assert f"actual size {after.batch_size}" in entry.detail
+
+
+def test_a_divisor_that_changes_with_one_record_warns():
+    """⌊N·q⌋ at N = 5000, q = 1/20 is 250, at N − 1 it is 249: the released gradient's scale
+    tells the two apart (opacus#571, #819)."""
+    from opacus_dmaudit.checks.normalisation import normaliser_changes
+
+    assert normaliser_changes(5000, 1 / 20)
+    assert not normaliser_changes(1000, 1 / 16)  # N·q = 62.5
+    assert not normaliser_changes(None, 1 / 16)
+
+
+def _weighted_loader(x, y, *, num_samples, batch_size):
+    """A class-balancing WeightedRandomSampler, as in opacus#813."""
+    counts = torch.bincount(y, minlength=10).float()
+    weights = (1.0 / counts)[y]
+    sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples, replacement=True)
+    data = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler)
+
+
+@pytest.mark.parametrize(
+    "case,status",
+    [
+        ("WeightedRandomSampler (opacus#813)", "fail"),
+        ("WeightedRandomSampler at the mean rate", "warn"),
+        ("data loader replaced after make_private", "fail"),
+    ],
+)
+def test_a_sampler_that_is_not_poisson_at_the_accountants_rate(mnist5k, tmp_path, case, status):
+    from opacus import PrivacyEngine
+
+    x, y = mnist5k["private"]
+    torch.manual_seed(0)
+    model = small_cnn()
+    engine = PrivacyEngine(accountant="rdp")
+    if case.startswith("WeightedRandomSampler"):
+        # num_samples=128 in batches of 16: Opacus takes q = 1/8 from len(loader) (#813)
+        size = (128, 16) if "813" in case else (1000, 64)
+        loader = _weighted_loader(x, y, num_samples=size[0], batch_size=size[1])
+        poisson = False  # the user's sampler is kept
+    else:
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+        poisson = True
+    model, opt, private_loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=poisson,
+    )  # fmt: skip
+    if case.startswith("data loader"):  # the user keeps training on a loader of their own
+        private_loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, y), batch_size=128, shuffle=True
+        )
+    auditor = _auditor(tmp_path, engine, opt, model, every=8 if "mean" in case else 2)
+    train_steps(model, opt, private_loader, 8 if "mean" in case else 2)
+    auditor.close()
+    first = auditor.history[0].check("sampling")
+    assert first.status == status, first
+    assert (
+        auditor.history[0].epsilon_measured_basis["sample_rate"]
+        != pytest.approx(auditor.history[0].sample_rate, rel=0.05)
+        or status == "warn"
+    )
+
+
+def test_an_accountant_restored_from_its_length_fails(mnist5k, tmp_path):
+    """opacus#834: len(accountant) counts history entries, not steps. An accountant restored
+    from it after a checkpoint leaves steps out of ε; the auditor, resumed from its own state,
+    knows how many steps were taken."""
+    x, y = mnist5k["private"]
+    torch.manual_seed(0)
+    p = private_training(small_cnn(), x, y, sigma=1.0)
+    first = _auditor(tmp_path, p.engine, p.optimizer, p.model, every=5)
+    train_steps(p.model, p.optimizer, p.loader, 10, criterion=p.criterion)
+    state = first.state_dict()
+    first.close()
+    sigma, q, _ = p.engine.accountant.history[-1]
+    p.engine.accountant.history = [(sigma, q, len(p.engine.accountant))]  # 1 "step"
+    resumed = DMAuditor(privacy_engine=p.engine, log_dir=tmp_path, every_n_steps=5,
+                        metrics=("mse",), tensorboard=False, report=False, save_images=False)  # fmt: skip
+    resumed.load_state_dict(state)
+    resumed.attach(p.optimizer, model=p.model)
+    train_steps(p.model, p.optimizer, p.loader, 5, criterion=p.criterion)
+    resumed.close()
+    entry = resumed.history[-1].check("accountant")
+    assert entry.status == "fail" and "opacus#834" in entry.detail, entry
+    assert "6 steps in all" in entry.detail and "taken 15" in entry.detail
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_secure_mode_is_stated_in_the_run_file(mnist5k, tmp_path, secure):
+    from opacus import PrivacyEngine
+
+    x, y = mnist5k["private"]
+    engine = PrivacyEngine(accountant="rdp")
+    engine.secure_mode = secure  # PrivacyEngine(secure_mode=True) needs torchcsprng to seed
+    model = small_cnn()
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), 64),
+        noise_multiplier=1.0, max_grad_norm=1.0,
+    )  # fmt: skip
+    auditor = _auditor(tmp_path, engine, opt, model, every=2)
+    train_steps(model, opt, loader, 2)
+    auditor.close()
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["secure_mode"] is secure
+    assert auditor.history[-1].epsilon_measured_basis["secure_mode"] is secure

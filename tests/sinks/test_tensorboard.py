@@ -9,7 +9,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from opacus_dmaudit import DMAuditor, read_audit_log
-from tests.helpers import audited_run, imprint_model, make_private, train_steps
+from tests.helpers import (
+    audited_run,
+    imprint_model,
+    make_private,
+    private_training,
+    small_cnn,
+    train_steps,
+)
 
 
 def _events(path):
@@ -105,3 +112,26 @@ def test_resume_continues_the_log_without_duplicates_or_gaps(mnist5k, tmp_path):
     assert [r.step for r in resumed.history] == [2, 4, 6, 8, 10]
     # TensorBoard holds each audit once: the crashed run's step-6 audit is purged on resume
     assert [e.step for e in _events(tmp_path).Scalars("quality/raw/mse")] == [2, 4, 6, 8, 10]
+
+
+def test_the_measured_epsilon_is_charted_beside_the_accountants(mnist5k, tmp_path):
+    """``privacy/epsilon_measured`` (and its interval) next to ``privacy/epsilon``, per audit."""
+    x, y = mnist5k["private"]
+    p = private_training(small_cnn(), x, y, sigma=1.0)
+    auditor = DMAuditor(privacy_engine=p.engine, log_dir=tmp_path, every_n_steps=2,
+                        metrics=("mse",), report=False, save_images=False)  # fmt: skip
+    auditor.attach(p.optimizer, model=p.model)
+    train_steps(p.model, p.optimizer, p.loader, 4, criterion=p.criterion)
+    auditor.close()
+    acc = _events(tmp_path)
+    for tag in ("privacy/epsilon", "privacy/epsilon_measured"):
+        assert [e.step for e in acc.Scalars(tag)] == [2, 4], tag
+    for record, low, mid, high in zip(
+        auditor.history,
+        acc.Scalars("privacy/epsilon_measured_low"),
+        acc.Scalars("privacy/epsilon_measured"),
+        acc.Scalars("privacy/epsilon_measured_high"),
+    ):
+        assert mid.value == pytest.approx(record.epsilon_measured, rel=1e-6)
+        assert [low.value, high.value] == pytest.approx(record.epsilon_measured_ci, rel=1e-6)
+        assert low.value <= record.epsilon <= high.value  # a correct run

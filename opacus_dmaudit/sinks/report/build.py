@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ...privacy.measured import measured_rows
 from ..audit_log import read_audit_log
 from ..logdir import LogDir, load_images, package_versions, write_private
 from ..summary import RunSummary, summarize
@@ -106,7 +107,8 @@ def build_report(log_dir: str | os.PathLike) -> tuple[Path, Path]:
         "notice": PRIVATE_NOTICE,
         "config": config,
         "versions": versions,
-        "privacy": privacy_table(summary),
+        # the run's ε measured beside the accountant's (opacus_dmaudit.privacy.measured)
+        "privacy": {**privacy_table(summary), **measured_rows(records)},
         "summary": summary.to_json(),
         "valid": summary.valid,
         "verdict": summary.verdict.to_json(),
