@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "CHECK_STATUSES",
+    "FALSE_ALARM",
     "status_rank",
     "check",
     "worst_status",
@@ -23,6 +24,9 @@ __all__ = [
 ]
 
 CHECK_STATUSES = ("pass", "warn", "fail")
+
+#: Per-check probability of a false ``fail`` (or sampling ``warn``) on a correct mechanism.
+FALSE_ALARM = 1e-6
 _RANK = {status: i for i, status in enumerate(CHECK_STATUSES)}
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .entries import check
+from .entries import FALSE_ALARM, check
 
 if TYPE_CHECKING:
     from ..capture.step import CapturedStep
@@ -58,7 +58,6 @@ def _p_value(agree: int, m: int) -> float:
 def check_noise_freshness(captured: CapturedStep, run: Any = None) -> dict[str, Any] | None:
     """``fail`` when this step's noise agrees in sign with another step's more (or less) than
     independent noise can; ``None`` without signs to compare."""
-    from .mechanism import FALSE_ALARM
 
     stats = (captured.mechanism or {}).get("noise")
     if not stats or stats.get("signs") is None or not stats["expected_std"] > 0:

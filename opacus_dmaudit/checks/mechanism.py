@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from ..capture.mechanism import SUM_TOLERANCE, TOLERANCE_UNITS, rounding_unit
-from .entries import check
+from .entries import FALSE_ALARM, check
 from .freshness import check_noise_freshness
 from .normalisation import check_normalisation
 
@@ -77,8 +77,6 @@ CHECK_NAMES = (
     "normalisation",
 )
 
-#: Per-check probability of a false ``fail`` (or sampling ``warn``) on a correct mechanism.
-FALSE_ALARM = 1e-6
 
 #: A contribution may exceed C by this relative amount (float32 round-off of norms and factors);
 #: lower precisions allow :data:`~opacus_dmaudit.capture.mechanism.TOLERANCE_UNITS` round-offs.

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from .entries import check
+from .entries import FALSE_ALARM, check
 
 if TYPE_CHECKING:
     from ..capture.step import CapturedStep
@@ -84,8 +84,6 @@ def check_normalisation(captured: CapturedStep, run: Any = None) -> dict[str, An
     audits whose noise scales differ as their batch sizes do tell the normalisation apart from
     noise scaled by one constant."""
     from scipy import stats as st
-
-    from .mechanism import FALSE_ALARM
 
     mech = captured.mechanism or {}
     noise = mech.get("noise")

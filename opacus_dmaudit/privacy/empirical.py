@@ -262,7 +262,7 @@ class EmpiricalPrivacy:
 
     def add(self, captured: CapturedStep) -> dict[str, Any] | None:
         """Add one audited step's scores; returns them for the record (``None``: none)."""
-        from .measured import encode_floats
+        from .packing import encode_floats
 
         scores = membership_scores(captured)
         if scores is None:
@@ -293,7 +293,7 @@ class EmpiricalPrivacy:
 
     def restore(self, records) -> None:
         """Pool the scores kept in records written before a resume (oldest first)."""
-        from .measured import decode_floats
+        from .packing import decode_floats
 
         for record in records:
             part = (getattr(record, "evidence", None) or {}).get("membership")

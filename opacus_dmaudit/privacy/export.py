@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .measured import decode_floats
+from .packing import decode_floats
 
 __all__ = ["export_scores", "DESCRIPTION"]
 

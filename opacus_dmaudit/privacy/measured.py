@@ -30,13 +30,13 @@ The evidence is pooled by :class:`RunEvidence`, whose per-audit part goes into e
 
 from __future__ import annotations
 
-import base64
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .packing import decode_signs, encode_signs
 from .reaccount import rescaled_epsilons
 from .tradeoff import auroc, gaussian_tradeoff, roc_points, tpr_at_fpr
 
@@ -47,10 +47,6 @@ __all__ = [
     "RunEvidence",
     "measured_epsilon",
     "step_evidence",
-    "encode_floats",
-    "decode_floats",
-    "encode_signs",
-    "decode_signs",
     "ASSUMES",
     "CANNOT_SEE",
     "measured_rows",
@@ -79,35 +75,6 @@ CANNOT_SEE = (
     "per-record sampling rates (weighted sampling at the right mean rate)",
     "whether the noise generator is cryptographically secure (secure_mode)",
 )
-
-
-# -- compact encodings for the log --------------------------------------------------------------
-def encode_floats(values) -> str:
-    """float32 values as base64 (little-endian), for the audit log."""
-    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
-
-
-def decode_floats(text: str) -> np.ndarray:
-    """The float64 values :func:`encode_floats` wrote."""
-    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(float)
-
-
-def encode_signs(signs) -> str:
-    """Signs in {−1, 0, +1} as base64 of two bit planes (known, positive)."""
-    signs = np.asarray(signs, dtype=np.int8)
-    planes = np.concatenate([np.packbits(signs != 0), np.packbits(signs > 0)])
-    return f"{signs.size}:" + base64.b64encode(planes.tobytes()).decode("ascii")
-
-
-def decode_signs(text: str) -> np.ndarray:
-    """The signs :func:`encode_signs` wrote (int8)."""
-    size, data = text.split(":", 1)
-    n = int(size)
-    planes = np.frombuffer(base64.b64decode(data), dtype=np.uint8)
-    half = planes.size // 2
-    known = np.unpackbits(planes[:half])[:n].astype(bool)
-    positive = np.unpackbits(planes[half:])[:n].astype(bool)
-    return np.where(known, np.where(positive, 1, -1), 0).astype(np.int8)
 
 
 # -- one audit's evidence -----------------------------------------------------------------------
