@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import timing
 from ._opacus import (
     accountant_history,
     expected_batch_size,
@@ -158,6 +159,9 @@ class DMAuditor:
         self._last_step = 0  # optimizer steps seen by the last capture, kept after detach
         self._told: set[str] = set()  # failed checks already logged as warnings
         self._summary: RunSummary | None = None  # set by close()
+        # where the time went (opacus_dmaudit.timing): per audit, and at attach
+        self.stage_times: list[timing.StageTimes] = []
+        self.attach_times: timing.StageTimes | None = None
         # what an audit computes (checks, scoring, privacy numbers, the record)
         self.pipeline = AuditPipeline(
             config=config, prior=self.prior, lpips=self.lpips, generator=self.generator
@@ -237,7 +241,8 @@ class DMAuditor:
             self._capture = capture
             return self
         # once, before training goes on: the shadow adversary, κ̂, the prior's fit on public data
-        self.pipeline.prepare(block, mode=mode)
+        with timing.measure() as self.attach_times:
+            self.pipeline.prepare(block, mode=mode)
         if self.config.background:
             self._worker = AuditWorker()
         self._open_sinks(capture)
@@ -498,12 +503,15 @@ class DMAuditor:
             self._score_and_log(captured)
 
     def _score_and_log(self, captured: CapturedStep, accountant=None) -> AuditResult | None:
-        try:
-            result = self.audit(captured, accountant=accountant)
-        except Exception:  # the audit must never take training down
-            logger.exception("audit of step %d failed; training continues", captured.step)
-            return None
-        self._emit(result)
+        with timing.measure() as times:
+            try:
+                result = self.audit(captured, accountant=accountant)
+            except Exception:  # the audit must never take training down
+                logger.exception("audit of step %d failed; training continues", captured.step)
+                return None
+            with timing.stage("sinks"):
+                self._emit(result)
+        self.stage_times.append(times)
         self._tell_failures(result.record)
         if self.config.strict:
             raise_on_failure(captured.step, [c.to_json() for c in result.record.checks])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from .score.baseline import Baseline, estimate_kappa
 from .score.identification import identification_rates
 from .score.metrics import LPIPS
 from .score.scoring import ScoredStep, score_step
+from .timing import stage
 
 __all__ = ["AuditPipeline", "AuditResult"]
 
@@ -126,7 +128,8 @@ class AuditPipeline:
                 else ShadowAdversary(public=self.config.public)
             )
         self.baseline = self._measure_baseline(block)
-        self.prior_fit = self._fit_prior_public(block)
+        with stage("prior fit"):
+            self.prior_fit = self._fit_prior_public(block)
 
     def _public_images(self, block: ImprintBlock | None) -> tuple[torch.Tensor | None, str]:
         """The run's public images: ``config.public``, else what ``calibrate`` kept."""
@@ -165,15 +168,16 @@ class AuditPipeline:
             )
             return None
         try:
-            return estimate_kappa(
-                public,
-                metric=self.config.success_metric,
-                threshold=self.config.success_threshold,
-                value_range=self._value_range(block),
-                lpips=self.lpips,
-                prior=self.prior,
-                seed=self.config.seed,
-            )
+            with stage("κ̂"):
+                return estimate_kappa(
+                    public,
+                    metric=self.config.success_metric,
+                    threshold=self.config.success_threshold,
+                    value_range=self._value_range(block),
+                    lpips=self.lpips,
+                    prior=self.prior,
+                    seed=self.config.seed,
+                )
         except Exception:  # the baseline is context; it must never stop training
             logger.exception("measuring the baseline κ̂ failed; the bounds use κ = 1/N")
             return None
@@ -225,37 +229,58 @@ class AuditPipeline:
             mode: ``"imprint"``, ``"shadow"`` or ``"mechanism"`` (recorded).
             expected_batch_size: the optimizer's expected batch size (for κ = 1/N).
         """
+        # the metrics, the identification criterion and the prior-fit check score the same
+        # images: LPIPS computes each image's features once per audit
+        shared = self.lpips.shared_features() if self.lpips is not None else nullcontext()
+        with shared:
+            return self._run(
+                captured, accountant=accountant, mode=mode, expected_batch_size=expected_batch_size
+            )
+
+    def _run(
+        self,
+        captured: CapturedStep,
+        *,
+        accountant,
+        mode: str | None,
+        expected_batch_size: int | None,
+    ) -> AuditResult:
         start = time.perf_counter()
         scored = None
-        if captured.imprint is None and self.shadow is not None:
-            captured = self.shadow.simulate(captured, generator=self.generator)
-        if captured.imprint is not None:
-            scored = score_step(
-                captured,
-                self.config,
-                prior=self.prior,
-                lpips=self.lpips,
-                generator=self.generator,
-            )
-        checks = validity_checks(captured)
-        if self.config.mechanism_checks:
-            checks = checks + mechanism_checks(captured)
-        fit_checks, fit_summary = self._prior_fit_checks(scored)
-        measured = self.empirical.estimate() if self.empirical.add(captured) else None
+        with stage("readout"):  # the prior and the metrics inside mark their own time
+            if captured.imprint is None and self.shadow is not None:
+                captured = self.shadow.simulate(captured, generator=self.generator)
+            if captured.imprint is not None:
+                scored = score_step(
+                    captured,
+                    self.config,
+                    prior=self.prior,
+                    lpips=self.lpips,
+                    generator=self.generator,
+                )
+        with stage("checks"):
+            checks = validity_checks(captured)
+            if self.config.mechanism_checks:
+                checks = checks + mechanism_checks(captured)
+        with stage("prior fit"):
+            fit_checks, fit_summary = self._prior_fit_checks(scored)
+        with stage("privacy"):
+            measured = self.empirical.estimate() if self.empirical.add(captured) else None
         parts = {
             "checks": [CheckEntry.from_json(c) for c in checks + fit_checks],
             "prior_fit": fit_summary,
             "privacy_measured": measured,
         }
-        record = self._record(
-            captured,
-            scored,
-            parts,
-            accountant=accountant,
-            mode=mode,
-            expected_batch_size=expected_batch_size,
-            seconds=time.perf_counter() - start,
-        )
+        with stage("privacy"):  # ε, κ, the bounds; identification marks its own time
+            record = self._record(
+                captured,
+                scored,
+                parts,
+                accountant=accountant,
+                mode=mode,
+                expected_batch_size=expected_batch_size,
+                start=start,
+            )
         if scored is None:
             empty = torch.zeros((0,))
             return AuditResult(record, empty, empty, empty, None)
@@ -318,7 +343,7 @@ class AuditPipeline:
         accountant,
         mode: str | None,
         expected_batch_size: int | None,
-        seconds: float,
+        start: float,
     ) -> AuditRecord:
         """The record of one audit, built once (its fields: :class:`~.record.AuditRecord`)."""
         cfg = self.config
@@ -363,7 +388,7 @@ class AuditPipeline:
             checks=parts["checks"],
             valid=validity(parts["checks"]),
             prior_fit=parts["prior_fit"],
-            audit_seconds=seconds,
+            audit_seconds=time.perf_counter() - start,
         )
 
     def _scores(self, captured: CapturedStep, scored: ScoredStep) -> dict[str, Any]:
@@ -385,12 +410,17 @@ class AuditPipeline:
                 stage: (n / batch if batch else None) for stage, n in scored.success.items()
             },
             # the share of the batch whose reconstruction is nearest its own image
-            "identification": identification_rates(
-                scored, captured, metric=cfg.success_metric, lpips=self.lpips
-            ),
+            "identification": self._identification(scored, captured),
             "images": images,
             "missed": [MissedImage.from_json(m) for m in scored.missed],
         }
+
+    def _identification(self, scored: ScoredStep, captured: CapturedStep) -> dict[str, Any]:
+        """The share of the batch whose reconstruction is nearest its own image, per stage."""
+        with stage("identification"):
+            return identification_rates(
+                scored, captured, metric=self.config.success_metric, lpips=self.lpips
+            )
 
     def _denoiser(self) -> dict[str, Any] | None:
         """How the DM reconstructions were made (``None`` without a prior)."""
