@@ -111,7 +111,7 @@ def _ladder_html(run_dirs: list[Path], summaries: list[RunSummary]) -> str:
         else "Where a run did not see an image, its column shows the closest image that run saw,"
         " marked “closest equivalent”."
     )
-    parts = [f"<p class='small'>{esc(note)}</p>"]
+    parts = [f"<p class='small'>{esc(note)}</p><div class='ladders'>"]
     for n, (_, cells) in enumerate(rows):
         cols = [
             _ladder_cell(cell, d.name, s, metric)
@@ -123,7 +123,7 @@ def _ladder_html(run_dirs: list[Path], summaries: list[RunSummary]) -> str:
             + "".join(cols)
             + "</div>"
         )
-    return "".join(parts)
+    return "".join(parts) + "</div>"
 
 
 def _ladder_cell(cell, name: str, s: RunSummary, metric: str | None) -> str:

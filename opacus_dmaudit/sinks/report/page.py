@@ -72,6 +72,7 @@ _STYLE = (
     ".pic.unfaithful img{outline:2px dashed #b02a37}"
     "figure.panel>figcaption{font-size:.7em;line-height:1.2;color:#222;margin-top:.15em}"
     "figure.panel>figcaption .flag{color:#b02a37;font-weight:bold}"
+    ".ladders{display:flex;flex-wrap:wrap;gap:.3em 1.2em}"
     ".ladder{display:flex;gap:.3em;align-items:flex-start;margin:.3em 0;max-width:100%;"
     "overflow-x:auto}.rowlabels{display:flex;flex-direction:column;font-size:.7em;color:#555}"
     ".rowlabels span{height:58px;margin-bottom:2px;display:flex;align-items:center}"
