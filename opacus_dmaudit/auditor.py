@@ -173,11 +173,14 @@ class DMAuditor:
         self.config = config
         self.prior = self._load_prior(config.prior)
         self.privacy_engine = privacy_engine
+        from .sinks.summary import summarize
+
         self._out = AuditOutputs(
             log_dir,
             writer=writer,
             tensorboard=config.tensorboard,
             save_images=config.save_images,
+            summarize=summarize,  # TensorBoard's verdict of the run so far
         )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.lpips = None

@@ -109,6 +109,8 @@ class TensorBoardSink:
             are hidden (TensorBoard's restart marker), so each audit shows once.
         max_columns: most recovered images in one image grid.
         own: called with each event file the sink creates (the auditor lists its own files).
+        summarize: :func:`~.summary.summarize` (records -> run summary), for the ``verdict``
+            text at each audit; without it no verdict text is written.
     """
 
     def __init__(
@@ -119,7 +121,9 @@ class TensorBoardSink:
         purge_step: int | None = None,
         max_columns: int = 16,
         own: Callable[[Path], None] | None = None,
+        summarize: Callable[[list[AuditRecord]], Any] | None = None,
     ) -> None:
+        self._summarize = summarize
         if log_dir is None:
             raise ValueError("give the auditor's log_dir (its private event file goes there)")
         self.log_dir = Path(log_dir)
@@ -236,10 +240,10 @@ class TensorBoardSink:
 
     def _verdict(self, record: AuditRecord) -> None:
         """The verdict of the run so far and the checks failed so far, as text."""
-        from .summary import summarize
-
+        if self._summarize is None:
+            return
         self._records.append(record)
-        summary = summarize(self._records)
+        summary = self._summarize(self._records)
         verdict = summary.verdict
         lines = [f"**{verdict.headline}**" if verdict is not None else "**No verdict yet.**"]
         failed = summary.failed_checks
