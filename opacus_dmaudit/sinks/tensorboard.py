@@ -15,7 +15,8 @@ The tags come from :func:`~opacus_dmaudit.schema.record_scalars` (``step`` is th
   caption as text under the same tag (which bin each column is, its score, unfaithful DM);
 * ``verdict`` (text, each audit): the verdict of the run so far in one sentence and the checks
   that failed so far (:func:`~.summary.summarize` over the audits this sink has logged);
-* ``privacy/membership_roc`` (an image of the curve, each audit) when the record carries the
+* ``privacy/membership_roc`` (an image of the curve, each audit, in the auditor's own event file
+  beside the grids) when the record carries the
   membership test's ROC points (``privacy_measured["roc_points"]``; issue 20 adds them);
 * shadow audits (a simulated adversary) write their ``quality/*``, ``detection/*`` and image tags
   under ``shadow/`` instead;
@@ -263,8 +264,10 @@ class TensorBoardSink:
         points = roc_points(record)
         if points is None:
             return
-        self.writer.add_image("privacy/membership_roc", roc_image(points, record.step), record.step)
-        self.writer.add_text(
+        # beside the image grids: a user's run gets scalars and text only, never an image
+        writer = self.images_writer()
+        writer.add_image("privacy/membership_roc", roc_image(points, record.step), record.step)
+        writer.add_text(
             "privacy/membership_roc",
             f"Membership test ROC at step {record.step} ({len(points[0])} points; the diagonal is "
             "chance, the claimed ε bounds how far above it any test can be).",
