@@ -1,7 +1,8 @@
 """Cost of auditing: DP-SGD training with and without the auditor, side by side.
 
     python benchmarks/overhead.py            # quick: 6 configurations, 1 round of 10 steps, batch 64
-    python benchmarks/overhead.py --full     # all 11 configurations, 5 rounds of 200 steps, batch 256
+    python benchmarks/overhead.py --full     # 8 configurations, 3 rounds of 200 steps, batch 256
+    python benchmarks/overhead.py --full --device cuda   # the same on a GPU (named in the table)
 
 The quick mode is a smoke run of the machinery (the test suite runs it); its ratios are too noisy
 to quote. Only ``--full`` (or ``--rounds``/``--steps`` chosen to match) gives the table in
@@ -20,9 +21,15 @@ recovered image with the default embedded prior and the auditor's default sample
 identical runs differ on this machine (every timed run is preceded by a few untimed plain steps,
 so none inherits a heavier predecessor's memory state). The "+ prior" rows include the per-audit
 prior-fit check (a few lone images re-noised and restored, see ``opacus_dmaudit.prior_fit``); its
-share of each audit's time is the last column. The "(bg)" rows score audits in the background
+share of each audit's time is the last column. A second table breaks each audited
+configuration's audits down by stage (:mod:`opacus_dmaudit.timing`: readout, prior, metrics,
+prior fit, κ̂, identification, checks, privacy, sinks; seconds per audit, medians over rounds),
+gives the prior's own model calls as a share of an audit, and compares the first and the last
+quarter of each run's audits (a per-audit cost that grows with the run's history shows there).
+The attach-time work (the prior's fit on public images, κ̂) is broken down apart. The "(bg)" rows score audits in the background
 worker (``background=True``) while training goes on. Targets: capture only ≤ 1.02×, an audit
-every 50 steps with the prior ≤ 1.25×; audit + prior every 10 in the background ≤ 1.25× where
+every 50 steps with the prior ≤ 1.25×, every 10 ≤ 2×, the prior's own model calls ≥ 75 % of an
+audit, per-audit cost flat in the run's length; audit + prior every 10 in the background ≤ 1.25× where
 the machine has spare cores or a GPU.
 """
 
@@ -45,16 +52,14 @@ from torch import nn
 from opacus_dmaudit import DMAuditor, ImprintBlock
 from opacus_dmaudit.assets.data import mnist_5k_split
 from opacus_dmaudit.assets.models import small_cnn
+from opacus_dmaudit.timing import STAGE_ORDER
 
 #: Every configuration: name -> (audit every, with the prior, background). ``--full`` runs all.
 CONFIGS: dict[str, tuple[int | None, bool, bool]] = {
     "plain Opacus": (None, False, False),
     "plain again (A/A)": (None, False, False),
     "capture only": (10**9, False, False),
-    "audit every 200": (200, False, False),
-    "audit every 50": (50, False, False),
     "audit every 10": (10, False, False),
-    "+ prior every 200": (200, True, False),
     "+ prior every 50": (50, True, False),
     "+ prior every 10": (10, True, False),
     "+ prior every 50 (bg)": (50, True, True),
@@ -78,7 +83,7 @@ QUICK = {
     "attach_checks": False,
 }
 FULL = {
-    "rounds": 5,
+    "rounds": 3,
     "steps": 200,
     "batch_size": 256,
     "configs": tuple(CONFIGS),
@@ -165,6 +170,12 @@ def train(
     ]
     audits = len(auditor.history) if auditor is not None else 0
     return {
+        "stages": [t.to_json() for t in auditor.stage_times] if auditor is not None else [],
+        "attach_stages": (
+            auditor.attach_times.to_json()
+            if auditor is not None and auditor.attach_times is not None
+            else {}
+        ),
         "wall": wall,
         "cpu": cpu,
         "steps": step_times,
@@ -225,8 +236,69 @@ def print_table(times: dict[str, list[dict]], *, file=sys.stdout) -> None:
         f"targets: capture only {at(steady, 'capture only')} on non-audit steps, "
         f"{at(ratio, 'capture only')} whole run (<= 1.02x); "
         f"audit every 50 with the prior {at(ratio, '+ prior every 50')} (<= 1.25x); "
-        f"every 10 with the prior {at(ratio, '+ prior every 10')} synchronous, "
+        f"every 10 with the prior {at(ratio, '+ prior every 10')} synchronous (<= 2x), "
         f"{at(ratio, '+ prior every 10 (bg)')} in the background (<= 1.25x with spare cores)"
+    )
+
+
+def _stage_medians(runs: list[dict], key: str = "stages") -> dict[str, float]:
+    """Per stage: the median over runs of the mean seconds per audit (or of the attach work)."""
+    per_run = []
+    for r in runs:
+        audits = r[key] if key == "stages" else [r[key]] if r[key] else []
+        if audits:
+            names = {n for a in audits for n in a}
+            per_run.append({n: statistics.fmean(a.get(n, 0.0) for a in audits) for n in names})
+    if not per_run:
+        return {}
+    names = {n for run in per_run for n in run}
+    return {n: statistics.median(run.get(n, 0.0) for run in per_run) for n in names}
+
+
+def _quarters(runs: list[dict]) -> tuple[float, float] | None:
+    """Median over runs of the mean audit seconds in the first and the last quarter of audits."""
+    first, last = [], []
+    for r in runs:
+        totals = [a["total"] for a in r["stages"]]
+        if len(totals) >= 4:
+            q = len(totals) // 4
+            first.append(statistics.fmean(totals[:q]))
+            last.append(statistics.fmean(totals[-q:]))
+    if not first:
+        return None
+    return statistics.median(first), statistics.median(last)
+
+
+def print_stages(times: dict[str, list[dict]], *, device: str, file=sys.stdout) -> None:
+    """Where an audit's time goes, per audited configuration (seconds per audit)."""
+    out = functools.partial(print, file=file)
+    cols = [s for s in STAGE_ORDER]
+    out(f"per-audit cost by stage, seconds per audit (device {device}):")
+    out(
+        f"{'configuration':<22} "
+        + " ".join(f"{c:>8}" for c in cols + ["total"])
+        + "  model%  q1→q4 s"
+    )
+    for name, runs in times.items():
+        med = _stage_medians(runs)
+        if not med:
+            continue
+        total = med.get("total", 0.0)
+        share = med.get("model calls", 0.0) / total if total else float("nan")
+        quarters = _quarters(runs)
+        flat = f"{quarters[0]:.2f}→{quarters[1]:.2f}" if quarters else "-"
+        vals = " ".join(f"{med.get(c, 0.0):>8.3f}" for c in cols + ["total"])
+        out(f"  {name:<22} {vals} {share:>6.0%}  {flat}")  # indented: not a ratio row
+    attach = _stage_medians(times.get("+ prior every 50", []), "attach_stages")
+    if attach:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(attach.items()) if v >= 0.005)
+        out(f"attach-time work (+ prior every 50), seconds: {parts}")
+    out(
+        "(exclusive seconds per stage: a stage nested in another counts only towards the inner one;\n"
+        " readout: reading the bins out (shadow simulation included); prior: the DM reconstruction;\n"
+        " privacy: ε, κ, bounds and the empirical estimates; other: time in no stage; model%: the\n"
+        " prior's own model calls as a share of an audit (target >= 75%); q1→q4: mean audit seconds\n"
+        " in the first and last quarter of a run's audits (flat: the cost does not grow with history))"
     )
 
 
@@ -303,11 +375,13 @@ def main(argv=None) -> int:
                 print(f"after round {r + 1} of {rounds}:", file=sys.stderr)
                 print_table(times, file=sys.stderr)
     print(
-        f"steps per run: {steps}, rounds: {rounds}, batch {batch_size}, σ = {args.sigma}, "
+        f"device {args.device}; steps per run: {steps}, rounds: {rounds}, batch {batch_size}, "
+        f"σ = {args.sigma}, "
         f"torch threads: {torch.get_num_threads()}, max_images {max_images or 'all'}, "
         f"attach-time checks {'on' if attach_checks else 'off'}"
     )
     print_table(times)
+    print_stages(times, device=args.device)
     cores = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "none"
     print(f"hardware: device {args.device}; {cores}; GPU: {gpu}; torch {torch.__version__}")

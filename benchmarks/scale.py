@@ -48,7 +48,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (its examples/)
 QUICK = {"sizes": (32,), "batch": 16, "bins": 128, "steps": 4, "every": 2}
-FULL = {"sizes": (32, 64, 128, 256), "batch": 64, "bins": 128, "steps": 7, "every": 3}
+FULL = {"sizes": (32, 64, 128, 256), "batch": 64, "bins": 128, "steps": 5, "every": 2}
 
 
 # -- the trained model ----------------------------------------------------------------------------

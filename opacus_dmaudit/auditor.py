@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import timing
 from ._opacus import (
     accountant_history,
     dataset_size,
@@ -175,11 +176,14 @@ class DMAuditor:
         self.config = config
         self.prior = self._load_prior(config.prior)
         self.privacy_engine = privacy_engine
+        from .sinks.summary import summarize
+
         self._out = AuditOutputs(
             log_dir,
             writer=writer,
             tensorboard=config.tensorboard,
             save_images=config.save_images,
+            summarize=summarize,  # TensorBoard's verdict of the run so far
         )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.lpips = None
@@ -198,6 +202,9 @@ class DMAuditor:
         self._last_step = 0  # optimizer steps seen by the last capture, kept after detach
         self._told: set[str] = set()  # failed checks already logged as warnings
         self._summary: RunSummary | None = None  # set by close()
+        # where the time went (opacus_dmaudit.timing): per audit, and at attach
+        self.stage_times: list[timing.StageTimes] = []
+        self.attach_times: timing.StageTimes | None = None
         self._strict_error: BaseException | None = None  # raised at the next step (strict)
         self._step_handle = None  # our post-step hook (fail-fast under strict)
         # what an audit computes (checks, scoring, privacy numbers, the record)
@@ -293,7 +300,8 @@ class DMAuditor:
             self._capture = capture
             return self
         # once, before training goes on: the shadow adversary, κ̂, the prior's fit on public data
-        self.pipeline.prepare(block, mode=mode)
+        with timing.measure() as self.attach_times:
+            self.pipeline.prepare(block, mode=mode)
         if self.config.background:
             self._worker = AuditWorker()
         self._open_sinks(capture)
@@ -580,12 +588,15 @@ class DMAuditor:
     def _score_and_log(
         self, captured: CapturedStep, accountant=None, *, keep_error: bool = False
     ) -> AuditResult | None:
-        try:
-            result = self.audit(captured, accountant=accountant)
-        except Exception:  # the audit must never take training down
-            logger.exception("audit of step %d failed; training continues", captured.step)
-            return None
-        self._emit(result)
+        with timing.measure() as times:
+            try:
+                result = self.audit(captured, accountant=accountant)
+            except Exception:  # the audit must never take training down
+                logger.exception("audit of step %d failed; training continues", captured.step)
+                return None
+            with timing.stage("sinks"):
+                self._emit(result)
+        self.stage_times.append(times)
         self._tell_failures(result.record)
         if self.config.strict:
             try:

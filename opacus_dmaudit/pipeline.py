@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -54,6 +55,7 @@ from .score.baseline import Baseline, estimate_kappa
 from .score.identification import identification_rates
 from .score.metrics import LPIPS
 from .score.scoring import ScoredStep, score_step
+from .timing import stage
 
 __all__ = ["AuditPipeline", "AuditResult", "STAGE_NAMES"]
 
@@ -75,6 +77,11 @@ STAGE_NAMES = (
 
 class ShadowInputError(ValueError):
     """A batch a shadow audit cannot simulate an imprint on (not images)."""
+
+
+#: The timing stage (:data:`~.timing.STAGE_ORDER`) of each failure-tolerant pipeline stage;
+#: the rest (measured ε, bounds) is the privacy arithmetic.
+_TIMED_AS = {"checks": "checks", "prior_fit": "prior fit", "identification": "identification"}
 
 
 def _stage_of(err: BaseException, default: str = "scoring") -> str:
@@ -189,7 +196,8 @@ class AuditPipeline:
             )
             _check_shadow_public(self.shadow)
         self.baseline = self._measure_baseline(block)
-        self.prior_fit = self._fit_prior_public(block)
+        with stage("prior fit"):
+            self.prior_fit = self._fit_prior_public(block)
 
     def _public_images(self, block: ImprintBlock | None) -> tuple[torch.Tensor | None, str]:
         """The run's public images: ``config.public``, else what ``calibrate`` kept."""
@@ -228,15 +236,16 @@ class AuditPipeline:
             )
             return None
         try:
-            return estimate_kappa(
-                public,
-                metric=self.config.success_metric,
-                threshold=self.config.success_threshold,
-                value_range=self._value_range(block),
-                lpips=self.lpips,
-                prior=self.prior,
-                seed=self.config.seed,
-            )
+            with stage("κ̂"):
+                return estimate_kappa(
+                    public,
+                    metric=self.config.success_metric,
+                    threshold=self.config.success_threshold,
+                    value_range=self._value_range(block),
+                    lpips=self.lpips,
+                    prior=self.prior,
+                    seed=self.config.seed,
+                )
         except Exception:  # the baseline is context; it must never stop training
             logger.exception("measuring the baseline κ̂ failed; the bounds use κ = 1/N")
             return None
@@ -301,13 +310,30 @@ class AuditPipeline:
                 batch cannot be simulated is recorded as ``"mechanism"``).
             expected_batch_size: the optimizer's expected batch size (for κ = 1/N).
         """
+        # the metrics, the identification criterion and the prior-fit check score the same
+        # images: LPIPS computes each image's features once per audit
+        shared = self.lpips.shared_features() if self.lpips is not None else nullcontext()
+        with shared:
+            return self._run(
+                captured, accountant=accountant, mode=mode, expected_batch_size=expected_batch_size
+            )
+
+    def _run(
+        self,
+        captured: CapturedStep,
+        *,
+        accountant,
+        mode: str | None,
+        expected_batch_size: int | None,
+    ) -> AuditResult:
         start = time.perf_counter()
         errors: list[dict[str, str]] = []
-        if captured.imprint is None and self.shadow is not None:
-            simulated = self._simulate(captured, errors)
-            mode = "mechanism" if simulated is None else mode
-            captured = simulated or captured
-        scored = self._score(captured, errors) if captured.imprint is not None else None
+        with stage("readout"):  # the prior and the metrics inside mark their own time
+            if captured.imprint is None and self.shadow is not None:
+                simulated = self._simulate(captured, errors)
+                mode = "mechanism" if simulated is None else mode
+                captured = simulated or captured
+            scored = self._score(captured, errors) if captured.imprint is not None else None
         evidence = self._stage("measured", errors, self.evidence.add, captured) or {}
         checks = self._stage("checks", errors, validity_checks, captured) or []
         if self.config.mechanism_checks:
@@ -321,12 +347,13 @@ class AuditPipeline:
         membership, privacy_measured = measured if measured is not None else (None, None)
         if membership:
             evidence["membership"] = membership
-        reading = read_epsilon(
-            accountant,
-            delta=self.config.delta,
-            noise_multiplier=captured.noise_multiplier,
-            explained=self._explained,
-        )
+        with stage("privacy"):
+            reading = read_epsilon(
+                accountant,
+                delta=self.config.delta,
+                noise_multiplier=captured.noise_multiplier,
+                explained=self._explained,
+            )
         parts = {
             "checks": [CheckEntry.from_json(c) for c in checks + fit_checks],
             "prior_fit": fit_summary,
@@ -338,15 +365,16 @@ class AuditPipeline:
             "evidence": evidence or None,
             "errors": errors,
         }
-        record = self._record(
-            captured,
-            scored,
-            parts,
-            accountant=accountant,
-            mode=mode,
-            expected_batch_size=expected_batch_size,
-            seconds=time.perf_counter() - start,
-        )
+        with stage("privacy"):  # ε, κ, the bounds; identification marks its own time
+            record = self._record(
+                captured,
+                scored,
+                parts,
+                accountant=accountant,
+                mode=mode,
+                expected_batch_size=expected_batch_size,
+                start=start,
+            )
         if scored is None:
             empty = torch.zeros((0,))
             return AuditResult(record, empty, empty, empty, None)
@@ -363,7 +391,8 @@ class AuditPipeline:
     def _stage(self, name: str, errors: list[dict[str, str]], fn, *args):
         """``fn(*args)``, or ``None`` with the failure recorded (and logged once per stage)."""
         try:
-            return fn(*args)
+            with stage(_TIMED_AS.get(name, "privacy")):
+                return fn(*args)
         except Exception as err:  # one stage must never cost the audit its other results
             self._stage_failed(name, err, errors)
             return None
@@ -495,7 +524,7 @@ class AuditPipeline:
         accountant,
         mode: str | None,
         expected_batch_size: int | None,
-        seconds: float,
+        start: float,
     ) -> AuditRecord:
         """The record of one audit, built once (its fields: :class:`~.record.AuditRecord`)."""
         cfg = self.config
@@ -535,7 +564,7 @@ class AuditPipeline:
             checks=parts["checks"],
             valid=validity(parts["checks"]),
             prior_fit=parts["prior_fit"],
-            audit_seconds=seconds,
+            audit_seconds=time.perf_counter() - start,
             epsilon_measured=epsilon_measured.get("epsilon_measured"),
             epsilon_measured_ci=epsilon_measured.get("epsilon_measured_ci"),
             epsilon_measured_basis=epsilon_measured.get("epsilon_measured_basis"),
@@ -577,15 +606,17 @@ class AuditPipeline:
             },
             # the share of the batch whose reconstruction is nearest its own image
             "identification": self._stage(
-                "identification",
-                errors,
-                lambda: identification_rates(
-                    scored, captured, metric=cfg.success_metric, lpips=self.lpips
-                ),
+                "identification", errors, self._identification, scored, captured
             ),
             "images": images,
             "missed": [MissedImage.from_json(m) for m in scored.missed],
         }
+
+    def _identification(self, scored: ScoredStep, captured: CapturedStep) -> dict[str, Any]:
+        """The share of the batch whose reconstruction is nearest its own image, per stage."""
+        return identification_rates(
+            scored, captured, metric=self.config.success_metric, lpips=self.lpips
+        )
 
     def _denoiser(self) -> dict[str, Any] | None:
         """How the DM reconstructions were made (``None`` without a prior)."""

@@ -86,6 +86,12 @@ def test_overhead_quick():
         assert int(audits) == expected.get(name, 0), (name, out)
         assert fit.endswith("%") == name.startswith("+ prior"), (name, out)
     assert "targets: capture only" in out and "hardware: device cpu" in out
+    # the per-audit breakdown by stage (seconds per audit), the prior's row spends time in it
+    stages = out.split("per-audit cost by stage")[1].splitlines()
+    header = stages[1].split()
+    row = next(line for line in stages if line.startswith("  + prior every 10 "))
+    values = row[24:].split()
+    assert float(values[header.index("prior") - 1]) > 0 and values[-2].endswith("%"), out
 
 
 @pytest.mark.slow

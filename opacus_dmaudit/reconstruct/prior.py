@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import timing
 from .sampler import SAMPLERS, SamplerSettings, sampler_name
 
 logger = logging.getLogger(__name__)
@@ -451,11 +452,13 @@ class DiffusionPrior:
         inp = xt
         if self.dtype == torch.bfloat16 and self.device.type == "cpu":
             inp = inp.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        with (
+            timing.model_call(xt.shape[0]),
+            torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32),
         ):
-            out = self.unet(inp, t.to(self.device)).sample
-        out = out.float()
+            out = self.unet(inp, t.to(self.device)).sample.float()
+            if self.device.type == "cuda" and timing.current() is not None:
+                torch.cuda.synchronize(self.device)  # measured: count the model's own time
         if self.prediction_type == "epsilon":
             x0 = (xt - (1 - a).sqrt() * out) / a.sqrt()
         elif self.prediction_type == "sample":

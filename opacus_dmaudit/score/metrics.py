@@ -14,15 +14,18 @@ identified when it is nearer to its own image than to every other candidate.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import timing
 from ..schema import HIGHER_IS_BETTER
+from .feature_memo import FeatureMemo
 from .lpips_weights import load_lpips
 
 __all__ = [
@@ -116,6 +119,24 @@ class LPIPS:
         self.net = net
         self.batch_size = batch_size
         self.model = _lpips_model(net)
+        self._shared: FeatureMemo | None = None
+
+    @contextlib.contextmanager
+    def shared_features(self, *, budget: int = FEATURE_BYTES) -> Iterator[None]:
+        """Inside, each distinct image's backbone features are computed once and reused.
+
+        An audit scores the same images several times: the truth and every stage against each
+        other (:meth:`compare`), the stages against the whole batch (:meth:`pairwise`, whose
+        candidates include the truth), the prior-fit check against the clean readouts. Images
+        are recognised by their pixels, so reuse never depends on which call made them; the
+        values are those computed without sharing. At most ``budget`` bytes of features are
+        kept (images beyond it are computed as usual).
+        """
+        outer, self._shared = self._shared, FeatureMemo(budget)
+        try:
+            yield
+        finally:
+            self._shared = outer
 
     @torch.no_grad()
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -216,7 +237,13 @@ class LPIPS:
 
     def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Unit-normalised backbone activations per layer of images in [0, 1]."""
-        x = images.float() * 2 - 1
+        if self._shared is not None:
+            return self._shared.features(images.float(), self._backbone)
+        return self._backbone(images.float())
+
+    def _backbone(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = images * 2 - 1
+        timing.count("lpips images", x.shape[0])
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         model = self.model

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import timing
 from ..capture.step import CapturedStep, ImprintSums
 from ..checks.entries import is_finite_number
 from ..reconstruct.bins import lone_bins, lone_members
@@ -225,9 +226,11 @@ def score_step(
         ("raw", "clean", "dm") if prior is not None else ("raw", "clean"), 0
     )
     if rows:
-        scores = stage_metrics(stages, truth, names=config.metrics, lpips=lpips)
-        _add_scores(images, rows, scores, residual=(stages["raw"] - truth).flatten(1).std(dim=1))
-        success.update(_successes(scores, [truth_idx[row] for row in rows], config))
+        with timing.stage("metrics"):
+            scores = stage_metrics(stages, truth, names=config.metrics, lpips=lpips)
+            residual = (stages["raw"] - truth).flatten(1).std(dim=1)
+            _add_scores(images, rows, scores, residual=residual)
+            success.update(_successes(scores, [truth_idx[row] for row in rows], config))
     lone = lone_bins(sums.membership)
     missed, missed_truth, missed_raw = _missed(captured, noised, lone)
     return ScoredStep(
@@ -306,14 +309,15 @@ def _reconstructions(
         finite = torch.isfinite(raw).flatten(1).all(1)  # the prior refuses NaN readouts
         stages["dm"] = torch.full_like(raw, float("nan"))
         if finite.any():
-            stages["dm"][finite] = prior.denoise(
-                raw[finite],
-                noise_std=torch.nan_to_num(std[finite], posinf=1e6),
-                sampler=config.sampler,
-                steps=config.sampler_steps,
-                min_stride=config.sampler_min_stride,
-                generator=generator,
-            )
+            with timing.stage("prior"):
+                stages["dm"][finite] = prior.denoise(
+                    raw[finite],
+                    noise_std=torch.nan_to_num(std[finite], posinf=1e6),
+                    sampler=config.sampler,
+                    steps=config.sampler_steps,
+                    min_stride=config.sampler_min_stride,
+                    generator=generator,
+                )
     return truth, stages
 
 

@@ -36,11 +36,20 @@ class AuditOutputs:
             private event file), or ``None``.
         tensorboard: write TensorBoard events (always when ``writer`` is given).
         save_images: keep each audit's images.
+        summarize: :func:`~.summary.summarize`, for TensorBoard's verdict text (given by the
+            auditor, so that the sinks do not import the summary).
     """
 
     def __init__(
-        self, log_dir: str | os.PathLike, *, writer=None, tensorboard: bool, save_images: bool
+        self,
+        log_dir: str | os.PathLike,
+        *,
+        writer=None,
+        tensorboard: bool,
+        save_images: bool,
+        summarize=None,
     ) -> None:
+        self._summarize = summarize
         self.logdir = LogDir(log_dir)
         self.guard = SinkGuard()
         self.log: AuditLog | None = None
@@ -86,6 +95,7 @@ class AuditOutputs:
                 log_dir=self.logdir.path,
                 purge_step=resume_step + 1 if resume_step is not None else None,
                 own=self.logdir.own,
+                summarize=self._summarize,
             )
         return kept
 

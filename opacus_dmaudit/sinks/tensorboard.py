@@ -12,10 +12,17 @@ The tags come from :func:`~opacus_dmaudit.schema.record_scalars` (``step`` is th
 * ``bounds/*``: ReRo bounds of the audited step itself (the event ``success_rate`` measures);
   ``run_bounds/*``: bounds of the whole run so far (another event: any step, composed);
 * ``checks/<name>/status`` (0 pass, 1 warn, 2 fail) and ``checks/<name>/value``;
-* ``audit/reconstructions``: one column per recovered image, rows truth | raw | DM;
+* ``audit/reconstructions``: one column per recovered image, rows truth | raw | DM, and its
+  caption as text under the same tag (which bin each column is, its score, unfaithful DM);
+* ``verdict`` (text, each audit): the verdict of the run so far in one sentence and the checks
+  that failed so far (:func:`~.summary.summarize` over the audits this sink has logged);
+* ``privacy/membership_roc`` (an image of the curve, each audit, in the auditor's own event file
+  beside the grids) when the record carries the
+  membership test's ROC points (``privacy_measured["roc_points"]``; issue 20 adds them);
 * shadow audits (a simulated adversary) write their ``quality/*``, ``detection/*`` and image tags
   under ``shadow/`` instead;
-* a custom-scalars layout ``dmaudit`` and the run's hyper-parameters at :meth:`close`.
+* a custom-scalars layout grouping the charts under ``privacy``, ``quality`` and ``checks``, and
+  the run's hyper-parameters at :meth:`close`.
 
 Event files hold reconstructed training images, so images go only to an event file the auditor
 creates itself, owner-only from the moment it exists (:func:`private_writer`; its name ends in
@@ -43,6 +50,7 @@ from ..checks.entries import is_finite_number, status_rank
 from ..record import AuditRecord
 from ..schema import METRICS, STAGES, parse_metric_key
 from .files import owner_only_umask, secure_file
+from .text import fmt
 
 __all__ = ["TensorBoardSink", "record_scalars", "private_writer"]
 
@@ -103,6 +111,8 @@ class TensorBoardSink:
             are hidden (TensorBoard's restart marker), so each audit shows once.
         max_columns: most recovered images in one image grid.
         own: called with each event file the sink creates (the auditor lists its own files).
+        summarize: :func:`~.summary.summarize` (records -> run summary), for the ``verdict``
+            text at each audit; without it no verdict text is written.
     """
 
     def __init__(
@@ -113,7 +123,9 @@ class TensorBoardSink:
         purge_step: int | None = None,
         max_columns: int = 16,
         own: Callable[[Path], None] | None = None,
+        summarize: Callable[[list[AuditRecord]], Any] | None = None,
     ) -> None:
+        self._summarize = summarize
         if log_dir is None:
             raise ValueError("give the auditor's log_dir (its private event file goes there)")
         self.log_dir = Path(log_dir)
@@ -134,6 +146,7 @@ class TensorBoardSink:
         self._layout_written = False
         self._last: dict[str, float] = {}
         self._last_note: str | None = None
+        self._records: list[AuditRecord] = []  # for the verdict of the run so far
 
     def _tell_about(self, writer) -> None:
         """Say once where the audit's images go when the user's run is open to others."""
@@ -163,19 +176,33 @@ class TensorBoardSink:
         return self._image_writer
 
     def _layout(self) -> None:
-        charts = {}
+        """The custom-scalars layout: privacy, quality and checks, each a category."""
+        quality = {}
         for metric, spec in METRICS.items():
-            charts[f"{spec.label} and ε"] = [
-                "Multiline",
-                [f"quality/{s}/{metric}" for s in STAGES] + ["privacy/epsilon"],
-            ]
-        charts["success rate and this step's bounds"] = [
+            quality[spec.label] = ["Multiline", [f"quality/{s}/{metric}" for s in STAGES]]
+        quality["success rate and this step's bounds"] = [
             "Multiline",
-            [f"quality/{s}/success_rate" for s in STAGES] + ["bounds/.*"],
+            [f"quality/{s}/success_rate" for s in STAGES] + ["bounds/single_step$"],
         ]
-        charts["whole-run bounds and ε"] = ["Multiline", ["run_bounds/.*", "privacy/epsilon.*"]]
-        charts["checks (0 pass, 1 warn, 2 fail)"] = ["Multiline", ["checks/.*/status"]]
-        self.writer.add_custom_scalars({"dmaudit": charts})
+        quality["identification and its bound"] = [
+            "Multiline",
+            [f"quality/{s}/identification_rate" for s in STAGES]
+            + ["bounds/single_step_identification"],
+        ]
+        privacy = {
+            "ε and the measured estimates": ["Multiline", ["privacy/epsilon.*"]],
+            "µ per step, claimed and measured": ["Multiline", ["privacy/mu_step.*"]],
+            "this step's bounds": ["Multiline", ["bounds/.*"]],
+            "whole-run bounds": ["Multiline", ["run_bounds/.*"]],
+        }
+        checks = {
+            "status (0 pass, 1 warn, 2 fail)": ["Multiline", ["checks/.*/status"]],
+            "values": ["Multiline", ["checks/.*/value"]],
+            "detection": ["Multiline", ["detection/.*"]],
+        }
+        self.writer.add_custom_scalars(
+            {"dmaudit: privacy": privacy, "dmaudit: quality": quality, "dmaudit: checks": checks}
+        )
         self._layout_written = True
 
     def _scalar(self, tag: str, value: Any, step: int) -> None:
@@ -201,14 +228,52 @@ class TensorBoardSink:
         if record.failed_checks:
             text = "\n".join(f"* **{c.name}**: {c.detail}" for c in record.failed_checks)
             self.writer.add_text("checks/failed", text, step)
+        self._verdict(record)
+        self._roc(record)
         if result is not None and result.truth.dim() == 4 and result.truth.shape[0] > 0:
             shadow = record.mode == "shadow"
             tag = "shadow/reconstructions" if shadow else "audit/reconstructions"
             images = self.images_writer()
             images.add_image(tag, self.grid(result), step)
+            images.add_text(tag, grid_caption(record, result, self.max_columns), step)
             if images is not self.writer:
                 images.flush()
         self.writer.flush()
+
+    def _verdict(self, record: AuditRecord) -> None:
+        """The verdict of the run so far and the checks failed so far, as text."""
+        if self._summarize is None:
+            return
+        self._records.append(record)
+        summary = self._summarize(self._records)
+        verdict = summary.verdict
+        lines = [f"**{verdict.headline}**" if verdict is not None else "**No verdict yet.**"]
+        failed = summary.failed_checks
+        lines.append(
+            "Failed checks so far: " + ", ".join(failed) + " (the audit is invalid)."
+            if failed
+            else "No check has failed so far."
+        )
+        self.writer.add_text("verdict", "\n\n".join(lines), record.step)
+
+    def _roc(self, record: AuditRecord) -> None:
+        """Hook: the membership test's ROC as a curve, once records carry its points.
+
+        Reads ``privacy_measured["roc_points"]`` (``[[fpr, tpr], ...]`` or
+        ``{"fpr": [...], "tpr": [...]}``); records without it write nothing.
+        """
+        points = roc_points(record)
+        if points is None:
+            return
+        # beside the image grids: a user's run gets scalars and text only, never an image
+        writer = self.images_writer()
+        writer.add_image("privacy/membership_roc", roc_image(points, record.step), record.step)
+        writer.add_text(
+            "privacy/membership_roc",
+            f"Membership test ROC at step {record.step} ({len(points[0])} points; the diagonal is "
+            "chance, the claimed ε bounds how far above it any test can be).",
+            record.step,
+        )
 
     def grid(self, result) -> torch.Tensor:
         """``(C, H, W)`` grid: one column per recovered image, rows truth | raw | DM."""
@@ -256,6 +321,59 @@ class TensorBoardSink:
                 self._image_writer.close()
             if self._owned:
                 self.writer.close()
+
+
+def grid_caption(record: AuditRecord, result, max_columns: int) -> str:
+    """The caption of an audit's image grid: rows, then one line per column."""
+    rows = "truth | raw readout | DM" if result.dm is not None else "truth | raw readout"
+    crit = record.success_criterion
+    metric = crit.metric if crit is not None else None
+    lines = [f"Step {record.step}: rows {rows}; columns, left to right:"]
+    for n, im in enumerate(record.scored[:max_columns], 1):
+        parts = [f"{n}. bin {im.bin}"]
+        for stage in ("raw", "dm"):
+            value = im.metric(metric, stage) if metric else None
+            if value is not None:
+                parts.append(f"{stage} {METRICS[metric].label} {fmt(value, '.3f')}")
+        if im.dm_faithful is False:
+            parts.append("DM: prior unfaithful")
+        lines.append("* " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def roc_points(record: AuditRecord) -> tuple[list[float], list[float]] | None:
+    """``(fpr, tpr)`` of the membership test's ROC from a record, or ``None``."""
+    raw = (record.privacy_measured or {}).get("roc_points")
+    try:
+        if isinstance(raw, dict):
+            fpr, tpr = [float(x) for x in raw["fpr"]], [float(x) for x in raw["tpr"]]
+        elif isinstance(raw, list | tuple):
+            fpr, tpr = [float(p[0]) for p in raw], [float(p[1]) for p in raw]
+        else:
+            return None
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return (fpr, tpr) if fpr and len(fpr) == len(tpr) else None
+
+
+def roc_image(points: tuple[list[float], list[float]], step: int) -> torch.Tensor:
+    """The ROC curve drawn as a ``(3, H, W)`` uint8 image."""
+    import numpy as np
+
+    from .report.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(3.2, 3.2), dpi=80)
+    ax.plot(points[0], points[1], "o-", ms=3, label="membership test")
+    ax.plot([0, 1], [0, 1], "k:", label="chance")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"step {step}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def record_scalars(record: AuditRecord) -> dict[str, float]:

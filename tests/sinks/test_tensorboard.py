@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from opacus_dmaudit import DMAuditor, read_audit_log
+from opacus_dmaudit.sinks.summary import summarize
 from tests.helpers import (
     audited_run,
     imprint_model,
@@ -49,6 +50,48 @@ def test_every_tag_and_image_is_in_the_event_files(mnist5k, tmp_path):
     assert "custom_scalars__config__" in tensors
     hparams = acc.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    # a reader's text: the verdict of the run so far at each audit, the grid's caption
+    verdicts = acc.Tensors("verdict/text_summary")
+    assert [e.step for e in verdicts] == [1, 2]
+    last = verdicts[-1].tensor_proto.string_val[0].decode()
+    assert summarize(auditor.history).verdict.headline in last and "failed" in last.lower()
+    caption = acc.Tensors("audit/reconstructions/text_summary")[-1].tensor_proto.string_val[0]
+    caption = caption.decode()
+    assert "rows truth | raw readout | DM" in caption
+    assert caption.count("\n* ") == n and f"bin {found[0].bin}" in caption
+
+
+def test_custom_layout_groups_privacy_quality_and_checks(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from opacus_dmaudit.record import AuditRecord
+    from opacus_dmaudit.sinks.tensorboard import TensorBoardSink
+
+    sink = TensorBoardSink(log_dir=tmp_path)
+    record = AuditRecord.from_json(
+        {
+            "step": 3,
+            "epsilon": 1.5,
+            "delta": 1e-5,
+            "noise_multiplier": 1.0,
+            # the membership test's ROC (issue 20's field): drawn as a curve
+            "privacy_measured": {"roc_points": [[0, 0], [0.1, 0.4], [0.5, 0.8], [1, 1]]},
+        }
+    )
+    sink.log_audit(record)
+    sink.close()
+    acc = _events(tmp_path)
+    proto = acc.Tensors("custom_scalars__config__")[0].tensor_proto
+    layout = layout_pb2.Layout.FromString(proto.string_val[0])
+    titles = [c.title for c in layout.category]
+    assert titles == ["dmaudit: privacy", "dmaudit: quality", "dmaudit: checks"]
+    tags = {c.title: {t for ch in c.chart for t in ch.multiline.tag} for c in layout.category}
+    assert "privacy/epsilon.*" in tags["dmaudit: privacy"]
+    assert "checks/.*/status" in tags["dmaudit: checks"]
+    assert any(t.startswith("quality/dm/") for t in tags["dmaudit: quality"])
+    roc = acc.Images("privacy/membership_roc")
+    assert [im.step for im in roc] == [3] and roc[0].width > 100
+    assert "privacy/membership_roc/text_summary" in acc.Tags()["tensors"]
 
 
 def test_infinite_epsilon_is_shown_not_a_crash(mnist5k, tmp_path):

@@ -1,12 +1,16 @@
-"""The report's image grids: truth, raw readout and DM reconstruction, side by side.
+"""The report's images: truth, raw readout and DM reconstruction of audited images, side by side.
 
 Each audit's images are read from its image file (:meth:`~..logdir.LogDir.load_images`) and paired
-with their scores through :attr:`~opacus_dmaudit.record.ImageScore.row`. A file that cannot be read
-or holds arrays of the wrong shape is left out and named in the report.
+with their scores through :attr:`~opacus_dmaudit.record.ImageScore.row`. Every image becomes a
+tiny inline PNG of its own (the page scales it up without smoothing), so each one carries its
+own alt text and caption. A file that cannot be read or holds arrays of the wrong shape is left
+out and named in the report.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,42 +21,40 @@ from ...record import AuditRecord, ImageScore
 from ...schema import METRICS, SUCCESS_PREFERENCE
 from ..logdir import LogDir
 from ..text import fmt
-from .plots import png, pyplot
 
-__all__ = ["ImageGrids", "image_grids", "grid_png", "caption"]
+__all__ = ["Panel", "ImageGrids", "image_grids", "image_png", "caption", "ranking_metric"]
 
-#: Rows of a reconstruction grid, and the arrays of an image file behind them.
+#: Rows of a reconstruction panel: (label, array of the image file behind it).
 ROWS = (("truth", "truth"), ("raw readout", "raw"), ("DM", "dm"))
 
 
-def grid_png(
-    columns: list[list[np.ndarray | None]], row_names: list[str], captions: list[str]
-) -> str:
-    """One PNG of images in a grid (a column per sample, a row per stage) with captions."""
-    plt = pyplot()
-    nrow, ncol = len(row_names), len(columns)
-    shapes = [img.shape for col in columns for img in col if img is not None]
-    h, w = max(shape[1] for shape in shapes), max(shape[2] for shape in shapes)
-    pad = max(2, h // 14)
-    mosaic = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for c, col in enumerate(columns):
-        for r in range(nrow):
-            img = col[r]
-            if img is None:
-                continue
-            rgb = np.repeat(img, 3, axis=0) if img.shape[0] == 1 else img[:3]
-            top, left = pad + r * (h + pad), pad + c * (w + pad)
-            mosaic[top : top + img.shape[1], left : left + img.shape[2]] = np.moveaxis(rgb, 0, -1)
-    fig, ax = plt.subplots(figsize=(1.15 * ncol + 0.9, 1.1 * nrow + 0.6))
-    ax.imshow(mosaic, interpolation="nearest")
-    ax.set_xticks(
-        [pad + c * (w + pad) + w / 2 for c in range(ncol)], captions, fontsize=6, linespacing=1.1
-    )
-    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(nrow)], row_names, fontsize=8)
-    ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
-    return png(fig)
+def image_png(image: np.ndarray) -> str:
+    """One ``(C, H, W)`` uint8 image as base64 PNG text (grey or RGB)."""
+    from PIL import Image
+
+    pixels = image[0] if image.shape[0] == 1 else np.moveaxis(image[:3], 0, -1)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class Panel:
+    """One audited (or missed) image: its pictures and what to say about them.
+
+    Attributes:
+        step, bin: where it was read.
+        pictures: ``[(row label, base64 PNG or None)]`` in :data:`ROWS` order (missed images:
+            truth and raw readout only).
+        caption: the visible caption (lines).
+        unfaithful: the prior-fit check judged the prior unfaithful at this image's noise.
+    """
+
+    step: int
+    bin: int
+    pictures: list[tuple[str, str | None]]
+    caption: list[str]
+    unfaithful: bool = False
 
 
 def ranking_metric(records: Sequence[AuditRecord]) -> tuple[str, str] | None:
@@ -84,12 +86,19 @@ def caption(step: int, im: ImageScore, metric: str) -> str:
 
 @dataclass
 class ImageGrids:
-    """The report's grids (base64 PNGs) and the image files it could not read."""
+    """The report's image panels and the image files it could not read.
+
+    Attributes:
+        metric: the label of the ranking metric (e.g. ``"LPIPS (dm)"``).
+        best, worst: the best and worst scored reconstructions across audits.
+        missed: lone images the occupancy test did not detect (truth and raw readout).
+        skipped: steps whose image file could not be read.
+    """
 
     metric: str | None = None
-    best: str | None = None
-    worst: str | None = None
-    missed: str | None = None
+    best: list[Panel] = field(default_factory=list)
+    worst: list[Panel] = field(default_factory=list)
+    missed: list[Panel] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
 
 
@@ -110,7 +119,8 @@ class _Files:
         return self.cache[step]
 
 
-def _ranked(records, metric: str, stage: str) -> list[tuple[float, AuditRecord, ImageScore]]:
+def ranked(records, metric: str, stage: str) -> list[tuple[float, AuditRecord, ImageScore]]:
+    """Every scored image with a finite ``metric`` at ``stage``, best first."""
     items = []
     for r in records:
         for im in r.scored:
@@ -121,40 +131,67 @@ def _ranked(records, metric: str, stage: str) -> list[tuple[float, AuditRecord, 
     return items
 
 
-def _reconstruction_grid(files: _Files, selection, metric: str) -> str | None:
-    cols, caps = [], []
+def reconstruction_panel(
+    data: dict[str, np.ndarray] | None, step: int, im: ImageScore, metric: str
+) -> Panel | None:
+    """The panel of one scored image (``None`` when its file lacks it)."""
+    if data is None or "truth" not in data or im.row is None or im.row >= len(data["truth"]):
+        return None
+    pictures = [
+        (label, image_png(data[key][im.row]) if key in data else None) for label, key in ROWS
+    ]
+    if not any(key == "dm" for key in data):
+        pictures = pictures[:2]
+    return Panel(
+        step=step,
+        bin=im.bin,
+        pictures=pictures,
+        caption=caption(step, im, metric).split("\n"),
+        unfaithful=im.dm_faithful is False,
+    )
+
+
+def _panels(files: _Files, selection, metric: str) -> list[Panel]:
+    out = []
     for _, record, im in selection:
-        data = files(record.step)
-        if data is None or "truth" not in data or im.row >= data["truth"].shape[0]:
-            continue
-        cols.append([data[key][im.row] if key in data else None for _, key in ROWS])
-        caps.append(caption(record.step, im, metric))
-    return grid_png(cols, [name for name, _ in ROWS], caps) if cols else None
+        panel = reconstruction_panel(files(record.step), record.step, im, metric)
+        if panel is not None:
+            out.append(panel)
+    return out
 
 
-def _missed_grid(files: _Files, records, count: int) -> str | None:
-    cols, caps = [], []
+def _missed(files: _Files, records, count: int) -> list[Panel]:
+    out = []
     for r in records:
         for j, m in enumerate(r.missed):
-            data = files(r.step) if len(cols) < count else None
-            if data is None or "missed_truth" not in data or j >= data["missed_truth"].shape[0]:
+            data = files(r.step) if len(out) < count else None
+            if data is None or "missed_truth" not in data or j >= len(data["missed_truth"]):
                 continue
-            cols.append([data["missed_truth"][j], data["missed_raw"][j]])
-            caps.append(f"step {r.step} bin {m.bin}\nnoise std {fmt(m.noise_std, '.2g')}")
-    return grid_png(cols, ["truth", "raw readout"], caps) if cols else None
+            pictures = [
+                ("truth", image_png(data["missed_truth"][j])),
+                ("raw readout", image_png(data["missed_raw"][j])),
+            ]
+            text = [f"step {r.step} bin {m.bin}", f"noise std {fmt(m.noise_std, '.2g')}"]
+            out.append(Panel(step=r.step, bin=m.bin, pictures=pictures, caption=text))
+    return out
 
 
-def image_grids(logdir: LogDir, records: Sequence[AuditRecord], *, count: int = 8) -> ImageGrids:
-    """Best and worst scored reconstructions across audits, and missed lone images, as PNGs."""
+def image_grids(logdir: LogDir, records: Sequence[AuditRecord], *, count: int = 6) -> ImageGrids:
+    """The ``count`` best and worst scored reconstructions across audits, and missed lone
+    images."""
     out = ImageGrids()
     files = _Files(logdir, out.skipped)
-    ranked = ranking_metric(records)
-    if ranked is not None:
-        metric, stage = ranked
-        items = _ranked(records, metric, stage)
+    ranking = ranking_metric(records)
+    if ranking is not None:
+        metric, stage = ranking
+        items = ranked(records, metric, stage)
         if items:
             out.metric = f"{METRICS[metric].label} ({stage})"
-            out.best = _reconstruction_grid(files, items[:count], metric)
-            out.worst = _reconstruction_grid(files, items[-count:][::-1], metric)
-    out.missed = _missed_grid(files, records, count)
+            best = items[:count]
+            # the worst that are not already among the best (a run with few images)
+            shown = {id(im) for _, _, im in best}
+            worst = [it for it in items[::-1] if id(it[2]) not in shown][:count]
+            out.best = _panels(files, best, metric)
+            out.worst = _panels(files, worst, metric)
+    out.missed = _missed(files, records, count)
     return out

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import html
 
-__all__ = ["PRIVATE_NOTICE", "EXPLANATION", "head", "table", "figure"]
+__all__ = [
+    "PRIVATE_NOTICE",
+    "EXPLANATION",
+    "head",
+    "table",
+    "figure",
+    "details",
+    "key_numbers",
+    "panels",
+]
 
 PRIVATE_NOTICE = (
     "This report contains images of private training data (true training images and their "
@@ -39,13 +48,43 @@ rate; the whole-run bounds cover an attack that may use every step so far, anoth
 """
 
 _STYLE = (
-    "body{font-family:sans-serif;max-width:64em;margin:2em auto;padding:0 1em}"
-    ".notice{background:#fff3cd;border:2px solid #c90;padding:.8em;font-weight:bold}"
-    ".fail{background:#f8d7da;border:2px solid #b02a37;padding:.8em;color:#58151c}"
-    ".warn{background:#fff8e1;border:1px solid #c90;padding:.5em}"
-    "td.fail,td.warn{padding:2px 6px}"
+    "body{font-family:sans-serif;max-width:78em;margin:.6em auto;padding:0 1em;line-height:1.3}"
+    "h1{font-size:1.45em;margin:.35em 0}h2{font-size:1.1em;margin:.5em 0 .3em}"
+    ".notice{background:#fff3cd;border:1px solid #c90;padding:.3em .6em;font-size:.8em;margin:0}"
+    ".fail{background:#f8d7da;border:2px solid #b02a37;padding:.4em .6em;color:#58151c}"
+    ".warn{background:#fff8e1;border:1px solid #c90;padding:.4em}"
+    "td.fail,td.warn{padding:2px 6px}.small{font-size:.8em;color:#444;margin:.2em 0}"
+    "h1.verdict{border-left:.35em solid #888;padding-left:.4em}"
+    "h1.leakage{border-color:#b02a37}h1.invalid{border-color:#b02a37;color:#58151c}"
+    "h1.no_visible_leakage,h1.mechanism_ok{border-color:#2e7d32}"
+    ".numbers{display:flex;flex-wrap:wrap;gap:.4em;margin:.3em 0;padding:0}"
+    ".numbers div{border:1px solid #ccc;border-radius:4px;padding:.15em .5em;min-width:7em}"
+    ".numbers dt{font-size:.72em;color:#555}.numbers dd{margin:0;font-weight:bold}"
+    ".numbers dd small{font-weight:normal;color:#555;font-size:.72em;display:block}"
+    ".row{display:flex;align-items:flex-start;gap:.3em;margin:.2em 0}"
+    ".rowlabel{writing-mode:vertical-rl;transform:rotate(180deg);font-size:.75em;color:#555;"
+    "text-align:center;align-self:center}"
+    ".panels{display:flex;flex-wrap:wrap;gap:.35em}"
+    "figure{margin:0}figure.panel{border:1px solid #ccc;border-radius:4px;padding:.2em;"
+    "width:196px}figure.panel.unfaithful{border:2px dashed #b02a37}"
+    ".trio{display:flex;gap:4px}.pic{text-align:center;font-size:.68em;color:#444}"
+    ".pic img{width:60px;height:auto;image-rendering:pixelated;display:block;background:#000}"
+    ".pic.unfaithful img{outline:2px dashed #b02a37}"
+    "figure.panel>figcaption{font-size:.7em;line-height:1.2;color:#222;margin-top:.15em}"
+    "figure.panel>figcaption .flag{color:#b02a37;font-weight:bold}"
+    ".ladders{display:flex;flex-wrap:wrap;gap:.3em 1.2em}"
+    ".ladder{display:flex;gap:.3em;align-items:flex-start;margin:.3em 0;max-width:100%;"
+    "overflow-x:auto}.rowlabels{display:flex;flex-direction:column;font-size:.7em;color:#555}"
+    ".rowlabels span{height:58px;margin-bottom:2px;display:flex;align-items:center}"
+    "figure.rung{border:1px solid #ccc;border-radius:4px;padding:.2em;width:112px}"
+    "figure.rung.closest{border:1px dashed #888}"
+    "figure.rung img,.rung .empty{width:56px;height:56px;display:block;margin:0 auto 2px;"
+    "image-rendering:pixelated;background:#000}.rung .empty{background:#eee;text-align:center}"
+    "figure.rung figcaption{font-size:.66em;line-height:1.2;color:#222}"
+    "details{border-top:1px solid #ddd;padding:.25em 0}summary{cursor:pointer;font-weight:bold}"
     "table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #bbb;padding:2px 6px}"
-    "img{max-width:100%}figcaption{font-size:.85em;color:#444}"
+    ".scroll{overflow-x:auto;max-width:100%}"
+    "img{max-width:100%}figcaption{font-size:.85em;color:#444}pre{white-space:pre-wrap}"
 )
 
 
@@ -66,7 +105,10 @@ def table(rows: list[list[str]], header: list[str], classes: list[str] | None = 
         body.append(
             "<tr" + cls + ">" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
         )
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (
+        f"<div class='scroll'><table><thead><tr>{th}</tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
 
 
 def figure(title: str, png: str | None, caption: str = "") -> str:
@@ -77,4 +119,60 @@ def figure(title: str, png: str | None, caption: str = "") -> str:
     return (
         f"<figure><img alt='{esc(title)}' src='data:image/png;base64,{png}'>"
         f"<figcaption>{esc(caption)}</figcaption></figure>"
+    )
+
+
+def details(anchor: str, title: str, body: str, *, open_: bool = False) -> str:
+    """A collapsible section (``body`` is HTML made here; ``title`` is escaped)."""
+    state = " open" if open_ else ""
+    return (
+        f"<details id='{html.escape(anchor)}'{state}><summary>{html.escape(title)}</summary>"
+        f"{body}</details>"
+    )
+
+
+def key_numbers(numbers: list[tuple[str, str, str]]) -> str:
+    """The key numbers as a row of small boxes: ``(label, value, note)`` each."""
+    esc = html.escape
+    boxes = "".join(
+        f"<div><dt>{esc(label)}</dt><dd>{esc(value)}<small>{esc(note)}</small></dd></div>"
+        for label, value, note in numbers
+    )
+    return f"<dl class='numbers' id='key-numbers'>{boxes}</dl>"
+
+
+def _panel(panel) -> str:
+    """One image's pictures side by side, each with its label, and the panel's caption."""
+    esc = html.escape
+    where = f"step {panel.step} bin {panel.bin}"
+    pics = []
+    for label, png in panel.pictures:
+        if png is None:
+            continue
+        flagged = panel.unfaithful and label == "DM"
+        cls = "pic unfaithful" if flagged else "pic"
+        shown = label + (" ⚠" if flagged else "")
+        pics.append(
+            f"<figure class='{cls}'><img alt='{esc(label)}, {esc(where)}' "
+            f"src='data:image/png;base64,{png}'><figcaption>{esc(shown)}</figcaption></figure>"
+        )
+    lines = []
+    for line in panel.caption:
+        flag = line.startswith("DM: prior unfaithful")
+        lines.append(f"<span class='flag'>{esc(line)}</span>" if flag else esc(line))
+    cls = "panel unfaithful" if panel.unfaithful else "panel"
+    return (
+        f"<figure class='{cls}'><div class='trio'>{''.join(pics)}</div>"
+        f"<figcaption>{'<br>'.join(lines)}</figcaption></figure>"
+    )
+
+
+def panels(anchor: str, label: str, items) -> str:
+    """A labelled row of image panels (:class:`~.images.Panel`); nothing without panels."""
+    if not items:
+        return ""
+    esc = html.escape
+    return (
+        f"<div class='row' id='{esc(anchor)}'><div class='rowlabel'>{esc(label)}</div>"
+        f"<div class='panels'>{''.join(_panel(p) for p in items)}</div></div>"
     )
