@@ -32,7 +32,7 @@ from .checks.prior_fit import PublicFit, audit_fit, public_fit
 from .checks.validity import validity_checks
 from .config import AuditConfig
 from .privacy.accountant import history_from_accountant, read_epsilon, sample_rate_from_accountant
-from .privacy.bounds import run_bounds, step_bounds
+from .privacy.bounds import rero_gaussian, run_bounds, step_bounds
 from .privacy.empirical import EmpiricalPrivacy
 from .reconstruct.prior import DiffusionPrior
 from .record import (
@@ -41,12 +41,14 @@ from .record import (
     Counts,
     ImageScore,
     MissedImage,
+    Targets,
     validity,
 )
-from .score.baseline import Baseline, estimate_kappa
-from .score.identification import identification_rates
+from .score.baseline import Baseline, Baselines, estimate_baselines
+from .score.identification import identify
 from .score.metrics import LPIPS
 from .score.scoring import ScoredStep, score_step
+from .score.targets import count_targets
 
 __all__ = ["AuditPipeline", "AuditResult"]
 
@@ -101,21 +103,31 @@ class AuditPipeline:
         self.lpips = lpips
         self.generator = generator
         self.shadow = None  # the simulated adversary of shadow audits (set by prepare)
-        self.baseline: Baseline | None = None  # κ̂, measured once on public images
+        self.baselines = Baselines()  # what a guess achieves, measured once on public images
         self.prior_fit: PublicFit | None = None  # the prior's fit on public images
         self.empirical = EmpiricalPrivacy(delta=config.delta)
+        self.expected_batch_size: int | None = None  # set by prepare
         self._explained: set[str] = set()  # ε notes already explained in the log
 
     # -- once per run ----------------------------------------------------------------------------
-    def prepare(self, block: ImprintBlock | None, *, mode: str) -> None:
+    def prepare(
+        self,
+        block: ImprintBlock | None,
+        *,
+        mode: str,
+        expected_batch_size: int | None = None,
+    ) -> None:
         """Set up what every audit of the run shares, before training goes on.
 
         Args:
             block: the run's ``ImprintBlock`` (``None`` for shadow or mechanism-only audits).
             mode: ``"imprint"``, ``"shadow"`` (simulate the worst-case imprint adversary) or
                 ``"mechanism"``, as the auditor decided at attach.
+            expected_batch_size: the optimizer's expected batch size: the shadow adversary's
+                bins and the identification baselines are sized to it.
         """
         self.shadow = None
+        self.expected_batch_size = expected_batch_size
         if mode == "shadow":
             from .capture.shadow import ShadowAdversary
 
@@ -125,8 +137,16 @@ class AuditPipeline:
                 if isinstance(given, ShadowAdversary)
                 else ShadowAdversary(public=self.config.public)
             )
-        self.baseline = self._measure_baseline(block)
+            public, _ = self._public_images(None)
+            if public is not None and public.dim() == 4:  # the image shape is known now
+                self.shadow.size_for(expected_batch_size, tuple(public.shape[1:]))
+        self.baselines = self._measure_baselines(block)
         self.prior_fit = self._fit_prior_public(block)
+
+    @property
+    def baseline(self) -> Baseline | None:
+        """The success baseline (κ̂ and its upper limit), or ``None``."""
+        return self.baselines.success
 
     def _public_images(self, block: ImprintBlock | None) -> tuple[torch.Tensor | None, str]:
         """The run's public images: ``config.public``, else what ``calibrate`` kept."""
@@ -140,43 +160,57 @@ class AuditPipeline:
         holder = block if block is not None else self.shadow
         return tuple(getattr(holder, "value_range", (0.0, 1.0)))
 
-    def _measure_baseline(self, block: ImprintBlock | None) -> Baseline | None:
-        """κ̂ at the audit's success criterion from public images (never the audited batch).
+    def _geometry(self, block: ImprintBlock | None, shape: tuple[int, ...]):
+        """The bins the audits read through (the live block's, or the shadow's for ``shape``)."""
+        if block is not None:
+            return block.geometry()
+        if self.shadow is not None and len(shape) == 3:
+            try:
+                return self.shadow.block(shape).geometry()
+            except Exception:  # the baselines are context; they must never stop training
+                logger.exception("could not build the shadow adversary's bins for the baselines")
+        return None
 
-        Cached across runs on the same images (see :func:`~.baseline.estimate_kappa`).
+    def _measure_baselines(self, block: ImprintBlock | None) -> Baselines:
+        """Every baseline of the run from public images, never the audited batch.
+
+        Cached across runs on the same images (see :func:`~.score.baseline.estimate_baselines`).
         """
         if block is None and self.shadow is None:
-            return None  # mechanism checks only: no reconstruction, no success rate
+            return Baselines()  # mechanism checks only: no reconstruction, no success rate
         public, _ = self._public_images(block)
         if public is None:
-            logger.info(
-                "no public images (AuditConfig.public or ImprintBlock.calibrate): the baseline "
-                "κ̂ is not measured and the bounds use κ = 1/N, which a fixed guess may beat at "
-                "the criterion %s",
-                self.config.success_criterion,
+            reason = (
+                "no public images (AuditConfig.public or ImprintBlock.calibrate): what a guess "
+                "without the gradient achieves is not measured"
             )
-            return None
+            logger.info("%s; the verdict tests no success or identification claim", reason)
+            return Baselines(missing={"success": reason, "identification": reason})
         shape = tuple(getattr(block, "image_shape", ()) or ())
         if shape and tuple(public.shape[1:]) != shape:
-            logger.warning(
-                "public images of shape %s do not fit the imprint block's %s: κ̂ not measured",
-                tuple(public.shape[1:]),
-                shape,
+            reason = (
+                f"the public images' shape {tuple(public.shape[1:])} does not fit the imprint "
+                f"block's {shape}"
             )
-            return None
+            logger.warning("%s: no baseline is measured", reason)
+            return Baselines(missing={"success": reason, "identification": reason})
         try:
-            return estimate_kappa(
+            return estimate_baselines(
                 public,
                 metric=self.config.success_metric,
                 threshold=self.config.success_threshold,
+                metrics=self.config.metrics,
+                batch_size=self.expected_batch_size,
+                geometry=self._geometry(block, tuple(public.shape[1:])),
                 value_range=self._value_range(block),
                 lpips=self.lpips,
                 prior=self.prior,
                 seed=self.config.seed,
             )
-        except Exception:  # the baseline is context; it must never stop training
-            logger.exception("measuring the baseline κ̂ failed; the bounds use κ = 1/N")
-            return None
+        except Exception as err:  # the baseline is context; it must never stop training
+            logger.exception("measuring the baselines failed")
+            reason = f"measuring the baselines failed ({type(err).__name__}: {err})"
+            return Baselines(missing={"success": reason, "identification": reason})
 
     def _fit_prior_public(self, block: ImprintBlock | None) -> PublicFit | None:
         """The ``prior_fit`` check on public images (see :mod:`.prior_fit`)."""
@@ -228,19 +262,24 @@ class AuditPipeline:
         start = time.perf_counter()
         scored = None
         if captured.imprint is None and self.shadow is not None:
-            captured = self.shadow.simulate(captured, generator=self.generator)
+            captured = self.shadow.simulate(
+                captured, generator=self.generator, expected_batch_size=self.expected_batch_size
+            )
+        prior, refusal = self._prior_for(captured)
         if captured.imprint is not None:
             scored = score_step(
                 captured,
                 self.config,
-                prior=self.prior,
+                prior=prior,
                 lpips=self.lpips,
                 generator=self.generator,
             )
         checks = validity_checks(captured)
         if self.config.mechanism_checks:
             checks = checks + mechanism_checks(captured)
-        fit_checks, fit_summary = self._prior_fit_checks(scored)
+        fit_checks, fit_summary = (
+            self._prior_fit_checks(scored) if refusal is None else ([refusal], None)
+        )
         measured = self.empirical.estimate() if self.empirical.add(captured) else None
         parts = {
             "checks": [CheckEntry.from_json(c) for c in checks + fit_checks],
@@ -269,6 +308,25 @@ class AuditPipeline:
             missed_raw=scored.missed_raw,
         )
 
+    def _prior_for(self, captured: CapturedStep) -> tuple[DiffusionPrior | None, dict | None]:
+        """The prior for this step's images, or ``None`` and a failed ``prior_fit`` entry when
+        they do not fit it (a shadow run whose image shape was not known at attach)."""
+        if self.prior is None or captured.imprint is None:
+            return self.prior, None
+        shape = tuple(captured.imprint.geometry.image_shape)
+        try:
+            self.prior.check_fits(shape)
+        except ValueError as err:
+            from .checks.entries import check
+
+            return None, check(
+                "prior_fit",
+                "fail",
+                f"the prior does not fit this run's images of shape {shape}: {err} No DM "
+                "reconstruction was made; pass a prior for these images, or prior=None",
+            )
+        return self.prior, None
+
     def _prior_fit_checks(
         self, scored: ScoredStep | None
     ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -296,18 +354,40 @@ class AuditPipeline:
     ) -> tuple[float | None, float | None, float | None]:
         """``(κ used, κ̂, κ uniform = 1/N)``, N = expected batch size / sampling rate.
 
-        κ used: ``config.kappa`` when set, else the larger of κ̂ and 1/N (a bound with a κ
-        below what a fixed guess achieves at the criterion would be beaten by that guess).
+        κ used: ``config.kappa`` when set, else the success baseline's upper limit (the fixed
+        and bin-knowing guesses, held out); without public images 1/N, for the bounds only (the
+        verdict states no bound and tests no success claim on it).
         """
         uniform = None
         if sample_rate and expected_batch_size:
             n = round(expected_batch_size / sample_rate)
             uniform = 1.0 / n if n > 1 else None
-        measured = self.baseline.kappa if self.baseline is not None else None
+        base = self.baseline
+        measured = base.kappa if base is not None else None
         if self.config.kappa is not None:
             return self.config.kappa, measured, uniform
-        known = [k for k in (measured, uniform) if k is not None and k > 0]
-        return (max(known) if known else None), measured, uniform
+        if base is not None:
+            return base.kappa_upper, measured, uniform
+        return uniform, measured, uniform
+
+    def _targets(self, identification, scored: ScoredStep) -> Targets:
+        """The record's per-target counts with the baselines they are tested against."""
+        base = self.baselines
+        baselines: dict[str, Any] = {
+            "identification": {m: b.upper for m, b in base.identification.items()},
+            "identification_informed": {
+                m: b.informed_upper for m, b in base.identification.items()
+            },
+        }
+        missing = dict(base.missing)
+        if self.config.kappa is not None:
+            baselines.update(success=self.config.kappa, success_basis="configured")
+            missing.pop("success", None)
+        elif base.success is not None:
+            baselines.update(success=base.success.kappa_upper, success_basis="measured")
+        return count_targets(
+            scored, identification, self.config, baselines=baselines, missing=missing
+        )
 
     def _record(
         self,
@@ -348,15 +428,7 @@ class AuditPipeline:
             kappa_baseline=kappa_baseline,
             kappa_uniform=kappa_uniform,
             # this step's own event (the one `success` measures) and, apart, the whole run's
-            bounds=step_bounds(
-                noise_multiplier=sigma,
-                kappa=kappa,
-                mu_measured=(measured or {}).get("mu_step_measured"),
-                candidates=captured.batch_size
-                if scored is not None and captured.batch_size
-                else None,
-            )
-            or None,
+            bounds=self._step_bounds(sigma, kappa, measured, scored is not None) or None,
             run_bounds=run_bounds(kappa=kappa, history=history) if kappa and history else None,
             privacy_measured=measured,
             denoiser=self._denoiser() if scored is not None else None,
@@ -365,6 +437,22 @@ class AuditPipeline:
             prior_fit=parts["prior_fit"],
             audit_seconds=seconds,
         )
+
+    def _step_bounds(self, sigma: float, kappa, measured, scored: bool) -> dict[str, float]:
+        """The bounds of this step; identification's κ is the informed adversary's upper limit
+        in the success metric (the ReRo theorem's adversary), and without it there is none."""
+        bounds = step_bounds(
+            noise_multiplier=sigma,
+            kappa=kappa,
+            mu_measured=(measured or {}).get("mu_step_measured"),
+        )
+        ident = self.baselines.identification
+        metric = self.config.success_metric
+        informed = ident.get("mse" if metric == "psnr" else metric)
+        if scored and informed is not None and informed.informed_upper is not None:
+            mu = 1.0 / sigma if sigma > 0 else math.inf
+            bounds["single_step_identification"] = rero_gaussian(mu, informed.informed_upper)
+        return bounds
 
     def _scores(self, captured: CapturedStep, scored: ScoredStep) -> dict[str, Any]:
         """The record's readout and score fields of a scored step."""
@@ -375,19 +463,28 @@ class AuditPipeline:
             ImageScore.from_json(d, row=None if t is None else next(rows))
             for d, t in zip(scored.images, scored.truth_index)
         ]
+        ident = identify(
+            scored,
+            captured,
+            metrics=cfg.metrics,
+            success_metric=cfg.success_metric,
+            lpips=self.lpips,
+        )
+        detection = dict(scored.detection)
+        if self.shadow is not None and self.shadow.plan is not None:
+            detection["shadow"] = self.shadow.plan.to_json()
         return {
             "counts": Counts.from_json(scored.counts, "counts"),
-            "detection": scored.detection,
+            "detection": detection,
             "means": scored.summary(cfg.metrics),
             "success_criterion": cfg.success_criterion,
-            # the share of the batch's samples reconstructed to the criterion, per stage
+            # exposure: the share of the batch's samples reconstructed to the criterion
             "success": {
                 stage: (n / batch if batch else None) for stage, n in scored.success.items()
             },
-            # the share of the batch whose reconstruction is nearest its own image
-            "identification": identification_rates(
-                scored, captured, metric=cfg.success_metric, lpips=self.lpips
-            ),
+            # exposure: the share of the batch whose reconstruction is nearest its own image
+            "identification": ident.shares,
+            "targets": self._targets(ident, scored),
             "images": images,
             "missed": [MissedImage.from_json(m) for m in scored.missed],
         }
