@@ -28,7 +28,7 @@ import torch
 from .capture.imprint import ImprintBlock
 from .capture.step import CapturedStep
 from .checks.mechanism import mechanism_checks
-from .checks.prior_fit import PublicFit, audit_fit, public_fit
+from .checks.prior_fit import PublicFit, audit_fit, public_fit, unknown_fit
 from .checks.validity import validity_checks
 from .config import AuditConfig
 from .privacy.accountant import history_from_accountant, read_epsilon, sample_rate_from_accountant
@@ -105,6 +105,7 @@ class AuditPipeline:
         self.shadow = None  # the simulated adversary of shadow audits (set by prepare)
         self.baselines = Baselines()  # what a guess achieves, measured once on public images
         self.prior_fit: PublicFit | None = None  # the prior's fit on public images
+        self.prior_fit_missing: str | None = None  # why it is not measured (fit unknown)
         self.empirical = EmpiricalPrivacy(delta=config.delta)
         self.expected_batch_size: int | None = None  # set by prepare
         self._explained: set[str] = set()  # ε notes already explained in the log
@@ -213,14 +214,23 @@ class AuditPipeline:
             return Baselines(missing={"success": reason, "identification": reason})
 
     def _fit_prior_public(self, block: ImprintBlock | None) -> PublicFit | None:
-        """The ``prior_fit`` check on public images (see :mod:`.prior_fit`)."""
-        if self.prior is None or self.config.prior_fit_public < 1:
+        """The ``prior_fit`` check on public images (see :mod:`.prior_fit`); without it
+        :attr:`prior_fit_missing` says why (the fit is then unknown, never passed)."""
+        self.prior_fit_missing = None
+        if self.prior is None or (block is None and self.shadow is None):
             return None
-        if block is None and self.shadow is None:
+        if self.config.prior_fit_public < 1:
+            self.prior_fit_missing = (
+                "the prior-fit check on public images is off (prior_fit_public=0)"
+            )
             return None
         public, source = self._public_images(block)
         if public is None:
-            logger.info("no public images: the prior's fit is measured on each audit's data only")
+            self.prior_fit_missing = (
+                "no public images (AuditConfig.public or ImprintBlock.calibrate) to measure the "
+                "prior's fit on"
+            )
+            logger.info("%s: the prior's fit is unknown", self.prior_fit_missing)
             return None
         try:
             self.prior.check_fits(tuple(public.shape[1:]))
@@ -235,8 +245,9 @@ class AuditPipeline:
                 images=self.config.prior_fit_public,
                 source=source,
             )
-        except Exception:  # the audit must never take training down
+        except Exception as err:  # the audit must never take training down
             logger.exception("the prior-fit check on public images failed; audits go on")
+            self.prior_fit_missing = f"measuring it failed ({type(err).__name__}: {err})"
             return None
         if fit.check["status"] != "pass":
             logger.warning("prior_fit: %s", fit.check["detail"])
@@ -333,7 +344,10 @@ class AuditPipeline:
         """The prior-fit checks of one audit, and its ``prior_fit`` summary; flags its images."""
         if scored is None or self.prior is None:
             return [], None
-        checks = [self.prior_fit.check] if self.prior_fit is not None else []
+        if self.prior_fit is not None:
+            checks = [self.prior_fit.check]
+        else:
+            checks = [unknown_fit(self.prior_fit_missing or "the prior's fit was not measured")]
         fit = audit_fit(
             scored,
             self.prior,

@@ -211,7 +211,7 @@ def _targets(records: Sequence[AuditRecord]) -> dict[str, Any]:
     tests = [
         _test(kind, metric or (criterion.metric if criterion else "?"), stage, hits, n,
               limits[(kind, metric)], level)
-        for (kind, metric, stage), (hits, n) in sorted(counts.items())
+        for (kind, metric, stage), (hits, n) in sorted(counts.items(), key=_test_order)
     ]  # fmt: skip
     recent = [t.attempted for t in parts[-RECENT_AUDITS:]]
     basis = next((t.baselines.get("success_basis") for t in reversed(parts)), None)
@@ -227,6 +227,17 @@ def _targets(records: Sequence[AuditRecord]) -> dict[str, Any]:
             more_images=any(r.lone_found > t.attempted for r, t in pairs),
         )
     }
+
+
+def _test_order(item) -> tuple:
+    """Success first, then identification in MSE, SSIM, LPIPS; the raw readout before DM."""
+    kind, metric, stage = item[0]
+    metrics = ("", "mse", "ssim", "lpips")
+    return (
+        kind != "success",
+        metrics.index(metric) if metric in metrics else 9,
+        ("raw", "dm").index(stage) if stage in ("raw", "dm") else 9,
+    )
 
 
 def _test(kind, metric, stage, hits, targets, baseline, level) -> TargetTest:

@@ -79,9 +79,13 @@ class Evidence:
 
     @property
     def negative_earned(self) -> bool:
-        """Every baseline measured and every test powerful: a negative claim is earned."""
+        """Every baseline measured, every test powerful and none even near its level (no
+        p-value below :data:`DECISION_LEVEL` before the split among tests): a negative claim is
+        earned."""
         t = self.targets
-        return t is not None and t.powerful and not t.missing
+        if t is None or not t.powerful or t.missing:
+            return False
+        return all(x.p_value >= DECISION_LEVEL for x in t.tests)
 
     @property
     def hits(self) -> int:
@@ -154,14 +158,15 @@ def _leak(e: Evidence) -> tuple[str, str]:
     )
     return (
         headline + ("." if raw else " (only with the diffusion prior)."),
-        f"{e.context}, {_tests_intro(e.targets)}: "
-        + "; ".join(_test_text(t, e.summary) for t in sig)
-        + ". That is leakage: "
+        f"{e.context}, {_tests_text(e.targets, e.summary)} "
+        f"{len(sig)} of {count(len(e.targets.tests), 'test')} "
+        f"{'is' if len(sig) == 1 else 'are'} below {'its' if len(sig) == 1 else 'their'} "
+        "level: leakage. "
         + (
-            "training images are recoverable from one privatised step by an attacker who "
+            "Training images are recoverable from one privatised step by an attacker who "
             "controls the model"
             if success
-            else "the attacker tells which training image was in the step"
+            else "The attacker tells which training image was in the step"
         )
         + ("" if raw else ", with a prior for this kind of image")
         + ". "
@@ -169,23 +174,42 @@ def _leak(e: Evidence) -> tuple[str, str]:
     )
 
 
-def _tests_intro(t: TargetEvidence) -> str:
-    m = len(t.tests)
+def _tests_text(t: TargetEvidence, summary: RunSummary) -> str:
+    """The targets, the strongest test in words, and every count in short."""
+    best = min(t.tests, key=lambda x: x.p_value)
     return (
-        f"{count(t.attempted, 'target')} (lone images read and scored) were tested against what "
-        f"a guess without the gradient achieves per target ({count(m, 'test')}, exact one-sided "
-        f"binomial tests at level {DECISION_LEVEL:g} together)"
+        f"{count(t.attempted, 'target')} (lone images read and scored) were tested against "
+        f"what a guess without the gradient achieves per target: {_test_text(best, summary)} "
+        f"(the strongest of {count(len(t.tests), 'exact one-sided binomial test')} sharing the "
+        f"level {DECISION_LEVEL:g}). All counts: {_counts_text(t, summary)}."
     )
+
+
+def _counts_text(t: TargetEvidence, summary: RunSummary) -> str:
+    """``"reconstructed to LPIPS ≤ 0.1: raw readout 0, diffusion prior 40 of 65 (a guess ≤ 13);
+    identified in MSE: raw readout 20, diffusion prior 18 of 65 (a guess ≤ 3.2); ..."``."""
+    groups: dict[tuple[str, str], list[TargetTest]] = {}
+    for x in t.tests:
+        groups.setdefault((x.kind, x.metric), []).append(x)
+    parts = []
+    for (kind, metric), tests in groups.items():
+        label = METRICS[metric].label if metric in METRICS else metric
+        what = (
+            f"reconstructed to {_criterion_text(summary)}"
+            if kind == "success"
+            else f"identified in {label}"
+        )
+        stages = ", ".join(f"{stage_label(x.stage)} {x.hits}" for x in tests)
+        parts.append(f"{what}: {stages} of {tests[0].targets} (a guess ≤ {tests[0].expected:.3g})")
+    return "; ".join(parts)
 
 
 def _not_above(e: Evidence) -> tuple[str, str]:
     return (
         "Some reconstructions met the criterion, but no more often than a guess would.",
-        f"{e.context}, {_tests_intro(e.targets)}: "
-        + "; ".join(_test_text(t, e.summary) for t in e.targets.tests)
-        + ". No test is below its level, and each had power ≥ "
-        f"{POWER_FOR_NEGATIVE:.0%} against a per-target rate {ALTERNATIVE_GAP:g} above its "
-        "baseline, so this is not evidence of leakage. "
+        f"{e.context}, {_tests_text(e.targets, e.summary)} No test is near its level, and "
+        f"each had power ≥ {POWER_FOR_NEGATIVE:.0%} against a per-target rate "
+        f"{ALTERNATIVE_GAP:g} above its baseline, so this is not evidence of leakage. "
         + " ".join(_exposure_text(e.summary) + e.tail + _membership_text(e.summary)),
     )
 
@@ -209,10 +233,9 @@ def _no_visible(e: Evidence) -> tuple[str, str]:
     warned = e.summary.warned_checks
     return (
         "No visible leakage to this attack at this noise level.",
-        f"{e.context}, {_tests_intro(e.targets)}: "
-        + "; ".join(_test_text(t, e.summary) for t in e.targets.tests)
-        + f". Each test had power ≥ {POWER_FOR_NEGATIVE:.0%} against a per-target rate "
-        f"{ALTERNATIVE_GAP:g} above its baseline, and "
+        f"{e.context}, {_tests_text(e.targets, e.summary)} No test is near its level; each "
+        f"had power ≥ {POWER_FOR_NEGATIVE:.0%} against a per-target rate {ALTERNATIVE_GAP:g} "
+        "above its baseline, and "
         + (f"no check failed (warnings: {', '.join(warned)})" if warned else "every check passed")
         + ", so at this noise level the audit shows no visible leakage: evidence about this "
         "attack with this prior, not a proof. "
@@ -238,14 +261,15 @@ def _inconclusive(e: Evidence) -> tuple[str, str]:
         if public and "success" in t.missing
         else "Too little evidence to tell whether images leak: audit more steps or more images."
     )
-    parts = [f"{e.context}, {count(t.attempted, 'target')} (lone images read and scored)"]
-    parts.append(
-        " were tested: " + "; ".join(_test_text(x, e.summary) for x in t.tests)
-        if t.tests
-        else " were attempted, and nothing could be tested"
-    )
-    text = "".join(parts) + ". " + " ".join(_missing_text(t) + _thin_text(t))
-    return headline, text.rstrip() + " " + " ".join(
+    if t.tests:
+        start = f"{e.context}, {_tests_text(t, e.summary)}"
+    else:
+        start = (
+            f"{e.context}, {count(t.attempted, 'target')} (lone images read and scored) were "
+            "attempted, and nothing could be tested."
+        )
+    text = " ".join([start, *_missing_text(t), *_thin_text(t)])
+    return headline, text + " " + " ".join(
         _exposure_text(e.summary) + e.tail + _membership_text(e.summary)
     )
 
@@ -341,6 +365,13 @@ def _thin_text(t: TargetEvidence) -> list[str]:
     """Why a negative claim is not earned, and what would earn it."""
     if not t.tests:
         return []
+    near = [x for x in t.tests if x.p_value < DECISION_LEVEL and not x.significant]
+    if near:
+        return [
+            f"{count(len(near), 'test')} came below {DECISION_LEVEL:g} but not below its share "
+            f"of the run's level ({near[0].level:.2g}): suggestive, not conclusive; more audits "
+            "will tell."
+        ]
     weakest = min(t.tests, key=lambda x: x.power)
     if weakest.power >= POWER_FOR_NEGATIVE:
         return []
