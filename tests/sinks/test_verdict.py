@@ -1,7 +1,7 @@
 """The verdict decides per target: k of n against a baseline's upper limit, with power.
 
 The records here are what the pipeline writes (a ``targets`` part per audit); the real runs that
-produce them are in ``tests/test_pipeline_targets.py``.
+produce them are in ``tests/score/test_targets.py``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ def _record(step, *, attempted, success=None, identified=None, batch=64, **over)
     targets = {
         "attempted": attempted,
         "success": success or {"raw": 0, "dm": 0},
-        "identified": identified
-        or {m: {"raw": 0, "dm": 0} for m in ("mse", "ssim", "lpips")},
+        "identified": identified or {m: {"raw": 0, "dm": 0} for m in ("mse", "ssim", "lpips")},
         "baselines": over.pop("baselines", BASELINES),
         "missing": over.pop("missing", {}),
     }
