@@ -62,11 +62,11 @@ def criterion_text(config: AuditConfig, *, net: bool = False) -> str:
     """The configured success criterion as the tables show it (``"LPIPS <= 0.1"``); ``net``:
     with the LPIPS backbone (``"LPIPS-VGG <= 0.1"``)."""
     crit = config.success_criterion
-    label = METRICS[crit["metric"]].label
-    if net and crit["metric"] == "lpips":
+    label = METRICS[crit.metric].label
+    if net and crit.metric == "lpips":
         label += f"-{config.lpips_net.upper()}"
-    sign = ">=" if crit["higher_is_better"] else "<="
-    return f"{label} {sign} {crit['threshold']:g}"
+    sign = ">=" if crit.higher_is_better else "<="
+    return f"{label} {sign} {crit.threshold:g}"
 
 
 def succeeded(values: torch.Tensor, config: AuditConfig) -> torch.Tensor:
@@ -102,7 +102,7 @@ def evaluate(name: str, sigma: float, images, public, prior, lpips, config, seed
         m, own = rows.numel(), ro["own"][rows].tolist()
         recon = torch.cat([raw[rows], dm[rows]])
         d = pairwise(config.success_metric, recon, candidates, lpips=lpips)
-        hit = identified(d, own * 2, higher_is_better=config.success_criterion["higher_is_better"])
+        hit = identified(d, own * 2, higher_is_better=config.success_criterion.higher_is_better)
         mine = d[torch.arange(2 * m), torch.tensor(own * 2)]
         scores["raw"][rows], scores["dm"][rows] = mine[:m], mine[m:]
         ident["raw"][rows], ident["dm"][rows] = hit[:m], hit[m:]

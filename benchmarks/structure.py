@@ -172,9 +172,13 @@ def complex_functions(root: Path, limit: int = 20) -> list[tuple[str, int]]:
     return sorted(set(out), key=lambda x: -x[1])
 
 
-def import_time(root: Path, runs: int = 5) -> tuple[float, list[str]]:
+def import_time(
+    root: Path, statement: str = "import opacus_dmaudit", runs: int = 5
+) -> tuple[float, list[str]]:
+    """Median seconds of ``statement`` in a fresh interpreter after ``import opacus``, and the
+    heavy libraries loaded after it."""
     code = (
-        "import time, sys; import opacus; t = time.perf_counter(); import opacus_dmaudit; "
+        f"import time, sys; import opacus; t = time.perf_counter(); {statement}; "
         "print(time.perf_counter() - t); "
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
@@ -199,6 +203,7 @@ def main() -> None:
     longs = long_functions(root)
     complexes = complex_functions(root)
     seconds, heavy = import_time(root)
+    auditor_seconds, auditor_heavy = import_time(root, "from opacus_dmaudit import DMAuditor")
     lines = sum(len(p.read_text().splitlines()) for p in (root / "opacus_dmaudit").rglob("*.py"))
     print(f"| measure | {root} |")
     print("|---|---|")
@@ -211,6 +216,8 @@ def main() -> None:
     print(f"| functions of complexity > 20 | {len(complexes)} {complexes[:5]} |")
     print(f"| `import opacus_dmaudit` after opacus (s) | {seconds:.2f} |")
     print(f"| heavy libraries it loads | {', '.join(heavy) or 'none'} |")
+    print(f"| `from opacus_dmaudit import DMAuditor` after opacus (s) | {auditor_seconds:.2f} |")
+    print(f"| heavy libraries that loads | {', '.join(auditor_heavy) or 'none'} |")
 
 
 if __name__ == "__main__":

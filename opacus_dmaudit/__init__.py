@@ -34,6 +34,7 @@ _PUBLIC = {
     "read_audit_log": "sinks.audit_log",
     "AuditCheckFailed": "errors",
     "LogDirInUse": "errors",
+    "UnsafeLogDir": "errors",
     "AuditLogError": "errors",
     "BackboneUnavailable": "errors",
 }
@@ -55,7 +56,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from .capture.imprint import ImprintBlock
     from .capture.shadow import ShadowAdversary
     from .config import AuditConfig
-    from .errors import AuditCheckFailed, AuditLogError, BackboneUnavailable, LogDirInUse
+    from .errors import (
+        AuditCheckFailed,
+        AuditLogError,
+        BackboneUnavailable,
+        LogDirInUse,
+        UnsafeLogDir,
+    )
     from .reconstruct.prior import DiffusionPrior
     from .record import AuditRecord
     from .sinks.audit_log import read_audit_log
@@ -74,6 +81,7 @@ __all__ = [
     "LogDirInUse",
     "RunSummary",
     "ShadowAdversary",
+    "UnsafeLogDir",
     "build_comparison",
     "build_report",
     "read_audit_log",

@@ -6,13 +6,23 @@ Per audited step: capture (inside ``optimizer.step``, :mod:`.capture`) -> the au
 capture runs once the parameter update is done (or in a background worker), with the auditor's
 own generator; training is bit-identical with and without it. ``DMAuditor`` itself keeps only
 scheduling, lifecycle, resume and the fan-out.
+
+Lifecycle: ``attach`` takes the log dir's lock (one auditor per folder) and ``detach``/``close``
+give it back; a later ``attach`` of the same auditor continues its own log. A sink that cannot
+write (a full disk) never stops training: the audit stays in ``history`` and ``close()`` says what
+was not written. If the interpreter exits without ``close()`` (training raised), an exit hook
+finishes the captured audits and closes the auditor, so none is lost and the background worker
+never runs into interpreter shutdown.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import os
+import sys
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +31,7 @@ from ._opacus import (
     accountant_history,
     expected_batch_size,
     is_ghost,
+    original_optimizer,
     set_accountant_history,
 )
 from .capture.hooks import GradientCapture
@@ -31,8 +42,8 @@ from .config import DEFAULT_SUCCESS_THRESHOLDS, AuditConfig, resolve_config
 from .pipeline import AuditPipeline, AuditResult
 from .privacy.accountant import steps_from_accountant
 from .record import AuditRecord
-from .sinks.audit_log import AuditLog, read_audit_log
 from .sinks.logdir import LogDir, package_versions
+from .sinks.outputs import AuditOutputs
 from .worker import AuditWorker
 
 if TYPE_CHECKING:
@@ -47,6 +58,28 @@ logger = logging.getLogger(__name__)
 
 #: Above this many bytes of per-sample imprint gradients, ``attach`` suggests ghost clipping.
 PER_SAMPLE_WARN_BYTES = 2**30
+
+# auditors attached and not closed: the exit hook closes them (entries vanish with the auditor)
+_OPEN: weakref.WeakSet[DMAuditor] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Interpreter exit without ``close()`` (training raised): finish and close every auditor.
+
+    Runs before the interpreter tears down, while the background worker can still finish its
+    audits; an error is logged, never raised (the process exits with its own status).
+    """
+    for auditor in list(_OPEN):
+        try:
+            logger.warning(
+                "the auditor of %s was not closed: closing it at exit (its captured audits are "
+                "finished and written; call close() in a finally block)",
+                auditor.log_dir,
+            )
+            auditor._close(in_flight=None, at_exit=True)
+        except BaseException:  # never abort the exit
+            logger.exception("closing the auditor of %s at exit failed", auditor.log_dir)
 
 
 def _warn_per_sample_memory(block: ImprintBlock, optimizer) -> None:
@@ -119,7 +152,9 @@ class DMAuditor:
             no ``ImprintBlock`` (``True``, or a :class:`~opacus_dmaudit.ShadowAdversary`).
         public: public images ``(N, C, H, W)`` (never training data) for the shadow adversary's
             bins, the baseline κ̂ and the prior-fit check.
-        writer: your own ``SummaryWriter``, so the audit lands in the run you already log to.
+        writer: your own ``SummaryWriter``, so the audit's scalars land in the run you already
+            log to; its image grids go to an owner-only event file the auditor creates in
+            ``log_dir`` (your writer's file may be readable by others).
         config: an :class:`~opacus_dmaudit.AuditConfig` with every other setting (the expert
             path); the keywords above, when given, override it.
         **settings: any other :class:`~opacus_dmaudit.AuditConfig` field (``metrics``,
@@ -159,7 +194,12 @@ class DMAuditor:
         self.config = config
         self.prior = self._load_prior(config.prior)
         self.privacy_engine = privacy_engine
-        self.logdir = LogDir(log_dir)
+        self._out = AuditOutputs(
+            log_dir,
+            writer=writer,
+            tensorboard=config.tensorboard,
+            save_images=config.save_images,
+        )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.lpips = None
         if "lpips" in config.metrics:
@@ -169,17 +209,16 @@ class DMAuditor:
         self.history: list[AuditRecord] = []
         self.last_result: AuditResult | None = None
         self.mode: str | None = None  # "imprint", "shadow" or "mechanism", decided at attach
-        self._writer = writer
-        self._tb = None
         self._resume: dict[str, Any] | None = None
         self._capture: GradientCapture | None = None
-        self._log: AuditLog | None = None
         self._defer = False
         self._queued: list[CapturedStep] = []
         self._worker: AuditWorker | None = None  # background scoring (config.background)
         self._last_step = 0  # optimizer steps seen by the last capture, kept after detach
         self._told: set[str] = set()  # failed checks already logged as warnings
         self._summary: RunSummary | None = None  # set by close()
+        self._strict_error: BaseException | None = None  # raised at the next step (strict)
+        self._step_handle = None  # our post-step hook (fail-fast under strict)
         # what an audit computes (checks, scoring, privacy numbers, the record)
         self.pipeline = AuditPipeline(
             config=config, prior=self.prior, lpips=self.lpips, generator=self.generator
@@ -197,6 +236,19 @@ class DMAuditor:
     @property
     def log_dir(self):
         return self.logdir.path
+
+    @property
+    def logdir(self) -> LogDir:
+        return self._out.logdir
+
+    @property
+    def unwritten(self) -> list[str]:
+        """What the sinks could not write so far (one line per sink; empty when all went well)."""
+        lost = [f.describe(sink) for sink, f in self._out.guard.failures.items()]
+        log = self._out.log
+        if log is not None and log.unwritten:
+            lost.insert(0, f"audit log: steps {', '.join(map(str, log.unwritten))} wait in memory")
+        return lost
 
     @property
     def every_n_steps(self) -> int:
@@ -268,6 +320,8 @@ class DMAuditor:
             self._worker = AuditWorker()
         self._open_sinks(capture)
         self._resume = None
+        self._step_handle = original_optimizer(optimizer).register_step_post_hook(self._after_step)
+        _OPEN.add(self)
         return self
 
     def _find_block(self, optimizer, block, model) -> ImprintBlock | None:
@@ -331,35 +385,30 @@ class DMAuditor:
             self.prior.check_fits(shape)
 
     def _open_sinks(self, capture: GradientCapture) -> None:
-        """Prepare the log dir, open the log and TensorBoard, then hook the capture in.
+        """Take the log dir, open the log and TensorBoard, then hook the capture in.
 
         A failure leaves nothing behind that this attach created.
         """
-        resume = self._resume is not None
-        existed, had_audit = self.logdir.path.exists(), self.logdir.holds_audit()
+        logdir = self.logdir
+        existed, had_audit = logdir.path.exists(), logdir.holds_audit()
+        step = self._resume["step"] if self._resume is not None else None
         try:
-            self.logdir.prepare(existing=self.config.existing, resume=resume)
-            if self._log is None or self._log.closed:
-                self._log = AuditLog(self.logdir.audit_log)
-            if resume:
-                # audits recorded after the checkpoint will be redone: drop them, keep the rest
-                step = self._resume["step"]
-                self._log.keep_through_step(step)
-                self.history = [r for r in read_audit_log(self._log.path) if r.step <= step]
+            kept = self._out.open(holder=self, existing=self.config.existing, resume_step=step)
+            if kept is not None:  # audits recorded after the checkpoint are redone
+                self.history = kept
+                self._restore_evidence(kept)
             self._capture = capture  # the run file describes the capture
-            self._write_run_file()
-            if (self.config.tensorboard or self._writer is not None) and self._tb is None:
-                from .sinks.tensorboard import TensorBoardSink
-
-                self._tb = TensorBoardSink(
-                    writer=self._writer,
-                    log_dir=self.logdir.path,
-                    purge_step=self._resume["step"] + 1 if resume else None,
-                )
+            self._out.write_run(self._run_description())
             capture.attach()
         except BaseException:
             self._undo_attach(existed=existed, had_audit=had_audit)
             raise
+
+    def _restore_evidence(self, records: list[AuditRecord]) -> None:
+        """After a resume: what the audits kept contribute to the run's pooled estimates."""
+        restore = getattr(self.pipeline, "restore", None)
+        if restore is not None:
+            restore(records)
 
     def _undo_attach(self, *, existed: bool, had_audit: bool) -> None:
         """A failed attach leaves nothing behind that it created."""
@@ -371,16 +420,7 @@ class DMAuditor:
                 worker.close()
             except Exception:
                 logger.exception("the background audit worker failed")
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if not had_audit and self.logdir.path.is_dir():
-            self.logdir.remove_audit_files()
-            if not existed and not any(self.logdir.path.iterdir()):
-                self.logdir.path.rmdir()
+        self._out.undo(existed=existed, had_audit=had_audit)
 
     def flush(self) -> AuditResult | None:
         """Score and log the captures that ``attach(defer=True)`` queued; the last result.
@@ -396,11 +436,25 @@ class DMAuditor:
             result = self.last_result
         return result
 
-    def detach(self) -> None:
-        """Stop auditing (scoring what is queued) and restore the optimizer's step hook."""
+    def _after_step(self, *_args) -> None:
+        """After every optimizer step: under ``strict``, raise a failed check found since."""
+        error, self._strict_error = self._strict_error, None
+        if error is None and self._worker is not None and self._worker.failed:
+            try:
+                self._worker.raise_error()
+            except BaseException as err:
+                error = err
+        if error is not None:
+            raise error
+
+    def _stop(self) -> None:
+        """Score what is queued, unhook the capture, stop the worker (raises a strict error)."""
         try:
             self.flush()
         finally:
+            if self._step_handle is not None:
+                self._step_handle.remove()
+                self._step_handle = None
             if self._capture is not None:
                 self._last_step = self._capture.step
                 self._capture.detach()
@@ -409,52 +463,60 @@ class DMAuditor:
                 worker, self._worker = self._worker, None
                 worker.close()
 
+    def detach(self) -> None:
+        """Stop auditing (scoring what is queued), restore the optimizer's step hook and give
+        the log dir back; a later :meth:`attach` of this auditor continues its log."""
+        try:
+            self._stop()
+        finally:
+            self._out.release()
+
     def close(self) -> RunSummary:
         """Detach, write the hyper-parameters to TensorBoard, close the log, write the report.
 
         Returns:
             The run's :class:`~opacus_dmaudit.RunSummary` (its ``verdict``, ε, the measured
-            numbers), also when no report is written.
+            numbers), also when no report is written or a sink could not write (a full disk:
+            what was not written is logged, see :attr:`unwritten`).
 
         An error met while draining the audits (e.g. a failed check under ``strict=True`` with
-        ``background=True``) is raised after the log, TensorBoard and the report are written.
+        ``background=True``) is raised after the log, TensorBoard and the report are written,
+        unless an exception of yours is already under way (``close()`` in a ``finally`` block or
+        ``with`` statement): yours goes on, and the audit's error is logged and added to it as a
+        note.
         """
+        return self._close(in_flight=sys.exc_info()[1])
+
+    def _close(self, *, in_flight: BaseException | None, at_exit: bool = False) -> RunSummary:
         from .sinks.summary import summarize
 
         if self._summary is not None:  # closed already
             return self._summary
         error: BaseException | None = None
         try:
-            self.detach()
+            self._stop()
         except Exception as err:  # finish writing what was recorded, then raise
             error = err
-        if self._tb is not None:
-            try:
-                self._tb.close(hparams=self.config.to_dict())
-            finally:
-                self._tb = None
-        if self._log is not None:
-            self._log.close()
-            if self.config.report and self._log.path.is_file():
-                from .sinks.report import build_report
-
-                try:
-                    build_report(self.logdir.path)
-                except Exception:
-                    logger.exception("writing the report into %s failed", self.logdir.path)
-        if error is not None:
-            raise error
+        error = error or self._strict_error
+        self._strict_error = None
+        lost = self._out.close(hparams=self.config.to_dict(), report=self.config.report)
+        _OPEN.discard(self)
         self._summary = summarize(self.history)
+        if lost:
+            logger.warning("%s: not everything was written: %s", self.log_dir, "; ".join(lost))
+        if error is not None:
+            _raise_unless_busy(error, in_flight=in_flight, at_exit=at_exit)
         return self._summary
 
     def __enter__(self) -> DMAuditor:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._close(in_flight=exc)
 
     # -- configuration and resume ----------------------------------------------------------------
-    def _write_run_file(self) -> None:
+    def _run_description(self) -> dict[str, Any]:
+        """What ``run.json`` holds: the settings, the mode, the mechanism, package versions."""
         capture = self._capture
         block = capture.block
         shadow = self.pipeline.shadow
@@ -473,15 +535,19 @@ class DMAuditor:
             },
             "versions": package_versions(),
         }
-        self.logdir.write_json(self.logdir.run_file, run)
+        return run
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume the audit exactly: step, RNG state, settings.
 
-        With a background worker, waits for the audits in flight first (they advance the
-        generator)."""
+        Audits captured and not yet scored (``attach(defer=True)`` before :meth:`flush`, a
+        background worker) are finished first: they advance the generator and belong to the
+        steps the checkpoint covers. Never raises a failed check (``strict=True``): that is
+        raised at the next step or at :meth:`close`, so the checkpoint is written."""
+        while self._queued:
+            self._score_and_log(self._queued.pop(0), keep_error=True)
         if self._worker is not None:
-            self._worker.drain()
+            self._worker.wait()
         return {
             "version": 1,
             "step": self.step,
@@ -539,7 +605,9 @@ class DMAuditor:
         else:
             self._score_and_log(captured)
 
-    def _score_and_log(self, captured: CapturedStep, accountant=None) -> AuditResult | None:
+    def _score_and_log(
+        self, captured: CapturedStep, accountant=None, *, keep_error: bool = False
+    ) -> AuditResult | None:
         try:
             result = self.audit(captured, accountant=accountant)
         except Exception:  # the audit must never take training down
@@ -548,7 +616,12 @@ class DMAuditor:
         self._emit(result)
         self._tell_failures(result.record)
         if self.config.strict:
-            raise_on_failure(captured.step, [c.to_json() for c in result.record.checks])
+            try:
+                raise_on_failure(captured.step, [c.to_json() for c in result.record.checks])
+            except Exception as err:
+                if not keep_error:
+                    raise
+                self._strict_error = self._strict_error or err  # raised at the next step
         return result
 
     def _tell_failures(self, record: AuditRecord) -> None:
@@ -565,30 +638,10 @@ class DMAuditor:
                 )
 
     def _emit(self, result: AuditResult) -> None:
-        """Fan a finished audit out: images first (atomic), then the log line, then TensorBoard."""
-        record = result.record
-        step = record.step
-        self.history.append(record)
+        """Keep the audit in memory, then fan it out to the sinks (which never raise)."""
+        self.history.append(result.record)
         self.last_result = result
-        if self.config.save_images and result.has_images:
-            try:
-                self.logdir.save_images(
-                    step,
-                    truth=result.truth,
-                    raw=result.raw,
-                    dm=result.dm,
-                    missed_truth=result.missed_truth,
-                    missed_raw=result.missed_raw,
-                )
-            except Exception:
-                logger.exception("saving the images of step %d failed", step)
-        if self._log is not None and not self._log.closed:
-            self._log.append(record)
-        if self._tb is not None:
-            try:
-                self._tb.log_audit(record, result)
-            except Exception:
-                logger.exception("TensorBoard logging of step %d failed", step)
+        self._out.emit(result)
 
     def audit(self, captured: CapturedStep, *, accountant=None) -> AuditResult:
         """Check, score and describe one captured step (see :class:`~.pipeline.AuditPipeline`).
@@ -604,6 +657,20 @@ class DMAuditor:
             mode=self.mode,
             expected_batch_size=expected_batch_size(self._capture.optimizer),
         )
+
+
+def _raise_unless_busy(
+    error: BaseException, *, in_flight: BaseException | None, at_exit: bool
+) -> None:
+    """Raise the audit's ``error`` from ``close()``, unless another exception is under way."""
+    if at_exit:
+        logger.error("the audit met an error: %s", error)
+        return
+    if in_flight is None or in_flight is error:
+        raise error
+    logger.error("the audit met an error (your exception goes on): %s", error)
+    if hasattr(in_flight, "add_note"):  # Python 3.11+
+        in_flight.add_note(f"dmaudit: while this exception was raised, the audit failed: {error}")
 
 
 def _check_noise_multiplier(optimizer) -> None:

@@ -147,7 +147,7 @@ def _report(args: argparse.Namespace) -> int:
     for log_dir in args.log_dirs:
         try:
             json_path, html_path = build_report(log_dir)
-        except (FileNotFoundError, PermissionError, AuditLogError) as err:
+        except (OSError, AuditLogError) as err:  # a missing folder, no permission, a full disk
             raise ValueError(str(err)) from None
         print(f"{log_dir}: wrote {json_path} and {html_path}")
     print("The reports contain private training images (owner-only files); share them with care.")

@@ -2,6 +2,7 @@
 
 * :class:`AuditCheckFailed`: a check failed and the auditor runs with ``strict=True``.
 * :class:`LogDirInUse`: ``log_dir`` already holds another run's audit.
+* :class:`UnsafeLogDir`: a name the auditor writes in ``log_dir`` is a symbolic link.
 * :class:`AuditLogError`: a file is not an audit log (the message names the line).
 * :class:`BackboneUnavailable`: the LPIPS backbone weights cannot be found offline.
 """
@@ -11,7 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["AuditCheckFailed", "LogDirInUse", "AuditLogError", "BackboneUnavailable"]
+__all__ = [
+    "AuditCheckFailed",
+    "LogDirInUse",
+    "UnsafeLogDir",
+    "AuditLogError",
+    "BackboneUnavailable",
+]
 
 
 class AuditCheckFailed(RuntimeError):
@@ -31,6 +38,10 @@ class AuditCheckFailed(RuntimeError):
 
 class LogDirInUse(FileExistsError):
     """``log_dir`` already holds an audit and this run is not its resume."""
+
+
+class UnsafeLogDir(PermissionError):
+    """A name the auditor writes, changes or deletes in ``log_dir`` is a symbolic link."""
 
 
 class AuditLogError(ValueError):

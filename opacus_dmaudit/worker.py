@@ -79,10 +79,21 @@ class AuditWorker:
             self._waited = True
         self._jobs.put((fn, args))
 
+    def wait(self) -> None:
+        """Wait until every submitted job has finished (an error waits for :meth:`raise_error`)."""
+        if self.alive:
+            self._jobs.join()
+
     def drain(self) -> None:
         """Wait until every submitted job has finished; raise the first error of any job."""
-        self._jobs.join()
+        self.wait()
         self.raise_error()
+
+    @property
+    def failed(self) -> bool:
+        """Whether a job raised an error not raised yet."""
+        with self._lock:
+            return self._error is not None
 
     def raise_error(self) -> None:
         """Raise (once) the first exception a job raised."""
@@ -91,9 +102,11 @@ class AuditWorker:
         if err is not None:
             raise err
 
-    def close(self) -> None:
-        """Finish every submitted job, stop the thread, then raise the first job error if any."""
+    def close(self, *, raise_error: bool = True) -> None:
+        """Finish every submitted job, stop the thread, then raise the first job error if any
+        (``raise_error=False`` keeps it for :meth:`raise_error`)."""
         if self.alive:
             self._jobs.put(_STOP)
             self._thread.join()
-        self.raise_error()
+        if raise_error:
+            self.raise_error()

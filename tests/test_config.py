@@ -38,6 +38,8 @@ def test_without_lpips_the_next_metric_judges_success(metrics, metric):
         ({"every_n_steps": True}, r"every_n_steps must be a positive integer, got True"),
         ({"every_n_steps": 2.5}, r"every_n_steps must be a positive integer, got 2.5"),
         ({"delta": 1.0}, r"delta must be in \(0, 1\), got 1.0"),
+        ({"delta": "1e-5"}, r"delta must be in \(0, 1\), got '1e-5'"),  # not a number
+        ({"delta": float("nan")}, r"delta must be in \(0, 1\), got nan"),
         ({"metrics": "lpips"}, r"metrics must be a sequence of names, got the string 'lpips'"),
         ({"metrics": ("psnr", "fid")}, r"unknown metrics \['fid'\]; choose from"),
         ({"metrics": ()}, r"unknown metrics \[\]; choose from"),

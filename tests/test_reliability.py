@@ -252,17 +252,29 @@ def test_the_demo_prints_no_unexplained_warning(tmp_path):
     assert proc.stderr.count("secure_mode=True") == 1  # the one that matters, explained once
 
 
-def test_writer_event_files_are_owner_only(mnist5k, tmp_path):
+def test_with_a_users_writer_images_go_to_a_private_file_and_the_users_is_untouched(
+    mnist5k, tmp_path
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(tmp_path / "user"))
+    user_files = list((tmp_path / "user").glob("events.out.tfevents.*"))
+    modes = {p: _mode(p) for p in user_files}
     auditor, _ = audited_run(
         mnist5k, tmp_path / "audit", sigma=0.01, steps=1, metrics=("mse",), writer=writer
     )
     auditor.close()
     writer.close()
-    events = list((tmp_path / "user").glob("events.out.tfevents.*"))
-    assert events and all(_mode(p) == 0o600 for p in events)
+    assert {p: _mode(p) for p in user_files} == modes  # never chmod-ed: not the auditor's
+    user = EventAccumulator(str(tmp_path / "user"), size_guidance={"images": 0})
+    user.Reload()
+    assert "privacy/epsilon" in user.Tags()["scalars"] and not user.Tags()["images"]
+    own = list((tmp_path / "audit").glob("events.out.tfevents.*"))
+    assert own and all(_mode(p) == 0o600 for p in own)
+    audit = EventAccumulator(str(tmp_path / "audit"), size_guidance={"images": 0})
+    audit.Reload()
+    assert audit.Tags()["images"] == ["audit/reconstructions"]
 
 
 def test_the_report_shows_why_when_nothing_is_recovered(mnist5k, tmp_path):

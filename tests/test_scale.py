@@ -70,7 +70,9 @@ def test_capture_at_256px_under_ghost_clipping_stays_within_a_few_gb():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     per_sample = 64 * 128 * 3 * 256 * 256 * 4
-    assert out["peak"] < per_sample / 2  # measured ~2 GB; hooks mode needs > 2x per_sample
+    # Measured 2.5 GB here and 3.3 GB on CI (allocator and thread count differ); materialising the
+    # per-sample imprint gradients (hooks mode) would need more than 2 x per_sample = 12.8 GB.
+    assert out["peak"] < 0.75 * per_sample
     assert out["lone"] >= 20 and out["max_abs_error"] < 1e-4
     assert not out["grad_sample"]
 

@@ -36,6 +36,7 @@ Opacus sees a plain ``nn.Linear`` in every grad-sample mode).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -97,6 +98,23 @@ class ImprintGeometry:
     bin_edges: tuple[float, ...] | None = None
 
 
+#: Most elements of the imprint weight (bins × pixels): 2**28 floats are 1 GiB, and the layer
+#: keeps a fixed copy, a gradient and per-sample gradients besides.
+MAX_WEIGHT_ELEMENTS = 2**28
+
+
+def _check_num_bins(num_bins, pixels: int) -> None:
+    if isinstance(num_bins, bool) or not isinstance(num_bins, numbers.Integral) or num_bins < 2:
+        raise ValueError(f"num_bins must be an integer of at least 2, got {num_bins!r}")
+    if num_bins * pixels > MAX_WEIGHT_ELEMENTS:
+        raise ValueError(
+            f"num_bins={num_bins} with {pixels} pixels per image makes an imprint weight of "
+            f"{num_bins * pixels * 4 / 2**30:.1f} GiB (and a fixed copy, its gradient and "
+            "per-sample gradients besides): use fewer bins; a few times the batch size is "
+            "plenty, since a bin reads an image only when one sample falls in it"
+        )
+
+
 class ImprintBlock(nn.Module):
     """An imprint layer that drops in front of any image model.
 
@@ -137,8 +155,7 @@ class ImprintBlock(nn.Module):
             raise ValueError(
                 f"image_shape must be (C, H, W) with positive sizes, got {image_shape}"
             )
-        if num_bins < 2:
-            raise ValueError(f"num_bins must be at least 2, got {num_bins}")
+        _check_num_bins(num_bins, math.prod(image_shape))
         if structure not in _STRUCTURES:
             raise ValueError(f"structure must be one of {_STRUCTURES}, got {structure!r}")
         if direction not in _DIRECTIONS:
@@ -327,9 +344,40 @@ class ImprintBlock(nn.Module):
             bin_edges=tuple(float(e) for e in edges),
         )
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        """Load checkpoints of releases before the fixed bins (no ``fixed_weight``/``fixed_bias``).
+
+        Such a block evaluated its bins with the imprint layer's own weight and bias, so the
+        fixed copies are taken from the saved ones: the loaded block puts every sample into the
+        bin the saved block did.
+        """
+        weight, bias = f"{prefix}imprint.weight", f"{prefix}imprint.bias"
+        fixed = {f"{prefix}fixed_weight": weight, f"{prefix}fixed_bias": bias}
+        missing = [k for k in fixed if k not in state_dict]
+        if missing and all(fixed[k] in state_dict for k in missing):
+            for key in missing:
+                state_dict[key] = state_dict[fixed[key]].detach().clone()
+            warnings.warn(
+                "loaded an ImprintBlock saved by an earlier release (no fixed bins): its bins "
+                "are fixed at the saved imprint weights; save the model again to keep them",
+                stacklevel=2,
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+
     # ------------------------------------------------------------------------------------------
     # forward
     def _check_input(self, x: torch.Tensor) -> None:
+        if not x.is_floating_point():
+            lo, hi = self.value_range
+            raise TypeError(
+                f"ImprintBlock expects floating-point images with pixels in value_range "
+                f"({lo:g}, {hi:g}), got {x.dtype}: convert them first (for 8-bit images in "
+                "[0, 1]: x.float() / 255)"
+            )
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             got = tuple(x.shape[1:]) if x.dim() == 4 else tuple(x.shape)
             raise ValueError(

@@ -65,6 +65,7 @@ def one_run_epsilon_lower(
     *, canaries: int, guesses: int, correct: int, delta: float, confidence: float = 0.95
 ) -> float:
     """The largest ε that ``correct`` right guesses reject at ``confidence`` (0 if none)."""
+    _check_confidence(confidence)
     beta = 1 - confidence
     kw = dict(canaries=canaries, guesses=guesses, correct=correct, delta=delta)
     if one_run_p_value(epsilon=0.0, **kw) >= beta:
@@ -79,6 +80,33 @@ def one_run_epsilon_lower(
         else:
             hi = mid
     return lo
+
+
+def _check_confidence(confidence: float) -> None:
+    ok = isinstance(confidence, int | float) and not isinstance(confidence, bool)
+    if not ok or not 0 < confidence < 1:
+        raise ValueError(
+            f"confidence must be a probability in (0, 1), e.g. 0.95; got {confidence!r}"
+        )
+
+
+def _check_scores(s: torch.Tensor, m: int) -> None:
+    """Scores that can rank the canaries: one finite number each, not all equal."""
+    if s.numel() != m:
+        raise ValueError(f"expected {m} scores, got {s.numel()}")
+    bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"the scores of canaries {bad[:10]} are NaN or infinite: a loss that overflowed or a "
+            "model that diverged gives no ranking; fix the scores (e.g. compute the loss in "
+            "float64) before auditing"
+        )
+    if bool((s == s[0]).all()):
+        raise ValueError(
+            f"all {m} scores equal {float(s[0])!r}: constant scores cannot rank the canaries "
+            "(a model that outputs a constant, or the wrong scores); the audit would report "
+            "ε_lower = 0 for no reason"
+        )
 
 
 class Canaries:
@@ -148,11 +176,15 @@ class Canaries:
         For each fraction f of :data:`GUESS_FRACTIONS`, guess "in" for the ⌈f·m⌉ highest scores
         and "out" for as many of the lowest; the best bound over the grid is reported, each at
         ``1 − (1 − confidence)/len(grid)`` (Bonferroni).
+
+        Raises:
+            ValueError: a score is NaN or infinite, all scores are equal (they rank nothing), or
+                ``confidence`` is not in (0, 1).
         """
+        _check_confidence(confidence)
         s = torch.as_tensor(scores).double().flatten()
         m = len(self)
-        if s.numel() != m:
-            raise ValueError(f"expected {m} scores, got {s.numel()}")
+        _check_scores(s, m)
         order = torch.argsort(s, descending=True)
         level = 1 - (1 - confidence) / len(GUESS_FRACTIONS)
         best = {"epsilon_lower": 0.0, "guesses": 0, "correct": 0}

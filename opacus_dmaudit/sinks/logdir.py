@@ -5,15 +5,24 @@ Layout of a ``log_dir`` (everything the auditor writes is inside it)::
     audit.jsonl                one JSON record per audit (appended, fsynced)
     run.json                   configuration and package versions, written at attach
     images/step_00000050.npz   truth, raw readout and DM reconstruction of an audit (uint8)
-    events.out.tfevents.*      TensorBoard events, when the auditor owns the writer
+    events.out.tfevents.*.dmaudit   TensorBoard events of the auditor's own writer (its images,
+                               and its scalars when no ``writer=`` is given)
     report.json, report.html   the audit report
+    .dmaudit-files             the event files the auditor created (see :mod:`.manifest`)
+    .dmaudit.lock              while an auditor is attached (see :mod:`.lock`)
 
 Permissions: these files hold private training images. Every file is created owner-only (0600)
-and every folder the auditor creates is 0700; a folder that already exists keeps its mode (a
-shared or read-only folder is never chmod-ed); when it is readable by others the auditor warns,
-since the names of the files are then visible even though their contents are not. Files are
-written atomically (a temporary file renamed into place), so a crash leaves the old file or the
-new one, never a torn one.
+from the moment it exists and every folder the auditor creates is 0700 (see :mod:`.files`); a
+folder that already exists keeps its mode (a shared or read-only folder is never chmod-ed); when it
+is readable by others the auditor warns, since the names of the files are then visible even though
+their contents are not. Files are written atomically (a temporary file renamed into place), so a
+crash leaves the old file or the new one, never a torn one.
+
+Ownership: the auditor writes, changes and deletes only its own files, never through a symbolic
+link: a link at one of the names above raises :class:`~opacus_dmaudit.errors.UnsafeLogDir` at
+attach (``log_dir`` itself may be a link). ``existing="overwrite"`` deletes the fixed names
+above, ``images/step_*.npz`` and the event files on the auditor's list; a ``SummaryWriter`` of the
+user's in the same folder keeps its files.
 """
 
 from __future__ import annotations
@@ -22,15 +31,24 @@ import io
 import json
 import logging
 import os
-import shutil
+import re
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import LogDirInUse
+from .files import (
+    private_mkdir,
+    private_subdir,
+    refuse_link,
+    secure_file,
+    unlink_own,
+    write_private,
+)
+from .lock import LOCK, LogDirLock
+from .manifest import MANIFEST, Manifest
 
 __all__ = [
     "LogDir",
@@ -49,51 +67,7 @@ REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 IMAGES = "images"
 EVENTS_GLOB = "events.out.tfevents.*"
-
-
-def private_mkdir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) owner-only; an existing folder keeps its mode.
-
-    Raises:
-        NotADirectoryError: ``path`` exists and is not a folder.
-        PermissionError: the folder exists but cannot be written to.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{path} exists and is not a folder; give a folder for log_dir")
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    for folder in reversed(missing):
-        folder.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write into {path}; choose a folder you can write to")
-    return path
-
-
-def secure_file(path: str | os.PathLike) -> None:
-    """Make an existing file owner-only (a file holding images that another writer created)."""
-    path = Path(path)
-    try:
-        if path.is_file() and stat.S_IMODE(path.stat().st_mode) & 0o077:
-            os.chmod(path, 0o600)
-    except OSError as err:  # not ours to change: say so, never fail the run for it
-        logger.warning("could not make %s owner-only: %s", path, err)
-
-
-def write_private(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically and owner-only (temporary file, fsync, rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # mkstemp creates the file 0600
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+_IMAGE_NAME = re.compile(r"step_(\d{8,})\.npz")
 
 
 def package_versions() -> dict[str, str]:
@@ -118,6 +92,8 @@ class LogDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.manifest = Manifest(self.path)
+        self.lock = LogDirLock(self.path)
 
     def __repr__(self) -> str:
         return f"LogDir({str(self.path)!r})"
@@ -149,53 +125,117 @@ class LogDir:
     def event_files(self) -> list[Path]:
         return sorted(self.path.glob(EVENTS_GLOB))
 
+    def _fixed_files(self) -> tuple[Path, ...]:
+        return (self.audit_log, self.run_file, self.report_json, self.report_html)
+
     def holds_audit(self) -> bool:
         """Whether an earlier run recorded audits here."""
         log = self.audit_log
-        return log.is_file() and log.stat().st_size > 0
+        return not log.is_symlink() and log.is_file() and log.stat().st_size > 0
+
+    def check_links(self) -> None:
+        """Refuse a symbolic link at any name the auditor writes (:class:`UnsafeLogDir`)."""
+        for path in (*self._fixed_files(), self.images_dir, self.path / MANIFEST, self.path / LOCK):
+            refuse_link(path)
 
     # -- preparing -------------------------------------------------------------------------------
-    def prepare(self, *, existing: str = "error", resume: bool = False) -> LogDir:
+    def prepare(
+        self,
+        *,
+        existing: str = "error",
+        resume: bool = False,
+        holder: object | None = None,
+        continuing: bool = False,
+    ) -> LogDir:
         """Create the folder, or check that an existing one may be used for this run.
 
         Args:
             existing: ``"error"``: refuse a folder that holds another run's audit;
                 ``"overwrite"``: delete the auditor's own files there first (nothing else).
             resume: this run continues the audit already in the folder (``load_state_dict``).
+            holder: take the folder's lock for this object (an auditor); released by
+                :meth:`release`.
+            continuing: the holder wrote the audit here itself (attach after detach).
 
         Raises:
-            LogDirInUse: the folder holds an audit, this is no resume, and ``existing="error"``.
+            LogDirInUse: the folder holds an audit, this is no resume, and ``existing="error"``;
+                or another auditor holds its lock.
+            UnsafeLogDir: one of the auditor's names there is a symbolic link.
         """
         folder = self.path
         if folder.is_dir() and stat.S_IMODE(folder.stat().st_mode) & 0o077:
             logger.warning(
-                "%s is accessible to other users: the audit files inside are owner-only (0600), "
-                "but their names are visible. Prefer a log_dir only you can open.",
+                "%s is accessible to other users: the audit's files inside are created "
+                "owner-only (0600), but their names are visible. Prefer a log_dir only you can "
+                "open.",
                 folder,
             )
         private_mkdir(folder)
-        if self.holds_audit() and not resume:
-            if existing == "overwrite":
-                self.remove_audit_files()
-            else:
-                raise LogDirInUse(
-                    f"{folder} already holds an audit ({AUDIT_LOG}); a new run would mix with "
-                    "it. Choose a new log_dir, resume that run with auditor.load_state_dict(...) "
-                    "from its checkpoint, or pass existing='overwrite' to replace it."
-                )
-        for path in (self.audit_log, self.run_file, self.report_json, self.report_html):
-            secure_file(path)  # files an older version or another tool left readable
+        self.check_links()
+        if holder is not None:
+            self.lock.acquire(holder)
+        try:
+            self._check_reuse(existing=existing, reuse=resume or continuing)
+            for path in self._fixed_files():
+                secure_file(path)  # files an older version left readable (plain, this user's)
+        except BaseException:
+            self.release()
+            raise
         return self
 
+    def _check_reuse(self, *, existing: str, reuse: bool) -> None:
+        if not self.holds_audit() or reuse:
+            return
+        if existing == "overwrite":
+            self.remove_audit_files()
+            return
+        raise LogDirInUse(
+            f"{self.path} already holds an audit ({AUDIT_LOG}); a new run would mix with "
+            "it. Choose a new log_dir, resume that run with auditor.load_state_dict(...) "
+            "from its checkpoint, or pass existing='overwrite' to replace it."
+        )
+
+    def release(self) -> None:
+        """Give the folder's lock back (if :meth:`prepare` took it)."""
+        self.lock.release()
+
+    def own(self, *paths: str | os.PathLike) -> None:
+        """Put files the auditor is about to create on its list (event files)."""
+        self.manifest.add(*paths)
+
     def remove_audit_files(self) -> None:
-        """Delete what the auditor writes (log, run file, report, images, its event files)."""
-        for path in (self.audit_log, self.run_file, self.report_json, self.report_html):
-            path.unlink(missing_ok=True)
-        for path in self.event_files():
-            path.unlink(missing_ok=True)
-        if self.images_dir.is_dir():
-            shutil.rmtree(self.images_dir)
+        """Delete what the auditor wrote: its fixed files, its images, the event files on its
+        list; nothing else (a user's event files in the same folder stay)."""
+        for path in self._fixed_files():
+            unlink_own(path)
+        self.remove_images_after(-1)
+        listed = self.manifest.names()
+        for name in listed:
+            unlink_own(self.manifest.file(name))
+        self.manifest.delete()
+        if not listed and self.event_files():
+            logger.info(
+                "%s: left its TensorBoard event files (the earlier audit kept no list of its "
+                "own; delete them yourself if they are the audit's)",
+                self.path,
+            )
         logger.info("removed the previous audit in %s", self.path)
+
+    def remove_images_after(self, step: int) -> list[int]:
+        """Delete the image files of audits after ``step`` (audits a resume redoes); their steps."""
+        folder = self.images_dir
+        if folder.is_symlink() or not folder.is_dir():
+            return []
+        gone = []
+        for path in sorted(folder.iterdir()):
+            match = _IMAGE_NAME.fullmatch(path.name)
+            if match and int(match.group(1)) > step and unlink_own(path):
+                gone.append(int(match.group(1)))
+            elif path.name.startswith(".step_") and path.name.endswith(".tmp"):
+                unlink_own(path)  # a write cut off by a crash
+        if step < 0 and not any(folder.iterdir()):
+            folder.rmdir()
+        return gone
 
     # -- writing ---------------------------------------------------------------------------------
     def write_json(self, path: Path, obj: Any) -> Path:
@@ -207,7 +247,7 @@ class LogDir:
 
         Written before the audit's log line, so a record never points at a missing or torn file.
         """
-        private_mkdir(self.images_dir)
+        private_subdir(self.images_dir)
         arrays = {}
         for name, img in images.items():
             if img is None:
@@ -222,7 +262,7 @@ class LogDir:
     def load_images(self, step: int) -> dict[str, np.ndarray] | None:
         """An audit's images, or ``None`` (with a warning) if the file is missing or unreadable."""
         path = self.image_file(step)
-        if not path.is_file():
+        if path.is_symlink() or not path.is_file():
             return None
         try:
             return load_images(path)

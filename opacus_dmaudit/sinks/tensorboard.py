@@ -16,14 +16,22 @@ The tags come from :func:`~opacus_dmaudit.schema.record_scalars` (``step`` is th
   under ``shadow/`` instead;
 * a custom-scalars layout ``dmaudit`` and the run's hyper-parameters at :meth:`close`.
 
-Event files hold reconstructed training images: every event file this sink writes to is made
-owner-only, whoever created the writer.
+Event files hold reconstructed training images, so images go only to an event file the auditor
+creates itself, owner-only from the moment it exists (:func:`private_writer`; its name ends in
+``.dmaudit``). Without ``writer=`` that writer takes everything. With ``writer=`` (yours,
+Lightning's, Hugging Face's) the scalars and texts go to your run, whose event file your writer
+created at the process umask and may be readable by others; the image grids then go to a private
+event file in the auditor's ``log_dir`` (one warning says so when your file or folder is open to
+other users). The auditor never changes the mode of your files.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +41,67 @@ from .._opacus import file_writer
 from ..checks.entries import is_finite_number, status_rank
 from ..record import AuditRecord
 from ..schema import METRICS, STAGES, parse_metric_key
-from .logdir import EVENTS_GLOB, secure_file
+from .files import owner_only_umask, secure_file
 
-__all__ = ["TensorBoardSink", "record_scalars"]
+__all__ = ["TensorBoardSink", "record_scalars", "private_writer"]
+
+logger = logging.getLogger(__name__)
+
+#: the suffix of the event files the auditor's own ``SummaryWriter`` creates
+EVENTS_SUFFIX = ".dmaudit"
+
+
+def private_writer(
+    log_dir: str | os.PathLike,
+    *,
+    purge_step: int | None = None,
+    own: Callable[[Path], None] | None = None,
+):
+    """A ``SummaryWriter`` whose event file is owner-only (0600) from the moment it exists.
+
+    ``SummaryWriter`` creates its file itself at the process umask; the umask is set to 077 for
+    the moment of its construction only (the file is created there). ``own`` receives the file's
+    path (the auditor lists its own files).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = Path(log_dir)
+    before = set(folder.glob(f"*{EVENTS_SUFFIX}"))
+    with owner_only_umask():
+        writer = SummaryWriter(
+            log_dir=str(folder), purge_step=purge_step, filename_suffix=EVENTS_SUFFIX
+        )
+    for path in sorted(set(folder.glob(f"*{EVENTS_SUFFIX}")) - before):
+        secure_file(path)  # already 0600: a writer of another make might not honour the umask
+        if own is not None:
+            own(path)
+    return writer
+
+
+def _open_to_others(writer) -> Path | None:
+    """The folder of a user's writer when it, or an event file in it, is open to other users."""
+    try:
+        folder = Path(file_writer(writer).get_logdir())
+        paths = [folder, *folder.glob("events.out.tfevents.*")]
+        if any(stat.S_IMODE(p.stat().st_mode) & 0o077 for p in paths):
+            return folder
+    except Exception:  # a writer of another make: say nothing about it
+        return None
+    return None
 
 
 class TensorBoardSink:
     """Writes audits through a ``torch.utils.tensorboard.SummaryWriter``.
 
     Args:
-        writer: the user's own writer (the audit lands in the run they already log to); it is
-            flushed but not closed by :meth:`close`.
-        log_dir: where to create a writer when ``writer`` is ``None``.
+        writer: the user's own writer (the audit's scalars land in the run they already log
+            to); it is flushed but not closed by :meth:`close`, and gets no images.
+        log_dir: the auditor's folder: its private writer goes there (all events without
+            ``writer``, the image grids with it).
         purge_step: a resumed run: events at this step and later, written before the resume,
             are hidden (TensorBoard's restart marker), so each audit shows once.
         max_columns: most recovered images in one image grid.
+        own: called with each event file the sink creates (the auditor lists its own files).
     """
 
     def __init__(
@@ -57,24 +111,39 @@ class TensorBoardSink:
         log_dir: str | os.PathLike | None = None,
         purge_step: int | None = None,
         max_columns: int = 16,
+        own: Callable[[Path], None] | None = None,
     ) -> None:
+        if log_dir is None:
+            raise ValueError("give the auditor's log_dir (its private event file goes there)")
+        self.log_dir = Path(log_dir)
+        self._purge_step = purge_step
+        self._own = own
+        self._image_writer = None  # the auditor's private writer, for images
         if writer is None:
-            if log_dir is None:
-                raise ValueError("give a SummaryWriter or a log_dir")
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+            writer = private_writer(log_dir, purge_step=purge_step, own=own)
             self._owned = True
+            self._image_writer = writer
         else:
             self._owned = False
             if purge_step is not None:
                 self._mark_restart(writer, purge_step)
+            self._tell_about(writer)
         self.writer = writer
         self.max_columns = max_columns
         self._layout_written = False
         self._last: dict[str, float] = {}
         self._last_note: str | None = None
-        self._secure()
+
+    def _tell_about(self, writer) -> None:
+        """Say once where the audit's images go when the user's run is open to others."""
+        folder = _open_to_others(writer)
+        log = logger.warning if folder is not None else logger.info
+        log(
+            "TensorBoard: the audit's scalars go to your SummaryWriter%s; its image grids "
+            "(private training images) go to an owner-only event file of the auditor in %s",
+            f" in {folder}, whose files other users can read" if folder is not None else "",
+            self.log_dir,
+        )
 
     @staticmethod
     def _mark_restart(writer, step: int) -> None:
@@ -84,14 +153,13 @@ class TensorBoardSink:
         fw = file_writer(writer)
         fw.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
-    def _secure(self) -> None:
-        """Make this writer's event files owner-only (they hold training images)."""
-        try:
-            folder = Path(file_writer(self.writer).get_logdir())
-        except Exception:  # a writer of another make: nothing to secure here
-            return
-        for path in folder.glob(EVENTS_GLOB):
-            secure_file(path)
+    def images_writer(self):
+        """The auditor's own private writer (made at the first image when ``writer=`` is given)."""
+        if self._image_writer is None:
+            self._image_writer = private_writer(
+                self.log_dir, purge_step=self._purge_step, own=self._own
+            )
+        return self._image_writer
 
     def _layout(self) -> None:
         charts = {}
@@ -135,9 +203,11 @@ class TensorBoardSink:
         if result is not None and result.truth.dim() == 4 and result.truth.shape[0] > 0:
             shadow = record.mode == "shadow"
             tag = "shadow/reconstructions" if shadow else "audit/reconstructions"
-            self.writer.add_image(tag, self.grid(result), step)
+            images = self.images_writer()
+            images.add_image(tag, self.grid(result), step)
+            if images is not self.writer:
+                images.flush()
         self.writer.flush()
-        self._secure()
 
     def grid(self, result) -> torch.Tensor:
         """``(C, H, W)`` grid: one column per recovered image, rows truth | raw | DM."""
@@ -169,14 +239,22 @@ class TensorBoardSink:
             fw.add_summary(summary)
         self.writer.flush()
 
-    def close(self, hparams: dict[str, Any] | None = None) -> None:
-        """Write the hyper-parameters (once) and flush; closes the writer only if we made it."""
-        if hparams:
-            self.log_hparams(hparams)
+    def flush(self) -> None:
         self.writer.flush()
-        self._secure()
-        if self._owned:
-            self.writer.close()
+        if self._image_writer is not None and self._image_writer is not self.writer:
+            self._image_writer.flush()
+
+    def close(self, hparams: dict[str, Any] | None = None) -> None:
+        """Write the hyper-parameters (once) and flush; closes only the writers the sink made."""
+        try:
+            if hparams:
+                self.log_hparams(hparams)
+            self.writer.flush()
+        finally:
+            if self._image_writer is not None:
+                self._image_writer.close()
+            if self._owned:
+                self.writer.close()
 
 
 def record_scalars(record: AuditRecord) -> dict[str, float]:

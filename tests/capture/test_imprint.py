@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,51 @@ def test_expected_singletons_reference_value():
     assert expected_singletons(64, 128) == pytest.approx(39.05, abs=5e-3)
     assert expected_singletons(1, 10) == 1.0
     assert math.isclose(expected_singletons(0, 10), 0.0)
+
+
+@pytest.mark.parametrize(
+    "num_bins,message",
+    [
+        (2.7, r"num_bins must be an integer of at least 2, got 2.7"),
+        (10**9, r"num_bins=1000000000 with 784 pixels .* GiB.*use fewer bins"),
+        (True, r"num_bins must be an integer of at least 2, got True"),
+    ],
+)
+def test_num_bins_that_cannot_work_fail_with_a_clear_error(num_bins, message):
+    with pytest.raises(ValueError, match=message):
+        ImprintBlock(image_shape=(1, 28, 28), num_bins=num_bins)
+    assert ImprintBlock(image_shape=(1, 8, 8), num_bins=np.int64(4)).num_bins == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_images_are_refused_with_how_to_convert(dtype):
+    block = ImprintBlock(image_shape=(1, 8, 8), num_bins=4)
+    images = torch.zeros(2, 1, 8, 8, dtype=dtype)
+    for call in (block, block.calibrate, block.membership):
+        with pytest.raises(
+            TypeError, match=r"floating-point images .*value_range.*x.float\(\) / 255"
+        ):
+            call(images)
+
+
+def test_a_block_saved_by_the_previous_release_loads_with_its_bins(mnist5k):
+    public = mnist5k["prior"][0][:256]
+    model = torch.nn.Sequential(
+        ImprintBlock(image_shape=(1, 28, 28), num_bins=16).calibrate(public), torch.nn.Flatten()
+    )
+    old = model.state_dict()  # the previous release had no fixed copies of the bins
+    del old["0.fixed_weight"], old["0.fixed_bias"]
+    old["0.imprint.weight"] += 0.01  # and its weights moved with training
+    fresh = torch.nn.Sequential(
+        ImprintBlock(image_shape=(1, 28, 28), num_bins=16), torch.nn.Flatten()
+    )
+    with pytest.warns(UserWarning, match="saved by an earlier release"):
+        fresh.load_state_dict(old)  # strict: every key matched
+    block = fresh[0]
+    assert torch.equal(block.fixed_weight, old["0.imprint.weight"])
+    assert torch.equal(block.fixed_bias, old["0.imprint.bias"])
+    x = mnist5k["private"][0][:64]
+    # the bins are those the saved block evaluated: its own weights, as that release did
+    z = torch.nn.functional.linear(x.flatten(1), old["0.imprint.weight"], old["0.imprint.bias"])
+    expected = torch.clamp(z, min=block.lower, max=block.upper)
+    assert torch.allclose(block.activations(x), expected)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -226,6 +227,14 @@ def test_bad_arguments(tiny_prior):
         tiny_prior.denoise(x, noise_std=0.1, steps=0)
 
 
+def test_nan_images_are_refused_not_denoised_into_nan(tiny_prior):
+    x = torch.rand(3, 1, 28, 28)
+    x[1, 0, 4, 4] = float("nan")
+    x[2, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"images \[1, 2\] have NaN or infinite pixels"):
+        tiny_prior.denoise(x, noise_std=0.1)
+
+
 # -- loading --------------------------------------------------------------------------------------
 def test_shape_mismatch_is_an_error_unless_resizing_is_asked_for(tiny_prior_dir):
     prior = DiffusionPrior.from_pretrained(tiny_prior_dir)
@@ -304,6 +313,14 @@ def test_missing_and_unknown_priors(tmp_path):
         DiffusionPrior.from_pretrained(tmp_path)  # an empty directory
     with pytest.raises(FileNotFoundError):
         DiffusionPrior.from_pretrained(tmp_path / "nope")
+
+
+def test_a_hub_shaped_typo_of_a_local_folder_fails_fast_with_its_cause(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/my-prior is not here: the name looks like a hub id
+    start = time.monotonic()
+    with pytest.raises(OSError, match=r"no folder .*runs/my-prior and the Hugging Face Hub"):
+        DiffusionPrior.from_pretrained("runs/my-prior", cache_dir=tmp_path / "hub")
+    assert time.monotonic() - start < 30  # no minute of download retries
 
 
 def test_train_prior_cli_on_an_npz(tmp_path, mnist5k, capsys):

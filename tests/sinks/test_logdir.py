@@ -136,8 +136,12 @@ def test_a_folder_holding_an_audit_is_refused_unless_resumed(tmp_path):
 def test_overwrite_removes_the_auditors_files_and_nothing_else(tmp_path):
     log = LogDir(tmp_path / "run")
     _earlier_audit(log)
+    own = log.path / "events.out.tfevents.2.host.dmaudit"
+    log.own(own)  # the auditor's own writer's file is on its list
+    own.write_text("the audit's events")
     LogDir(log.path).prepare(existing="overwrite")
-    assert sorted(p.name for p in log.path.iterdir()) == ["notes.txt"]
+    # the unlisted event file may be the user's own TensorBoard run: it stays
+    assert sorted(p.name for p in log.path.iterdir()) == ["events.out.tfevents.1.host", "notes.txt"]
     assert not log.holds_audit()
 
 
