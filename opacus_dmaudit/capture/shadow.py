@@ -310,7 +310,7 @@ class ShadowAdversary:
             active = membership
         else:  # the cumulative rows a sample activates: every row at or below its cell
             active = membership.flip(0).cumsum(0).flip(0)
-        flat = x.reshape(x.shape[0], -1).double()
+        flat = x.flatten(1).double()  # (B, d); an empty Poisson batch has B = 0
         rows = active.sum(dim=0).clamp(min=1).double()  # imprinted rows per sample
         clip = float(captured.max_grad_norm)
         # each sample's imprint rows together have norm exactly C: the whole clipping budget
