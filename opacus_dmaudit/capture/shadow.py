@@ -26,7 +26,8 @@ slightly in the adversary's favour).
 bins a batch of ``B`` leaves a share ``(1 − 1/K)^(B − 1)`` alone: 128 bins leave 61 % of a batch of
 64 alone but 1.8 % of a batch of 512. Unless ``num_bins`` is given, the adversary takes the fewest
 bins that leave :data:`TARGET_LONE_SHARE` (90 %) of the run's expected batch alone (about
-``9.5·B``), within two limits, both said in a warning with the share they imply:
+``9.5·B``, at least :data:`MIN_BINS`: small Poisson batches vary), within two limits, both said in
+a warning with the share they imply:
 
 * memory: the simulated sums and their readouts hold about :data:`BYTES_PER_BIN_PIXEL` bytes per
   bin and pixel, kept under ``memory_cap`` (default 1 GiB);
@@ -61,11 +62,16 @@ __all__ = [
     "plan_bins",
     "TARGET_LONE_SHARE",
     "MEMORY_CAP",
+    "MIN_BINS",
     "BYTES_PER_BIN_PIXEL",
 ]
 
 #: The share of the expected batch the sized adversary leaves alone in a bin.
 TARGET_LONE_SHARE = 0.9
+
+#: The fewest bins the sized adversary uses: small expected batches vary (a Poisson batch of
+#: expected size 1 often holds 2 or 3 samples), and 2 bins would leave such a batch blind.
+MIN_BINS = 128
 
 #: Default memory cap of the simulated imprint layer and its readout (bytes).
 MEMORY_CAP = 2**30
@@ -143,7 +149,7 @@ def plan_bins(
     """
     if batch_size is None or batch_size < 1:
         return ShadowPlan(num_bins=128, batch_size=None, lone_share=None, wanted=None)
-    wanted = bins_for_lone_share(batch_size, share)
+    wanted = max(MIN_BINS, bins_for_lone_share(batch_size, share))
     k, limited, notes = wanted, None, []
     by_memory = max(2, int(memory_cap // (BYTES_PER_BIN_PIXEL * max(pixels, 1))))
     if by_memory < k:

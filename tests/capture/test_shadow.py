@@ -219,6 +219,10 @@ def test_the_shadow_adversary_sizes_its_bins_to_the_batch():
         assert lone_share(bins, batch) >= 0.9 > lone_share(bins - 1, batch)
     plan = plan_bins(batch_size=512, pixels=784, public_images=10_000)
     assert (plan.num_bins, plan.limited_by, plan.note) == (4851, None, None)
+    # small expected batches vary (Poisson): never fewer than 128 bins (2 would leave a batch of
+    # 2 blind half the time; found by benchmarks/verdict_holdout.py at B = 1)
+    for batch in (1, 2, 8):
+        assert plan_bins(batch_size=batch, pixels=784, public_images=10_000).num_bins == 128
     # within a memory cap, said with the share it implies
     plan = plan_bins(batch_size=1024, pixels=3072, public_images=None, memory_cap=2**28)
     assert plan.limited_by == "memory" and plan.num_bins == 2**28 // (BYTES_PER_BIN_PIXEL * 3072)
