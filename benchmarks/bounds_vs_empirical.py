@@ -21,13 +21,17 @@ Two criteria, each with its own κ, both the auditor's own (``AuditConfig``'s su
 ``schema.meets``, ``score.metrics.pairwise``/``identified``, ``privacy.bounds.step_bounds``):
 
 * **LPIPS ≤ 0.1** (the auditor's default; ``--metric``/``--threshold`` configure another).
-  κ = max(κ̂, 1/N) as the auditor uses it: κ̂ is measured by
-  :func:`opacus_dmaudit.score.baseline.estimate_kappa` on *public* images (MNIST-5k training
-  digits; natural-image patches) with the same prior; N is the number of images the batches are drawn from.
-  "fixed" is a real constant attacker: κ̂'s best guess scored against the evaluated images (it
-  never saw them). The κ = 1/N bound is shown too: where "fixed" beats it, that bound was wrong.
+  κ is the auditor's: the one-sided 95 % upper limit of the success baseline measured by
+  :func:`opacus_dmaudit.score.baseline.estimate_baselines` on *public* images (MNIST-5k training
+  digits; natural-image patches) with the same prior and the readouts' bins (fixed guesses chosen
+  on one half and scored on the other, and guesses that know the bin). "fixed" is a real constant
+  attacker: κ̂'s best guess scored against the evaluated images (it never saw them). The
+  κ = 1/N bound (N the images the batches are drawn from) is shown too: where "fixed" beats it,
+  that bound was wrong.
 * **identification**: a reconstruction succeeds when it is nearer (in the success metric, LPIPS by
-  default) to its own image than to the 63 other images of its batch; κ = 1/64 exactly.
+  default) to its own image than to the 63 other images of its batch. κ is not 1/64: the
+  informed adversary of the ReRo theorem (it knows the other 63 images) does better without the
+  gradient; its upper limit, measured on public batches of 64, is the bound's κ, as the auditor's.
 
 Reading: the gap between "raw" and the bound is what the bound overstates for an attacker without
 a prior; the share of it the DM closes is what the prior adds. A rate above its bound would mean a
@@ -43,11 +47,12 @@ import time
 import torch
 from common import PRIORS, finite_std, load_dataset, opacus_readouts
 
+from opacus_dmaudit.capture.imprint import ImprintBlock
 from opacus_dmaudit.config import AuditConfig
-from opacus_dmaudit.privacy.bounds import step_bounds
+from opacus_dmaudit.privacy.bounds import rero_gaussian, step_bounds
 from opacus_dmaudit.reconstruct.prior import DiffusionPrior
 from opacus_dmaudit.schema import METRICS, meets
-from opacus_dmaudit.score.baseline import estimate_kappa
+from opacus_dmaudit.score.baseline import estimate_baselines
 from opacus_dmaudit.score.metrics import LPIPS, identified, pairwise
 
 #: From "everything visible" to "one step's bound is small".
@@ -56,6 +61,8 @@ FULL = {
     "cifar10": (0.003, 0.01, 0.03, 0.3, 1.0),
 }
 QUICK = {"mnist": (0.03, 1.0), "cifar10": (0.01,)}
+#: The readouts' imprint block and batches (``common.opacus_readouts``' defaults).
+NUM_BINS, BATCH = 512, 64
 
 
 def criterion_text(config: AuditConfig, *, net: bool = False) -> str:
@@ -149,26 +156,34 @@ def main() -> int:
         # a random sample of the public images, as ImprintBlock.calibrate keeps for the auditor
         # (the MNIST-5k split is sorted by class: its first images are all zeros)
         keep = torch.randperm(len(public), generator=torch.Generator().manual_seed(args.seed))
-        base = estimate_kappa(
+        # the readouts' bins (opacus_readouts' block, calibrated alike): the bin-knowing guesses
+        bins = ImprintBlock(image_shape=tuple(images.shape[1:]), num_bins=NUM_BINS)
+        baselines = estimate_baselines(
             public[keep[:512]],
             metric=metric,
             threshold=config.success_threshold,
+            metrics=(metric,),
+            batch_size=BATCH,
+            geometry=bins.calibrate(public).geometry(),
             lpips=lpips,
             prior=prior,
             seed=args.seed,
             # the auditor's defaults in full mode; fewer in the quick smoke run
             **({} if args.full else {"max_images": 64}),
         )
+        base = baselines.success
+        informed = baselines.identification["mse" if metric == "psnr" else metric].informed_upper
         fixed = rate(succeeded(pairwise(metric, base.guess, images, lpips=lpips).flatten(), config))
         kappa_n = 1.0 / n
-        kappa = max(base.kappa, kappa_n)
+        kappa = base.kappa_upper
         print(
             f"\n{name}: {n} images, prior {prior.source}; κ̂ = {base.kappa:.3f} from "
             f"{base.candidates} guesses on {base.targets} public images (best: {base.best}); "
             f"that guess meets the criterion for {fixed:.3f} of the evaluated images "
             f"[{time.perf_counter() - t0:.0f} s]\n"
-            f"{criterion_text(config)}: κ = max(κ̂, 1/N = {kappa_n:.2g}) = {kappa:.3f}; "
-            "identification: κ = 1/(batch size) exact",
+            f"{criterion_text(config)}: κ = upper limit of the held-out baselines = {kappa:.3f} "
+            f"(κ̂ = {base.kappa:.3f}; 1/N = {kappa_n:.2g}); identification: κ = the informed "
+            f"adversary's upper limit = {informed:.3f} (1/{BATCH} = {1 / BATCH:.3f})",
             flush=True,
         )
         print(header(config), flush=True)
@@ -176,7 +191,7 @@ def main() -> int:
         for sigma in FULL[name] if args.full else QUICK[name]:
             t0 = time.perf_counter()
             r = evaluate(name, sigma, images, public, prior, lpips, config, args.seed)
-            r.update(kappa=kappa, kappa_n=kappa_n, fixed=fixed)
+            r.update(kappa=kappa, kappa_n=kappa_n, kappa_id=informed, fixed=fixed)
             rows.append(r)
             print(row_text(r), flush=True)
             print(f"  [σ={sigma:g}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
@@ -196,12 +211,12 @@ def header(config: AuditConfig) -> str:
 
 
 def bounds(r: dict) -> tuple[float, float, float]:
-    """The auditor's one-step bounds at κ, at κ = 1/N and for identification (κ = 1/batch)."""
-    at_kappa = step_bounds(
-        noise_multiplier=r["sigma"], kappa=r["kappa"], candidates=r["candidates"]
-    )
+    """The auditor's one-step bounds at κ, at κ = 1/N and for identification (κ = the informed
+    adversary's upper limit, as the auditor's ``single_step_identification``)."""
+    at_kappa = step_bounds(noise_multiplier=r["sigma"], kappa=r["kappa"])
     at_n = step_bounds(noise_multiplier=r["sigma"], kappa=r["kappa_n"])
-    return at_kappa["single_step"], at_n["single_step"], at_kappa["single_step_identification"]
+    mu = 1.0 / r["sigma"] if r["sigma"] > 0 else float("inf")
+    return at_kappa["single_step"], at_n["single_step"], rero_gaussian(mu, r["kappa_id"])
 
 
 def _rates(r: dict, key: str) -> tuple[float, float, float]:

@@ -103,6 +103,28 @@ def _warn_per_sample_memory(block: ImprintBlock, optimizer) -> None:
         )
 
 
+#: ``attach`` warns when a live block leaves less than this share of the expected batch alone.
+LONE_SHARE_WARN = 0.5
+
+
+def _warn_few_lone(block: ImprintBlock, optimizer) -> None:
+    """A live block with too few bins for the batch reads few images: say which K would do."""
+    from .reconstruct.bins import bins_for_lone_share, lone_share
+
+    batch = int(expected_batch_size(optimizer) or 0)
+    share = lone_share(block.num_bins, batch)
+    if batch > 1 and share < LONE_SHARE_WARN:
+        logger.warning(
+            "the ImprintBlock's %d bins leave %.1f%% of an expected batch of %d alone in a bin, "
+            "so the audit can read at most that share of each batch; ImprintBlock(num_bins=%d) "
+            "would leave 90%% alone (or audit in shadow mode, which sizes its bins to the batch)",
+            block.num_bins,
+            100 * share,
+            batch,
+            bins_for_lone_share(batch, 0.9),
+        )
+
+
 def _frozen(accountant):
     """A copy of an Opacus accountant whose history stops at this step (its only state)."""
     if accountant is None or not hasattr(accountant, "history"):
@@ -292,6 +314,8 @@ class DMAuditor:
         mode = "imprint" if block is not None else "shadow" if self.config.shadow else "mechanism"
         capture = self._make_capture(optimizer, block, model)
         self._check_block(block, optimizer, example_input)
+        if mode == "shadow":
+            self._check_shadow_prior(example_input)
         self._defer = defer
         self.mode = mode
         if capture.distributed and capture.rank != 0:
@@ -299,9 +323,11 @@ class DMAuditor:
             capture.attach()
             self._capture = capture
             return self
-        # once, before training goes on: the shadow adversary, κ̂, the prior's fit on public data
+        # once, before training goes on: the shadow adversary, the baselines, the prior's fit
         with timing.measure() as self.attach_times:
-            self.pipeline.prepare(block, mode=mode)
+            self.pipeline.prepare(
+                block, mode=mode, expected_batch_size=expected_batch_size(optimizer) or None
+            )
         if self.config.background:
             self._worker = AuditWorker()
         self._open_sinks(capture)
@@ -358,6 +384,22 @@ class DMAuditor:
         if self.prior is not None:
             self.prior.check_fits(block.image_shape)
         _warn_per_sample_memory(block, optimizer)
+        _warn_few_lone(block, optimizer)
+
+    def _check_shadow_prior(self, example_input) -> None:
+        """Shadow mode refuses a prior that does not fit the images, where their shape is known
+        at attach (public images or an example batch), as live mode does."""
+        if self.prior is None:
+            return
+        shape = None
+        if self.config.public is not None:
+            shape = tuple(self.config.public.shape[1:])
+        elif example_input is not None:
+            from .capture.shadow import as_images
+
+            shape = tuple(as_images(example_input).shape[1:])
+        if shape is not None:
+            self.prior.check_fits(shape)
 
     def _open_sinks(self, capture: GradientCapture) -> None:
         """Take the log dir, open the log and TensorBoard, then hook the capture in.

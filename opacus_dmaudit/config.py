@@ -93,7 +93,8 @@ class AuditConfig:
         background: score audits in a background worker (off the training path); results are
             written in step order as they complete, and ``DMAuditor.close`` drains them.
         prior_fit_public: public images the prior restores per noise level in the prior-fit
-            check at attach (see :mod:`~opacus_dmaudit.checks.prior_fit`; 0 skips it).
+            check at attach (see :mod:`~opacus_dmaudit.checks.prior_fit`; 0 skips it, and the
+            fit is then unknown).
         prior_fit_audit: lone images per audit whose clean readouts are re-noised and restored
             by the prior to measure its fit on this data (0 skips it).
         tensorboard: write TensorBoard events (ignored when a ``writer`` is given).
@@ -126,7 +127,7 @@ class AuditConfig:
     mechanism_checks: bool = True
     strict: bool = False
     background: bool = False
-    prior_fit_public: int = 8
+    prior_fit_public: int = 16
     prior_fit_audit: int = 4
     tensorboard: bool = True
     save_images: bool = True

@@ -30,7 +30,7 @@ from ._opacus import rdp_orders
 from .capture.imprint import ImprintBlock
 from .capture.step import CapturedStep
 from .checks.mechanism import mechanism_checks
-from .checks.prior_fit import PublicFit, audit_fit, public_fit
+from .checks.prior_fit import PublicFit, audit_fit, public_fit, unknown_fit
 from .checks.validity import validity_checks
 from .config import AuditConfig
 from .privacy.accountant import (
@@ -39,7 +39,7 @@ from .privacy.accountant import (
     read_epsilon,
     sample_rate_from_accountant,
 )
-from .privacy.bounds import run_bounds, step_bounds
+from .privacy.bounds import rero_gaussian, run_bounds, step_bounds
 from .privacy.empirical import SHADOW_NOTE, EmpiricalPrivacy
 from .privacy.measured import RunEvidence, measured_epsilon
 from .reconstruct.prior import DiffusionPrior
@@ -49,12 +49,14 @@ from .record import (
     Counts,
     ImageScore,
     MissedImage,
+    Targets,
     validity,
 )
-from .score.baseline import Baseline, estimate_kappa
-from .score.identification import identification_rates
+from .score.baseline import Baseline, Baselines, estimate_baselines
+from .score.identification import Identification, identify
 from .score.metrics import LPIPS
 from .score.scoring import ScoredStep, score_step
+from .score.targets import count_targets
 from .timing import stage
 
 __all__ = ["AuditPipeline", "AuditResult", "STAGE_NAMES"]
@@ -100,10 +102,20 @@ def _stage_of(err: BaseException, default: str = "scoring") -> str:
 
 def _check_shadow_public(shadow) -> None:
     """Public images the shadow adversary cannot calibrate on are refused now, at attach (NaN
-    pixels, fewer images than bins), not at the first audit."""
+    pixels, fewer images than the smallest sized simulation or than the bins given), not at the
+    first audit."""
+    from .capture.shadow import MIN_BINS
+
     public = getattr(shadow, "public", None)
     if public is None:
         return
+    if getattr(shadow, "given_bins", None) is None and public.shape[0] < MIN_BINS:
+        raise ValueError(
+            f"the public= images cannot calibrate the shadow adversary's bins: {public.shape[0]} "
+            f"images, fewer than the {MIN_BINS} bins of its smallest simulation (equal-mass bins "
+            "need one public image per bin; a batch of B wants about 9.5·B). Pass more public "
+            "images, or ShadowAdversary(num_bins=...) to fix fewer bins knowingly"
+        )
     try:
         shadow.block(tuple(public.shape[1:]))  # calibrates, as the first audit would
     except ValueError as err:
@@ -168,23 +180,34 @@ class AuditPipeline:
         self.lpips = lpips
         self.generator = generator
         self.shadow = None  # the simulated adversary of shadow audits (set by prepare)
-        self.baseline: Baseline | None = None  # κ̂, measured once on public images
+        self.baselines = Baselines()  # what a guess achieves, measured once on public images
         self.prior_fit: PublicFit | None = None  # the prior's fit on public images
+        self.prior_fit_missing: str | None = None  # why it is not measured (fit unknown)
         self.empirical = EmpiricalPrivacy(delta=config.delta)
         self.evidence = RunEvidence()  # the run's pooled mechanism evidence
+        self.expected_batch_size: int | None = None  # set by prepare
         self._explained: set[str] = set()  # ε notes already explained in the log
         self._failed_stages: set[str] = set()  # stages whose failure was logged
 
     # -- once per run ----------------------------------------------------------------------------
-    def prepare(self, block: ImprintBlock | None, *, mode: str) -> None:
+    def prepare(
+        self,
+        block: ImprintBlock | None,
+        *,
+        mode: str,
+        expected_batch_size: int | None = None,
+    ) -> None:
         """Set up what every audit of the run shares, before training goes on.
 
         Args:
             block: the run's ``ImprintBlock`` (``None`` for shadow or mechanism-only audits).
             mode: ``"imprint"``, ``"shadow"`` (simulate the worst-case imprint adversary) or
                 ``"mechanism"``, as the auditor decided at attach.
+            expected_batch_size: the optimizer's expected batch size: the shadow adversary's
+                bins and the identification baselines are sized to it.
         """
         self.shadow = None
+        self.expected_batch_size = expected_batch_size
         if mode == "shadow":
             from .capture.shadow import ShadowAdversary
 
@@ -194,10 +217,18 @@ class AuditPipeline:
                 if isinstance(given, ShadowAdversary)
                 else ShadowAdversary(public=self.config.public)
             )
+            public, _ = self._public_images(None)
+            if public is not None and public.dim() == 4:  # the image shape is known now
+                self.shadow.size_for(expected_batch_size, tuple(public.shape[1:]))
             _check_shadow_public(self.shadow)
-        self.baseline = self._measure_baseline(block)
+        self.baselines = self._measure_baselines(block)
         with stage("prior fit"):
             self.prior_fit = self._fit_prior_public(block)
+
+    @property
+    def baseline(self) -> Baseline | None:
+        """The success baseline (κ̂ and its upper limit), or ``None``."""
+        return self.baselines.success
 
     def _public_images(self, block: ImprintBlock | None) -> tuple[torch.Tensor | None, str]:
         """The run's public images: ``config.public``, else what ``calibrate`` kept."""
@@ -211,54 +242,77 @@ class AuditPipeline:
         holder = block if block is not None else self.shadow
         return tuple(getattr(holder, "value_range", (0.0, 1.0)))
 
-    def _measure_baseline(self, block: ImprintBlock | None) -> Baseline | None:
-        """κ̂ at the audit's success criterion from public images (never the audited batch).
+    def _geometry(self, block: ImprintBlock | None, shape: tuple[int, ...]):
+        """The bins the audits read through (the live block's, or the shadow's for ``shape``)."""
+        if block is not None:
+            return block.geometry()
+        if self.shadow is not None and len(shape) == 3:
+            try:
+                return self.shadow.block(shape).geometry()
+            except Exception:  # the baselines are context; they must never stop training
+                logger.exception("could not build the shadow adversary's bins for the baselines")
+        return None
 
-        Cached across runs on the same images (see :func:`~.baseline.estimate_kappa`).
+    def _measure_baselines(self, block: ImprintBlock | None) -> Baselines:
+        """Every baseline of the run from public images, never the audited batch.
+
+        Cached across runs on the same images (see :func:`~.score.baseline.estimate_baselines`).
         """
         if block is None and self.shadow is None:
-            return None  # mechanism checks only: no reconstruction, no success rate
+            return Baselines()  # mechanism checks only: no reconstruction, no success rate
         public, _ = self._public_images(block)
         if public is None:
-            logger.info(
-                "no public images (AuditConfig.public or ImprintBlock.calibrate): the baseline "
-                "κ̂ is not measured and the bounds use κ = 1/N, which a fixed guess may beat at "
-                "the criterion %s",
-                self.config.success_criterion,
+            reason = (
+                "no public images (AuditConfig.public or ImprintBlock.calibrate): what a guess "
+                "without the gradient achieves is not measured"
             )
-            return None
+            logger.info("%s; the verdict tests no success or identification claim", reason)
+            return Baselines(missing={"success": reason, "identification": reason})
         shape = tuple(getattr(block, "image_shape", ()) or ())
         if shape and tuple(public.shape[1:]) != shape:
-            logger.warning(
-                "public images of shape %s do not fit the imprint block's %s: κ̂ not measured",
-                tuple(public.shape[1:]),
-                shape,
+            reason = (
+                f"the public images' shape {tuple(public.shape[1:])} does not fit the imprint "
+                f"block's {shape}"
             )
-            return None
+            logger.warning("%s: no baseline is measured", reason)
+            return Baselines(missing={"success": reason, "identification": reason})
         try:
             with stage("κ̂"):
-                return estimate_kappa(
+                return estimate_baselines(
                     public,
                     metric=self.config.success_metric,
                     threshold=self.config.success_threshold,
+                    metrics=self.config.metrics,
+                    batch_size=self.expected_batch_size,
+                    geometry=self._geometry(block, tuple(public.shape[1:])),
                     value_range=self._value_range(block),
                     lpips=self.lpips,
                     prior=self.prior,
                     seed=self.config.seed,
                 )
-        except Exception:  # the baseline is context; it must never stop training
-            logger.exception("measuring the baseline κ̂ failed; the bounds use κ = 1/N")
-            return None
+        except Exception as err:  # the baseline is context; it must never stop training
+            logger.exception("measuring the baselines failed")
+            reason = f"measuring the baselines failed ({type(err).__name__}: {err})"
+            return Baselines(missing={"success": reason, "identification": reason})
 
     def _fit_prior_public(self, block: ImprintBlock | None) -> PublicFit | None:
-        """The ``prior_fit`` check on public images (see :mod:`.prior_fit`)."""
-        if self.prior is None or self.config.prior_fit_public < 1:
+        """The ``prior_fit`` check on public images (see :mod:`.prior_fit`); without it
+        :attr:`prior_fit_missing` says why (the fit is then unknown, never passed)."""
+        self.prior_fit_missing = None
+        if self.prior is None or (block is None and self.shadow is None):
             return None
-        if block is None and self.shadow is None:
+        if self.config.prior_fit_public < 1:
+            self.prior_fit_missing = (
+                "the prior-fit check on public images is off (prior_fit_public=0)"
+            )
             return None
         public, source = self._public_images(block)
         if public is None:
-            logger.info("no public images: the prior's fit is measured on each audit's data only")
+            self.prior_fit_missing = (
+                "no public images (AuditConfig.public or ImprintBlock.calibrate) to measure the "
+                "prior's fit on"
+            )
+            logger.info("%s: the prior's fit is unknown", self.prior_fit_missing)
             return None
         try:
             self.prior.check_fits(tuple(public.shape[1:]))
@@ -273,8 +327,9 @@ class AuditPipeline:
                 images=self.config.prior_fit_public,
                 source=source,
             )
-        except Exception:  # the audit must never take training down
+        except Exception as err:  # the audit must never take training down
             logger.exception("the prior-fit check on public images failed; audits go on")
+            self.prior_fit_missing = f"measuring it failed ({type(err).__name__}: {err})"
             return None
         if fit.check["status"] != "pass":
             logger.warning("prior_fit: %s", fit.check["detail"])
@@ -333,14 +388,16 @@ class AuditPipeline:
                 simulated = self._simulate(captured, errors)
                 mode = "mechanism" if simulated is None else mode
                 captured = simulated or captured
-            scored = self._score(captured, errors) if captured.imprint is not None else None
+            prior, refusal = self._prior_for(captured)
+            scored = self._score(captured, errors, prior) if captured.imprint is not None else None
         evidence = self._stage("measured", errors, self.evidence.add, captured) or {}
         checks = self._stage("checks", errors, validity_checks, captured) or []
         if self.config.mechanism_checks:
             mech = self._stage("checks", errors, mechanism_checks, captured, self.evidence)
             checks = checks + (mech or [])
-        fit = None  # the prior's fit needs the prior: not again once it failed here
-        if all(e["stage"] != "prior" for e in errors):
+        fit = ([refusal], None) if refusal is not None else None
+        if fit is None and all(e["stage"] != "prior" for e in errors):
+            # the prior's fit needs the prior: not again once it failed here
             fit = self._stage("prior_fit", errors, self._prior_fit_checks, scored)
         fit_checks, fit_summary = fit if fit is not None else ([], None)
         measured = self._stage("measured", errors, self._membership, captured, accountant, mode)
@@ -422,7 +479,9 @@ class AuditPipeline:
                     "model's first argument, or as pixel_values=/images=/x=, to simulate"
                 )
             try:
-                return self.shadow.simulate(captured, generator=self.generator)
+                return self.shadow.simulate(
+                    captured, generator=self.generator, expected_batch_size=self.expected_batch_size
+                )
             except ValueError as err:
                 if "shadow audits" in str(err):
                     raise ShadowInputError(f"{err} This audit checks the mechanism only.") from err
@@ -431,17 +490,19 @@ class AuditPipeline:
             self._stage_failed("shadow", err, errors)
             return None
 
-    def _score(self, captured: CapturedStep, errors: list[dict[str, str]]) -> ScoredStep | None:
+    def _score(
+        self, captured: CapturedStep, errors: list[dict[str, str]], prior: DiffusionPrior | None
+    ) -> ScoredStep | None:
         """Scoring with the prior; when the prior (or its sampler) fails, the raw readout without
         it; when scoring itself fails, nothing (the record says which stage failed)."""
         try:
             return score_step(
-                captured, self.config, prior=self.prior, lpips=self.lpips, generator=self.generator
+                captured, self.config, prior=prior, lpips=self.lpips, generator=self.generator
             )
         except Exception as err:
-            stage = _stage_of(err)
-            self._stage_failed(stage, err, errors)
-            if stage != "prior" or self.prior is None:
+            where = _stage_of(err)
+            self._stage_failed(where, err, errors)
+            if where != "prior" or prior is None:
                 return None
         try:  # the raw readout without the prior
             return score_step(
@@ -475,13 +536,35 @@ class AuditPipeline:
             claimed=claimed,
         )
 
+    def _prior_for(self, captured: CapturedStep) -> tuple[DiffusionPrior | None, dict | None]:
+        """The prior for this step's images, or ``None`` and a failed ``prior_fit`` entry when
+        they do not fit it (a shadow run whose image shape was not known at attach)."""
+        if self.prior is None or captured.imprint is None:
+            return self.prior, None
+        shape = tuple(captured.imprint.geometry.image_shape)
+        try:
+            self.prior.check_fits(shape)
+        except ValueError as err:
+            from .checks.entries import check
+
+            return None, check(
+                "prior_fit",
+                "fail",
+                f"the prior does not fit this run's images of shape {shape}: {err} No DM "
+                "reconstruction was made; pass a prior for these images, or prior=None",
+            )
+        return self.prior, None
+
     def _prior_fit_checks(
         self, scored: ScoredStep | None
     ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """The prior-fit checks of one audit, and its ``prior_fit`` summary; flags its images."""
         if scored is None or self.prior is None:
             return [], None
-        checks = [self.prior_fit.check] if self.prior_fit is not None else []
+        if self.prior_fit is not None:
+            checks = [self.prior_fit.check]
+        else:
+            checks = [unknown_fit(self.prior_fit_missing or "the prior's fit was not measured")]
         fit = audit_fit(
             scored,
             self.prior,
@@ -502,18 +585,40 @@ class AuditPipeline:
     ) -> tuple[float | None, float | None, float | None]:
         """``(κ used, κ̂, κ uniform = 1/N)``, N = expected batch size / sampling rate.
 
-        κ used: ``config.kappa`` when set, else the larger of κ̂ and 1/N (a bound with a κ
-        below what a fixed guess achieves at the criterion would be beaten by that guess).
+        κ used: ``config.kappa`` when set, else the success baseline's upper limit (the fixed
+        and bin-knowing guesses, held out); without public images 1/N, for the bounds only (the
+        verdict states no bound and tests no success claim on it).
         """
         uniform = None
         if sample_rate and expected_batch_size:
             n = round(expected_batch_size / sample_rate)
             uniform = 1.0 / n if n > 1 else None
-        measured = self.baseline.kappa if self.baseline is not None else None
+        base = self.baseline
+        measured = base.kappa if base is not None else None
         if self.config.kappa is not None:
             return self.config.kappa, measured, uniform
-        known = [k for k in (measured, uniform) if k is not None and k > 0]
-        return (max(known) if known else None), measured, uniform
+        if base is not None:
+            return base.kappa_upper, measured, uniform
+        return uniform, measured, uniform
+
+    def _targets(self, identification, scored: ScoredStep) -> Targets:
+        """The record's per-target counts with the baselines they are tested against."""
+        base = self.baselines
+        baselines: dict[str, Any] = {
+            "identification": {m: b.upper for m, b in base.identification.items()},
+            "identification_informed": {
+                m: b.informed_upper for m, b in base.identification.items()
+            },
+        }
+        missing = dict(base.missing)
+        if self.config.kappa is not None:
+            baselines.update(success=self.config.kappa, success_basis="configured")
+            missing.pop("success", None)
+        elif base.success is not None:
+            baselines.update(success=base.success.kappa_upper, success_basis="measured")
+        return count_targets(
+            scored, identification, self.config, baselines=baselines, missing=missing
+        )
 
     def _record(
         self,
@@ -572,15 +677,22 @@ class AuditPipeline:
             stage_errors=errors,
         )
 
-    @staticmethod
-    def _bounds(captured, scored, kappa, measured, history):
-        """``(bounds of this step, bounds of the whole run)``."""
+    def _bounds(self, captured, scored, kappa, measured, history):
+        """``(bounds of this step, bounds of the whole run)``; identification's κ is the informed
+        adversary's upper limit in the success metric (the ReRo theorem's adversary), and without
+        it there is no identification bound."""
+        sigma = captured.noise_multiplier
         step = step_bounds(
-            noise_multiplier=captured.noise_multiplier,
+            noise_multiplier=sigma,
             kappa=kappa,
             mu_measured=(measured or {}).get("mu_step_measured"),
-            candidates=captured.batch_size if scored is not None and captured.batch_size else None,
         )
+        informed = self.baselines.identification.get(
+            "mse" if self.config.success_metric == "psnr" else self.config.success_metric
+        )
+        if scored is not None and informed is not None and informed.informed_upper is not None:
+            mu = 1.0 / sigma if sigma > 0 else math.inf
+            step["single_step_identification"] = rero_gaussian(mu, informed.informed_upper)
         run = run_bounds(kappa=kappa, history=history) if kappa and history else None
         return step or None, run
 
@@ -595,27 +707,34 @@ class AuditPipeline:
             ImageScore.from_json(d, row=None if t is None else next(rows))
             for d, t in zip(scored.images, scored.truth_index)
         ]
+        ident = self._stage("identification", errors, self._identification, scored, captured)
+        detection = dict(scored.detection)
+        if self.shadow is not None and self.shadow.plan is not None:
+            detection["shadow"] = self.shadow.plan.to_json()
         return {
             "counts": Counts.from_json(scored.counts, "counts"),
-            "detection": scored.detection,
+            "detection": detection,
             "means": scored.summary(cfg.metrics),
             "success_criterion": cfg.success_criterion,
-            # the share of the batch's samples reconstructed to the criterion, per stage
+            # exposure: the share of the batch's samples reconstructed to the criterion
             "success": {
                 stage: (n / batch if batch else None) for stage, n in scored.success.items()
             },
-            # the share of the batch whose reconstruction is nearest its own image
-            "identification": self._stage(
-                "identification", errors, self._identification, scored, captured
-            ),
+            # exposure: the share of the batch whose reconstruction is nearest its own image
+            "identification": ident.shares if ident is not None else None,
+            "targets": self._targets(ident, scored) if ident is not None else None,
             "images": images,
             "missed": [MissedImage.from_json(m) for m in scored.missed],
         }
 
-    def _identification(self, scored: ScoredStep, captured: CapturedStep) -> dict[str, Any]:
-        """The share of the batch whose reconstruction is nearest its own image, per stage."""
-        return identification_rates(
-            scored, captured, metric=self.config.success_metric, lpips=self.lpips
+    def _identification(self, scored: ScoredStep, captured: CapturedStep) -> Identification:
+        """Identification in every distance and stage (:func:`~.score.identification.identify`)."""
+        return identify(
+            scored,
+            captured,
+            metrics=self.config.metrics,
+            success_metric=self.config.success_metric,
+            lpips=self.lpips,
         )
 
     def _denoiser(self) -> dict[str, Any] | None:

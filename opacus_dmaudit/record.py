@@ -17,6 +17,9 @@ Its parts, in the order of the data flow:
 * the scores: ``images`` (one :class:`ImageScore` per recovered image, ``missed`` lone images
   the test did not find), ``means`` (mean of each metric at each stage), ``success_criterion`` and
   ``success`` (per stage, the share of the batch reconstructed to it), ``identification``;
+* ``targets`` (:class:`Targets`): the per-target counts the verdict tests (lone samples found and
+  scored; how many were reconstructed and identified) and the baselines' upper limits they are
+  tested against; ``success`` and ``identification`` are the batch shares beside them (exposure);
 * the baselines and bounds of this step (``kappa``, ``kappa_baseline``, ``kappa_uniform``,
   ``bounds``) and of the whole run (``run_bounds``);
 * ``privacy_measured`` (the membership test's estimates), ``prior_fit``, ``denoiser``;
@@ -53,6 +56,7 @@ __all__ = [
     "ImageScore",
     "MissedImage",
     "SuccessCriterion",
+    "Targets",
     "validity",
 ]
 
@@ -357,6 +361,82 @@ class MissedImage:
         return cls(bin=bin_, noise_std=_number(data, "noise_std", where=where))
 
 
+def _counts_by_stage(value: Any, where: str) -> dict[str, int]:
+    value = _object(value or {}, where)
+    out = {}
+    for stage, n in value.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise RecordError(f"{where}: {stage!r} must be a count, got {n!r}")
+        out[str(stage)] = n
+    return out
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Per-target counts of one audit: the trials the verdict's tests pool over audits.
+
+    A *target* is a lone sample the audit found and scored (one image alone in its bin, read and
+    compared with its training image); ``max_images`` changes how many are attempted.
+
+    Attributes:
+        attempted: targets attempted.
+        success: ``{stage: targets reconstructed to the success criterion}`` (raw, dm).
+        identified: ``{metric: {stage: targets nearer their own image than every other image of
+            the batch}}``.
+        baselines: the upper limits they are tested against: ``"success"`` (a number or
+            ``None``), ``"identification"`` (``{metric: the larger of the bin-knowing and the
+            informed adversary's limits}``), ``"identification_informed"`` (``{metric: the
+            informed adversary's limit}``, the identification bound's κ), ``"success_basis"``
+            (``"measured"`` or ``"configured"``).
+        missing: ``{"success" or "identification": why that baseline is missing}``.
+    """
+
+    attempted: int = 0
+    success: dict[str, int] = field(default_factory=dict)
+    identified: dict[str, dict[str, int]] = field(default_factory=dict)
+    baselines: dict[str, Any] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def baseline(self, kind: str, metric: str | None = None) -> float | None:
+        """The upper limit of ``kind`` (``"success"``, ``"identification"``,
+        ``"identification_informed"``), for ``metric`` where it is per metric."""
+        value = self.baselines.get(kind)
+        if isinstance(value, Mapping):
+            value = value.get(metric)
+        return (
+            float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempted": self.attempted,
+            "success": dict(self.success),
+            "identified": {m: dict(v) for m, v in self.identified.items()},
+            "baselines": dict(self.baselines),
+            "missing": dict(self.missing),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "targets") -> Targets | None:
+        if data is None:
+            return None
+        data = _object(data, where)
+        attempted = _integer(data, "attempted", where=where)
+        identified = _object(data.get("identified") or {}, f"{where}: identified")
+        return cls(
+            attempted=attempted or 0,
+            success=_counts_by_stage(data.get("success"), f"{where}: success"),
+            identified={
+                str(m): _counts_by_stage(v, f"{where}: identified: {m}")
+                for m, v in identified.items()
+            },
+            baselines=_mapping(data, "baselines", where=where) or {},
+            missing={
+                str(k): str(v) for k, v in (_mapping(data, "missing", where=where) or {}).items()
+            },
+        )
+
+
 # -- the record -------------------------------------------------------------------------------
 @dataclass
 class AuditRecord:
@@ -387,6 +467,7 @@ class AuditRecord:
     success_criterion: SuccessCriterion | None = None
     success: dict[str, float | None] = field(default_factory=dict)
     identification: dict[str, float | None] | None = None
+    targets: Targets | None = None
     kappa: float | None = None
     kappa_baseline: float | None = None
     kappa_uniform: float | None = None
@@ -476,6 +557,8 @@ class AuditRecord:
         out["success"] = dict(self.success)
         if self.identification is not None:
             out["identification"] = dict(self.identification)
+        if self.targets is not None:
+            out["targets"] = self.targets.to_json()
         out.update(
             kappa=self.kappa,
             kappa_baseline=self.kappa_baseline,
@@ -555,6 +638,7 @@ class AuditRecord:
             identification=_numbers(data, "identification", where=where)
             if data.get("identification") is not None
             else None,
+            targets=Targets.from_json(data.get("targets"), f"{where}: targets"),
             kappa=_number(data, "kappa", where=where),
             kappa_baseline=_number(data, "kappa_baseline", where=where),
             kappa_uniform=_number(data, "kappa_uniform", where=where),

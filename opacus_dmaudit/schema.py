@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 __all__ = [
+    "identification_metrics",
     "STAGES",
     "STAGE_LABELS",
     "stage_label",
@@ -103,3 +104,12 @@ def meets(metric: str, value: float, threshold: float) -> bool:
     if value is None or math.isnan(value):
         return False
     return value >= threshold if HIGHER_IS_BETTER[metric] else value <= threshold
+
+
+def identification_metrics(metrics) -> list[str]:
+    """The distances identification is tested in: every metric the audit computes, PSNR as MSE
+    (it ranks candidates exactly as MSE does), in the order mse, ssim, lpips."""
+    names = set(metrics)
+    if "psnr" in names:
+        names.add("mse")
+    return [m for m in ("mse", "ssim", "lpips") if m in names]

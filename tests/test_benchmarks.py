@@ -148,3 +148,26 @@ def test_run_epsilon_quick(tmp_path, shared_data):
         assert r["checks"] == [] and 0.5 <= r["attack"] / r["claimed"] <= 1.2
     for r, check in zip(rows[1:], ("noise_scale fail", "sampling fail")):
         assert not r["inside"] and r["ci"][0] > r["claimed"] and check in r["checks"], r
+
+
+def test_batch_size_quick_reads_half_a_batch_of_512(tmp_path, shared_data):
+    """The sized shadow adversary reads ≥ 50 % of a batch of 512 at σ = 0.002; 128 bins do not."""
+    out = _run("batch_size.py", "--batches", "512", "--out", str(tmp_path / "b.json"))
+    assert "target (sized K, B = 512, σ = 0.002, exposure ≥ 50 %): met" in out
+    rows = {r["limited_by"] == "fixed": r for r in json.loads((tmp_path / "b.json").read_text())}
+    fixed, sized = rows[True], rows[False]
+    assert fixed["K"] == 128 and sized["K"] > 10 * 128 and sized["alone"] > 0.8
+    assert sized["exposure"] >= 0.5 > 0.1 > fixed["exposure"]
+    assert sized["per_target"] > 0.9  # at σ = 0.002 every lone digit is read to LPIPS ≤ 0.1
+
+
+@pytest.mark.slow
+def test_verdict_holdout_quick_has_no_violation(tmp_path, shared_data):
+    """Quick hold-out: no negative verdict where a per-target count beats its baseline."""
+    out = _run("verdict_holdout.py", "--out", str(tmp_path / "v.json"))
+    rows = json.loads((tmp_path / "v.json").read_text())
+    assert {r["mode"] for r in rows} == {"shadow"} and "0 violations" in out
+    for r in rows:
+        assert r["targets"] > 0 and not r["violation"]
+        if r["p_min"] < 1e-3:  # σ = 0.05 at B = 32: digits are read and identified
+            assert r["verdict"] == "leakage", r["headline"]

@@ -19,9 +19,21 @@ smooths but never invents:
 The rule, at each level or on each image: the prior is *faithful* when it beats the classical
 denoiser at MSE and at the perceptual metric. Worse MSE with a better perceptual score is the
 signature of hallucination (the prior paints plausible detail that is not in the image; LPIPS
-rewards it); worse at both means the prior does not fit the data. Either gives a ``"warn"``
+rewards it); worse at both means the prior *loses* (it does not fit the data); better MSE with a
+worse perceptual score is *mixed* (it smooths, adds no detail). Grey images through a colour
+prior are also checked for colour they do not have: a faithful restoration of a grey image is
+grey, so a prior whose three output channels differ by more than :data:`COLOUR_TOLERANCE` on
+average paints what it knows (photos) onto the data. Anything but faithful gives a ``"warn"``
 check entry (never ``"fail"``: the raw readout and the metrics stay valid), and DM panels of
 images where the prior was unfaithful are marked in the report.
+
+**The fit never passes by default.** Without public images (or with ``prior_fit_public=0``) the
+attach-time fit is *unknown* (a ``"warn"`` whose values say ``fit="unknown"``), and the per-audit
+comparison against an untuned classical denoiser cannot pass either. At attach the prior must
+win by a margin: on each metric the mean of the paired per-image differences must lie
+:data:`DECISION_SE` standard errors from zero (else the level is *undecided*), over
+``prior_fit_public`` images per level (16 by default), so that two runs on the same public
+images do not reach opposite decisions.
 """
 
 from __future__ import annotations
@@ -46,12 +58,23 @@ __all__ = [
     "public_fit",
     "audit_fit",
     "faithful",
+    "unknown_fit",
+    "DECISION_SE",
+    "COLOUR_TOLERANCE",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Noise stds (in [0, 1] pixel units) at which :func:`public_fit` restores public images.
 FIT_LEVELS = (0.1, 0.2, 0.4)
+
+#: At attach, the prior wins or loses on a metric only when the mean paired per-image difference
+#: lies this many standard errors from zero.
+DECISION_SE = 2.0
+
+#: Grey images restored through a colour prior: more than this mean spread of the three output
+#: channels (half a grey level of an 8-bit image) is colour the input does not have.
+COLOUR_TOLERANCE = 0.5 / 255
 
 #: Classical methods whose knob is a multiple of the noise std, so a knob tuned at one level
 #: carries over to another (TV's weight does not); the per-audit comparison uses these.
@@ -118,11 +141,49 @@ def faithful(
 
 
 def _verdict(mse_dm, mse_cl, perc_dm, perc_cl, *, higher_is_better: bool) -> str | None:
-    """``None`` when faithful, else ``"hallucination"`` or ``"loses"``."""
+    """``None`` when faithful, else ``"hallucination"`` (worse MSE, better perceptual),
+    ``"loses"`` (worse at both) or ``"mixed"`` (better MSE, worse perceptual)."""
     if faithful(mse_dm, mse_cl, perc_dm, perc_cl, higher_is_better=higher_is_better):
         return None
-    perc_better = perc_dm > perc_cl if higher_is_better else perc_dm < perc_cl
-    return "hallucination" if mse_dm > mse_cl and perc_better else "loses"
+    perc_better = perc_dm >= perc_cl if higher_is_better else perc_dm <= perc_cl
+    if mse_dm > mse_cl:
+        return "hallucination" if perc_better else "loses"
+    return "mixed"
+
+
+def _side(diff: torch.Tensor) -> int:
+    """-1 where the prior is better (a negative mean paired difference) by :data:`DECISION_SE`
+    standard errors, +1 where it is worse by as much, 0 (undecided) in between."""
+    diff = diff.double().flatten()
+    if diff.numel() < 2:
+        return 0
+    mean, se = float(diff.mean()), float(diff.std()) / math.sqrt(diff.numel())
+    if mean + DECISION_SE * se < 0:
+        return -1
+    if mean - DECISION_SE * se > 0:
+        return 1
+    return 0
+
+
+def _decided(mse_side: int, perc_side: int) -> str | None:
+    """The level's verdict from the two sides (see :func:`_verdict`); ``"undecided"`` on a tie."""
+    if 0 in (mse_side, perc_side):
+        return "undecided"
+    return {(-1, -1): None, (1, -1): "hallucination", (1, 1): "loses", (-1, 1): "mixed"}[
+        (mse_side, perc_side)
+    ]
+
+
+def unknown_fit(reason: str) -> dict[str, Any]:
+    """The ``prior_fit`` entry when the fit could not be measured: ``warn``, fit unknown."""
+    return check(
+        "prior_fit",
+        "warn",
+        f"unknown: {reason.rstrip('.')}, so whether the prior restores this kind of image or "
+        "paints what it knows is not measured; read the DM reconstructions with care, or give "
+        "public images like the training data (AuditConfig.public) to measure it",
+        fit="unknown",
+    )
 
 
 #: How the perceptual metrics are named in a check's detail.
@@ -139,15 +200,29 @@ def _score(name: str, preds: list[torch.Tensor], target: torch.Tensor, lpips) ->
     return [ssim(p, target) for p in preds]
 
 
-def _denoise(prior, images, noise_std, config, generator) -> torch.Tensor:
-    return prior.denoise(
-        images,
-        noise_std=noise_std,
+def _denoise(
+    prior, images, noise_std, config, generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prior's restorations and, for grey images through a colour prior, each restoration's
+    mean spread of the three channels before they are averaged back to grey (``None`` else).
+
+    The grey channel is replicated with its noise std scaled by √3 and the channels averaged
+    back, exactly as :meth:`~opacus_dmaudit.DiffusionPrior.denoise` maps grey images, so the
+    restoration is the one the audit's DM stage makes.
+    """
+    settings = dict(
         sampler=config.sampler,
         steps=config.sampler_steps,
         min_stride=config.sampler_min_stride,
         generator=generator,
     )
+    grey_to_colour = images.shape[1] == 1 and prior.fit_plan(images.shape[1:])[0] == "grey->rgb"
+    if not grey_to_colour:
+        return prior.denoise(images, noise_std=noise_std, **settings), None
+    std = torch.as_tensor(noise_std, dtype=torch.float64) * math.sqrt(3.0)
+    colour = prior.denoise(images.expand(-1, 3, -1, -1), noise_std=std, **settings)
+    chroma = colour.double().std(dim=1, unbiased=False).mean(dim=(1, 2))
+    return colour.mean(dim=1, keepdim=True), chroma
 
 
 def public_fit(
@@ -158,7 +233,7 @@ def public_fit(
     lpips: LPIPS | None,
     generator: torch.Generator,
     value_range: tuple[float, float] = (0.0, 1.0),
-    images: int = 8,
+    images: int = 16,
     levels: Sequence[float] = FIT_LEVELS,
     source: str = "public images",
 ) -> PublicFit:
@@ -177,15 +252,17 @@ def public_fit(
         source: where the public images came from (for the check's detail).
 
     Returns:
-        A :class:`PublicFit` whose check is ``"warn"`` at any level where the prior loses to
-        the best classical denoiser or shows the hallucination signature, else ``"pass"``.
+        A :class:`PublicFit` whose check is ``"pass"`` only where the prior beats the best
+        classical denoiser at both metrics by the margin (:data:`DECISION_SE`) at every level
+        and paints no colour onto grey images, else ``"warn"``.
     """
     start = time.perf_counter()
     scored, tuning = _split_public(public, value_range, images=images, generator=generator)
     perc = _perceptual(lpips, scored.shape)
     noisy_scored, noisy_tuning = _noisy_copies(scored, tuning, levels, generator)
     stds = torch.tensor([lv for lv in levels for _ in range(len(scored))], dtype=torch.float64)
-    dm = _denoise(prior, torch.cat(noisy_scored), stds, config, generator).split(len(scored))
+    restored, chroma = _denoise(prior, torch.cat(noisy_scored), stds, config, generator)
+    dm = restored.split(len(scored))
     rows: list[dict[str, Any]] = []
     knobs: dict[float, dict[str, Any]] = {}
     classical_mse: dict[float, dict[str, float]] = {}
@@ -196,6 +273,10 @@ def public_fit(
         row, classical_mse[level] = _level_row(
             level, dm[i], noisy_scored[i], scored, knobs[level], perc=perc, lpips=lpips
         )
+        if chroma is not None:
+            row["chroma_dm"] = float(chroma.split(len(scored))[i].mean())
+            if row["chroma_dm"] > COLOUR_TOLERANCE:
+                row["verdict"] = "colour"
         rows.append(row)
     entry = _public_check(
         rows,
@@ -258,33 +339,39 @@ def _level_row(
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """One level: the prior against the best classical method at MSE and at the perceptual metric.
 
+    The best classical method at each metric is the one with the best mean; the prior wins or
+    loses a metric by the paired per-image differences (:func:`_side`).
+
     Returns:
         ``(row, classical MSE per method)``; the row holds the prior's and the best classical
-        scores, which method was best at each, and the :func:`_verdict`.
+        means, which method was best at each, and the verdict (:func:`_decided`).
     """
     outputs = {
         method: classical_denoise(noisy, method=method, noise_std=level, knob=knob)
         for method, knob in knobs.items()
     }
     names = list(outputs)
-    mses = [float(mse(o, clean).mean()) for o in outputs.values()]
-    percs = [float(v.mean()) for v in _score(perc, [dm, *outputs.values()], clean, lpips)]
+    mses = [mse(o, clean) for o in outputs.values()]
+    percs = _score(perc, [dm, *outputs.values()], clean, lpips)
     hib = perc == "ssim"
-    perc_dm, perc_cl = percs[0], percs[1:]
-    best_perc = max(perc_cl) if hib else min(perc_cl)
+    best_mse = min(range(len(names)), key=lambda k: float(mses[k].mean()))
+    means = [float(v.mean()) for v in percs[1:]]
+    best_perc = (max if hib else min)(range(len(names)), key=lambda k: means[k])
+    mse_dm = mse(dm, clean)
+    perc_diff = percs[0] - percs[1 + best_perc]
     row = {
         "level": level,
-        "mse_dm": float(mse(dm, clean).mean()),
-        "mse_classical": min(mses),
-        "classical_mse_method": names[mses.index(min(mses))],
-        f"{perc}_dm": perc_dm,
-        f"{perc}_classical": best_perc,
-        f"classical_{perc}_method": names[perc_cl.index(best_perc)],
+        "mse_dm": float(mse_dm.mean()),
+        "mse_classical": float(mses[best_mse].mean()),
+        "classical_mse_method": names[best_mse],
+        f"{perc}_dm": float(percs[0].mean()),
+        f"{perc}_classical": means[best_perc],
+        f"classical_{perc}_method": names[best_perc],
     }
-    row["verdict"] = _verdict(
-        row["mse_dm"], row["mse_classical"], perc_dm, best_perc, higher_is_better=hib
+    row["verdict"] = _decided(
+        _side(mse_dm - mses[best_mse]), _side(-perc_diff if hib else perc_diff)
     )
-    return row, dict(zip(names, mses))
+    return row, {n: float(m.mean()) for n, m in zip(names, mses)}
 
 
 def _public_check(
@@ -312,6 +399,7 @@ def _public_check(
     bad = [r for r in rows if r["verdict"] is not None]
     values = dict(
         value=1.0 - len(bad) / len(rows),
+        fit="faithful" if not bad else "unfaithful",
         levels=list(levels),
         images=images,
         perceptual=perc,
@@ -322,12 +410,16 @@ def _public_check(
         verdicts=[r["verdict"] or "faithful" for r in rows],
         seconds=time.perf_counter() - start,
     )
+    if any("chroma_dm" in r for r in rows):
+        values["chroma_dm"] = [r.get("chroma_dm") for r in rows]
     if not bad:
         return check(
             "prior_fit",
             "pass",
             head + ". The prior beats classical denoising at MSE and " + label + " at every "
-            "level: on data like these public images its reconstructions add information.",
+            f"level (each by more than {DECISION_SE:g} standard errors of the paired "
+            "differences): on data like these public images its reconstructions add "
+            "information.",
             **values,
         )
     return check(
@@ -340,19 +432,28 @@ def _public_check(
     )
 
 
+#: Per verdict, what it means at the listed levels (``{label}``: LPIPS or SSIM).
+_LEVEL_WORDS = {
+    "hallucination": "its MSE is worse while its {label} is better, the signature of "
+    "hallucination: it paints detail the images do not have",
+    "loses": "it loses to classical denoising at both MSE and {label}",
+    "mixed": "its MSE is better but its {label} worse: it smooths and adds no detail",
+    "undecided": "it is not clearly better than classical denoising at MSE or {label} over "
+    "these images (more public images, prior_fit_public, would decide)",
+    "colour": "it paints colour onto these grey images (their restorations' channels differ; "
+    "a faithful restoration of a grey image is grey): it models colour photos, not these images",
+}
+
+
 def _unfaithful_levels(bad: list[dict[str, Any]], label: str) -> str:
-    """Where the prior hallucinated and where it lost, in words."""
+    """Where the prior hallucinated, lost, smoothed, was undecided or added colour, in words."""
     why = []
-    halluc = [r["level"] for r in bad if r["verdict"] == "hallucination"]
-    loses = [r["level"] for r in bad if r["verdict"] == "loses"]
-    if halluc:
-        why.append(
-            f"at std {', '.join(f'{lv:g}' for lv in halluc)} its MSE is worse while its "
-            f"{label} is better, the signature of hallucination: it paints detail the images "
-            "do not have"
-        )
-    if loses:
-        why.append(f"at std {', '.join(f'{lv:g}' for lv in loses)} it loses to classical denoising")
+    for verdict, words in _LEVEL_WORDS.items():
+        levels = [r["level"] for r in bad if r["verdict"] == verdict]
+        if levels:
+            why.append(
+                f"at std {', '.join(f'{lv:g}' for lv in levels)} " + words.format(label=label)
+            )
     return "; ".join(why)
 
 
@@ -450,26 +551,33 @@ def _measure_restorations(
     """Re-noise ``clean`` at ``stds``, restore it with the prior and the classical denoiser.
 
     Returns:
-        Per image: ``mse_dm``, ``mse_classical``, ``<perc>_dm``, ``<perc>_classical``.
+        Per image: ``mse_dm``, ``mse_classical``, ``<perc>_dm``, ``<perc>_classical`` (and
+        ``chroma_dm`` for grey images through a colour prior).
     """
     noisy = clean + stds.float().view(-1, 1, 1, 1) * torch.randn(clean.shape, generator=generator)
-    dm = _denoise(prior, noisy, stds, config, generator)
+    dm, chroma = _denoise(prior, noisy, stds, config, generator)
     classical = []
     for k, s in enumerate(stds.tolist()):
         method, knob = fit.per_audit_denoiser(s)
         classical.append(classical_denoise(noisy[k : k + 1], method=method, noise_std=s, knob=knob))
     classical = torch.cat(classical)
     perc_dm, perc_cl = _score(perc, [dm, classical], clean, lpips)
-    return {
+    out = {
         "mse_dm": mse(dm, clean),
         "mse_classical": mse(classical, clean),
         f"{perc}_dm": perc_dm,
         f"{perc}_classical": perc_cl,
     }
+    if chroma is not None:
+        out["chroma_dm"] = chroma
+    return out
 
 
 def _faithful_at(measures: dict[str, torch.Tensor], k: int, perc: str) -> bool:
-    """:func:`faithful` for image ``k`` of :func:`_measure_restorations`' measures."""
+    """:func:`faithful` for image ``k`` of :func:`_measure_restorations`' measures (and no
+    colour painted onto a grey image)."""
+    if "chroma_dm" in measures and float(measures["chroma_dm"][k]) > COLOUR_TOLERANCE:
+        return False
     return faithful(
         float(measures["mse_dm"][k]),
         float(measures["mse_classical"][k]),
@@ -513,8 +621,15 @@ _AUDIT_WARNINGS = {
     "hallucination": ": worse MSE but better {label}, the signature of hallucination. At this "
     "noise level the DM reconstructions show what the prior expects, not necessarily "
     "the image; DM panels of unfaithful images are marked.",
-    "loses": ": the prior loses to classical denoising on this data at this noise level; "
-    "its DM reconstructions are no evidence of leakage beyond the raw readout.",
+    "loses": ": the prior loses to classical denoising at MSE and {label} on this data at this "
+    "noise level; its DM reconstructions are no evidence of leakage beyond the raw readout.",
+    "mixed": ": better MSE but worse {label}: the prior smooths like a classical denoiser and "
+    "adds no detail at this noise level.",
+    "colour": ": the prior paints colour onto these grey images (mean channel spread {chroma} "
+    "against at most {tolerance}): it models colour photos, not these images, and its DM "
+    "reconstructions show what it expects.",
+    "unknown": ": the prior beat an untuned classical denoiser, but without public images to "
+    "tune one the fit is unknown (AuditConfig.public).",
 }
 
 
@@ -536,6 +651,10 @@ def _audit_check(
         summary[f"{perc}_classical"],
         higher_is_better=perc == "ssim",
     )
+    if summary.get("chroma_dm", 0.0) > COLOUR_TOLERANCE:
+        verdict = "colour"
+    elif verdict is None and not tuned:
+        verdict = "unknown"
     head = (
         f"{summary['images']} lone images of this audit, their clean readouts re-noised at their "
         f"noise std (median {summary['noise_std']:.3g}): prior MSE {summary['mse_dm']:.4f} vs "
@@ -553,5 +672,10 @@ def _audit_check(
     )
     if verdict is None:
         return check("prior_fit_audit", "pass", head + ".", **values)
-    tail = _AUDIT_WARNINGS[verdict].format(label=label)
+    tail = _AUDIT_WARNINGS[verdict].format(
+        label=label,
+        chroma=f"{summary.get('chroma_dm', 0.0):.3g}",
+        tolerance=f"{COLOUR_TOLERANCE:.3g}",
+    )
+    values["fit"] = verdict
     return check("prior_fit_audit", "warn", head + tail, **values)

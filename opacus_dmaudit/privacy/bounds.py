@@ -179,16 +179,23 @@ def step_bounds(
             from (the identification criterion, where κ = 1/N exactly).
 
     Returns:
-        ``{"single_step": Φ(Φ⁻¹(κ) + 1/σ)}``, plus ``"single_step_measured_mu"`` (the same at the
-        measured µ: the bound for an attack through this imprint) and
+        ``{"single_step": Φ(Φ⁻¹(κ) + 1/σ)}``, plus ``"estimate_at_measured_mu"`` and
         ``"single_step_identification"`` (``Φ(Φ⁻¹(1/N) + 1/σ)``) when their inputs are given.
+
+        ``estimate_at_measured_mu`` is ``Φ(Φ⁻¹(κ) + µ̂)`` at the imprint's measured per-step µ̂:
+        a plug-in *estimate* of what an attack through this imprint reaches, **not a bound**.
+        µ̂ is the mean separation of the member scores, and members differ: a sample whose
+        clipped contribution is larger than average has a larger SNR, so the best attack on
+        such samples beats it (measured: 0.169 against 0.164). A bound would need each member's
+        own SNR, which one score per member cannot estimate; ``single_step`` (µ = 1/σ, the
+        largest SNR clipping allows) is the bound.
     """
     mu = 1.0 / noise_multiplier if noise_multiplier > 0 else math.inf
     out: dict[str, float] = {}
     if kappa is not None:
         out["single_step"] = rero_gaussian(mu, kappa)
         if mu_measured is not None and math.isfinite(mu_measured) and mu_measured >= 0:
-            out["single_step_measured_mu"] = rero_gaussian(float(mu_measured), kappa)
+            out["estimate_at_measured_mu"] = rero_gaussian(float(mu_measured), kappa)
     if candidates is not None and candidates >= 1:
         out["single_step_identification"] = rero_gaussian(mu, 1.0 / candidates)
     return out

@@ -22,6 +22,8 @@ __all__ = [
     "lone_count",
     "lone_members",
     "expected_lone",
+    "lone_share",
+    "bins_for_lone_share",
     "lone_sample_moments",
 ]
 
@@ -86,6 +88,35 @@ def expected_lone(num_samples: int, num_bins: int) -> float:
     if num_samples <= 0:
         return 0.0
     return num_samples * (1.0 - 1.0 / num_bins) ** (num_samples - 1)
+
+
+def lone_share(num_bins: int, batch: int) -> float:
+    """The expected share of a batch of ``batch`` samples that sits alone in one of ``num_bins``
+    equal-mass bins: ``(1 − 1/K)^(B − 1)`` (1 for a batch of one)."""
+    if batch <= 1:
+        return 1.0
+    if num_bins <= 1:
+        return 0.0
+    return (1.0 - 1.0 / num_bins) ** (batch - 1)
+
+
+def bins_for_lone_share(batch: int, share: float = 0.9) -> int:
+    """The fewest equal-mass bins that leave at least ``share`` of a batch of ``batch`` alone.
+
+    The smallest ``K`` with ``(1 − 1/K)^(B − 1) ≥ share`` (about ``9.5·B`` for 0.9); 2 for a
+    batch of one.
+    """
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    if batch <= 1:
+        return 2
+    # (1 - 1/K)^(B-1) >= s  <=>  K >= 1 / (1 - s^(1/(B-1)))
+    k = max(2, math.ceil(1.0 / -math.expm1(math.log(share) / (batch - 1))))
+    while lone_share(k - 1, batch) >= share and k > 2:  # guard against round-off
+        k -= 1
+    while lone_share(k, batch) < share:
+        k += 1
+    return k
 
 
 def lone_sample_moments(batch: int, num_bins: int, structure: str) -> tuple[float, float]:

@@ -1,25 +1,91 @@
-"""The identification criterion: a second notion of success, whose baseline κ = 1/N is exact.
+"""Identification: is a reconstruction nearer to its own image than to each other image of the batch?
 
-"LPIPS ≤ 0.1" asks for a close copy; a recognisable 32×32 colour reconstruction can miss it while
-being plainly the right image, and a fixed guess can meet it for several percent of digits. The
-identification criterion asks instead: is the reconstruction nearer, in the audit's own metric, to
-its own image than to each of the N − 1 other real images of the audited batch? A guess made
-without the gradient is independent of which of the N exchangeable candidates is the target, so it
-succeeds with probability at most 1/N: κ = 1/N exactly, and the one-step ReRo bound
-``Φ(Φ⁻¹(1/N) + µ)`` is the bound for this event (``bounds["single_step_identification"]``).
+"LPIPS ≤ 0.1" asks for a close copy; a recognisable reconstruction can miss it while being plainly
+the right image. The identification criterion asks instead whether the reconstruction is nearer,
+in a distance the audit computes, to its own training image than to each of the N − 1 other real
+images of the audited batch. It is decided per *target* (a lone sample the audit found and
+scored) in every distance the audit computes (MSE, SSIM, LPIPS; PSNR ranks as MSE does), for the
+raw readout and the DM reconstruction. Its baseline is not 1/N: the scorer pairs each
+reconstruction with its own bin, and a guess that knows the bin does better than a blind one
+(:mod:`.baseline` measures it, and the informed adversary of the ReRo theorem, on public batches).
 
-:func:`identification_rates` is pure: it reads a scored step's tensors and the step's inputs.
+:func:`identify` is pure: it reads a scored step's tensors and the step's inputs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..capture.step import CapturedStep
-from ..schema import HIGHER_IS_BETTER
+from ..schema import HIGHER_IS_BETTER, identification_metrics
 from .metrics import LPIPS, identified, pairwise
+from .targets import ATTACK_STAGES, target_rows
 
-__all__ = ["identification_rates"]
+__all__ = ["Identification", "identify", "identification_rates", "target_rows", "ATTACK_STAGES"]
+
+
+@dataclass(frozen=True)
+class Identification:
+    """One step's identification.
+
+    Attributes:
+        shares: per stage (``raw``, ``clean``, ``dm``), the share of the batch whose
+            reconstruction is nearest its own image in the success metric (exposure).
+        targets: the lone samples scored (distinct; the denominator of every per-target count).
+        identified: ``{metric: {stage: targets identified}}`` for the attack stages.
+    """
+
+    shares: dict[str, float | None]
+    targets: int
+    identified: dict[str, dict[str, int]]
+
+
+def identify(
+    scored,
+    captured: CapturedStep,
+    *,
+    metrics,
+    success_metric: str,
+    lpips: LPIPS | None = None,
+) -> Identification:
+    """Identification of one scored step in every distance and stage (see the module).
+
+    Args:
+        scored: the step's :class:`~opacus_dmaudit.score.scoring.ScoredStep`.
+        captured: the step; its inputs (all N real images of the batch) are the candidates.
+        metrics: the metrics the audit computes (identification is decided in each).
+        success_metric: the metric of the batch shares (exposure).
+        lpips: the LPIPS model, when LPIPS is among the metrics.
+    """
+    stages = {"raw": scored.raw, "clean": scored.clean}
+    if scored.dm is not None:
+        stages["dm"] = scored.dm
+    own = [t for t in scored.truth_index if t is not None]
+    lone = target_rows(scored)
+    batch = captured.batch_size
+    attack = [s for s in ATTACK_STAGES if s in stages]
+    counts = {m: dict.fromkeys(attack, 0) for m in identification_metrics(metrics)}
+    if not batch or not own:
+        shares = dict.fromkeys(stages, None if not batch else 0.0)
+        return Identification(shares, len(lone), counts)
+    lo, hi = captured.imprint.geometry.value_range
+    candidates = ((captured.inputs.float() - lo) / (hi - lo)).clamp(0, 1)
+    shares: dict[str, float | None] = {}
+    for metric in dict.fromkeys([success_metric, *counts]):
+        names = list(stages) if metric == success_metric else attack
+        recon = torch.cat([stages[s] for s in names])
+        scores = pairwise(metric, recon, candidates, lpips=lpips)
+        hits = identified(scores, own * len(names), higher_is_better=HIGHER_IS_BETTER[metric])
+        m = len(own)
+        for k, stage in enumerate(names):
+            rows = hits[k * m : (k + 1) * m]
+            if metric == success_metric:
+                shares[stage] = len({own[j] for j in range(m) if bool(rows[j])}) / batch
+            if metric in counts and stage in attack:
+                counts[metric][stage] = sum(bool(rows[j]) for j in lone)
+    return Identification(shares, len(lone), counts)
 
 
 def identification_rates(
@@ -29,37 +95,6 @@ def identification_rates(
     metric: str,
     lpips: LPIPS | None = None,
 ) -> dict[str, float | None]:
-    """Per stage, the share of the batch whose reconstruction singles out its own image.
-
-    Args:
-        scored: the step's :class:`~opacus_dmaudit.scoring.ScoredStep` (its ``truth_index`` and
-            the ``raw``, ``clean`` and ``dm`` images of the found rows with a real sample).
-        captured: the step; its inputs (all N real images of the batch) are the candidates.
-        metric: the audit's success metric (``config.success_metric``).
-        lpips: the LPIPS model, when ``metric`` is ``"lpips"``.
-
-    Returns:
-        ``{stage: identified distinct samples / N}`` for the stages ``scored`` has (``None`` for
-        an empty batch).
-    """
-    batch = captured.batch_size
-    stages = {"raw": scored.raw, "clean": scored.clean}
-    if scored.dm is not None:
-        stages["dm"] = scored.dm
-    own = [t for t in scored.truth_index if t is not None]
-    if not batch:
-        return dict.fromkeys(stages)
-    if not own:
-        return dict.fromkeys(stages, 0.0)
-    lo, hi = captured.imprint.geometry.value_range
-    candidates = ((captured.inputs.float() - lo) / (hi - lo)).clamp(0, 1)
-    names = list(stages)
-    recon = torch.cat([stages[s] for s in names])
-    scores = pairwise(metric, recon, candidates, lpips=lpips)
-    hits = identified(scores, own * len(names), higher_is_better=HIGHER_IS_BETTER[metric])
-    m = len(own)
-    out: dict[str, float | None] = {}
-    for k, stage in enumerate(names):
-        rows = hits[k * m : (k + 1) * m]
-        out[stage] = len({own[j] for j in range(m) if bool(rows[j])}) / batch
-    return out
+    """Per stage, the share of the batch whose reconstruction singles out its own image
+    (:attr:`Identification.shares` in ``metric`` alone)."""
+    return identify(scored, captured, metrics=(), success_metric=metric, lpips=lpips).shares

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..record import RecordError, SuccessCriterion, json_view
 
-__all__ = ["RunSummary", "CheckOverview", "Verdict"]
+__all__ = ["RunSummary", "CheckOverview", "Verdict", "TargetTest", "TargetEvidence"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,117 @@ class CheckOverview:
         }
 
 
+@dataclass(frozen=True)
+class TargetTest:
+    """One per-target test, pooled over a run's audits (see :mod:`~opacus_dmaudit.score.binomial`).
+
+    Attributes:
+        kind: ``"success"`` or ``"identification"``.
+        metric: the success metric, or the distance identification is decided in.
+        stage: ``"raw"`` or ``"dm"``.
+        hits: targets reconstructed (or identified).
+        targets: targets attempted.
+        baseline: the baseline's upper limit per target (the largest over the audits).
+        p_value: ``P(X ≥ hits)``, ``X ~ Binomial(targets, baseline)``.
+        level: this test's level (the run's level divided among its tests).
+        power: the probability of rejecting at ``level`` had the per-target rate been
+            ``alternative``.
+        alternative: the stated alternative, ``baseline + 0.1`` (at most 1).
+        needed: the fewest targets that give power 0.9 (``None``: more than a million).
+    """
+
+    kind: str
+    metric: str
+    stage: str
+    hits: int
+    targets: int
+    baseline: float
+    p_value: float
+    level: float
+    power: float
+    alternative: float
+    needed: int | None
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < self.level
+
+    @property
+    def expected(self) -> float:
+        """Hits a guess without the gradient would get at most, on average."""
+        return self.targets * self.baseline
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TargetTest:
+        if not isinstance(data, Mapping):
+            raise RecordError(f"a target test must be an object, got {data!r}")
+        try:
+            return cls(**{f.name: data[f.name] for f in fields(cls)})
+        except KeyError as err:
+            raise RecordError(f"a target test needs {err}") from None
+
+
+@dataclass
+class TargetEvidence:
+    """The run's per-target evidence: the targets, the tests that ran and the baselines missing.
+
+    Attributes:
+        attempted: targets attempted over the audits.
+        audits: audits that attempted targets (records with per-target counts).
+        per_audit: targets per audit over the last few audits (``None``: unknown).
+        tests: every test run (Bonferroni over them).
+        missing: ``{"success" or "identification": why it was not tested}``.
+        level: the run's level, shared by the tests.
+        success_basis: ``"measured"`` (public images) or ``"configured"`` (``kappa=``).
+        more_images: the audits found more lone samples than they scored (``max_images``).
+    """
+
+    attempted: int = 0
+    audits: int = 0
+    per_audit: float | None = None
+    tests: list[TargetTest] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)
+    level: float = 1e-3
+    success_basis: str | None = None
+    more_images: bool = False
+
+    @property
+    def significant(self) -> list[TargetTest]:
+        return [t for t in self.tests if t.significant]
+
+    @property
+    def powerful(self) -> bool:
+        """Every test ran with power ≥ 0.9 against its alternative (and at least one ran)."""
+        return bool(self.tests) and all(t.power >= 0.9 for t in self.tests)
+
+    @property
+    def needed(self) -> int | None:
+        """Targets that would give every test power 0.9."""
+        if any(t.needed is None for t in self.tests):
+            return None
+        return max((t.needed for t in self.tests), default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["tests"] = [t.to_json() for t in self.tests]
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> TargetEvidence | None:
+        if data is None:
+            return None
+        if not isinstance(data, Mapping):
+            raise RecordError(f"the per-target evidence must be an object, got {data!r}")
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["tests"] = [TargetTest.from_json(t) for t in data.get("tests") or []]
+        values["missing"] = dict(data.get("missing") or {})
+        return cls(**values)
+
+
 #: RunSummary attribute -> report.json key, where they differ.
 _JSON_KEYS = {
     "epsilon": "final_epsilon",
@@ -87,8 +198,13 @@ class RunSummary:
         success_rate, max_success_rate: per stage, the mean and the largest share of an audited
             batch reconstructed to ``success_criterion``; ``recovered``: how many samples.
         identification_rate, identified: per stage, the mean share and the number of audited
-            samples whose reconstruction is nearest its own image; ``identification_chance``:
-            how many a guess without the gradient would single out (at most one per audit).
+            samples whose reconstruction is nearest its own image (in the success metric);
+            ``identification_chance``: one per audit, release 0.1's "1/N" chance level (the
+            verdict no longer reads it: a guess that knows the bin does better).
+        targets: the per-target evidence the verdict decides on (:class:`TargetEvidence`).
+        exposure: ``{"success" or "identification": {stage: share}}``: the share of all audited
+            batches' samples reconstructed (or identified), pooled; how much of a batch an
+            attacker gets, never compared with a per-target baseline.
         bounds, run_bounds: the last audit's bounds of one step and of the whole run.
         means: per ``<metric>_<stage>``, the mean over audits of the per-audit means.
         lone_found, lone_in_batch: lone samples the audits found, and those in their batches.
@@ -123,6 +239,8 @@ class RunSummary:
     identification_rate: dict[str, float | None] = field(default_factory=dict)
     identified: dict[str, int] = field(default_factory=dict)
     identification_chance: int = 0
+    targets: TargetEvidence | None = None
+    exposure: dict[str, dict[str, float | None]] = field(default_factory=dict)
     bounds: dict[str, float | None] | None = None
     run_bounds: dict[str, float | None] | None = None
     means: dict[str, float | None] = field(default_factory=dict)
@@ -161,6 +279,8 @@ class RunSummary:
             value = getattr(self, f.name)
             if f.name == "checks":
                 value = {name: c.to_json() for name, c in value.items()}
+            elif f.name == "targets":
+                value = None if value is None else value.to_json()
             elif isinstance(value, SuccessCriterion):
                 value = value.to_json()
             out[_JSON_KEYS.get(f.name, f.name)] = value
@@ -178,6 +298,7 @@ class RunSummary:
         names = {f.name for f in fields(cls)} - {"verdict", "measured", "checks"}
         keys = {_JSON_KEYS.get(n, n): n for n in names}
         values = {keys[k]: v for k, v in data.items() if k in keys}
+        values["targets"] = TargetEvidence.from_json(values.get("targets"))
         if isinstance(values.get("success_criterion"), Mapping):
             values["success_criterion"] = SuccessCriterion.from_json(values["success_criterion"])
         checks = data.get("checks") if isinstance(data.get("checks"), Mapping) else {}

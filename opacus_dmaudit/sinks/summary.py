@@ -22,12 +22,26 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..checks.entries import is_finite_number, status_rank
-from ..record import AuditRecord, stages_of
-from .run_summary import CheckOverview, RunSummary, Verdict
+from ..record import AuditRecord, Targets, stages_of
+from ..schema import meets, metric_key
+from ..score import binomial
+from .run_summary import CheckOverview, RunSummary, TargetEvidence, TargetTest, Verdict
 from .text import fmt
 from .verdict import verdict
 
-__all__ = ["RunSummary", "CheckOverview", "Verdict", "summarize", "summary_from_json", "fmt"]
+__all__ = [
+    "RunSummary",
+    "CheckOverview",
+    "Verdict",
+    "TargetEvidence",
+    "TargetTest",
+    "summarize",
+    "summary_from_json",
+    "fmt",
+]
+
+#: Targets per audit are averaged over at most this many of the last audits ("the recent rate").
+RECENT_AUDITS = 5
 
 
 def _mean(values: Iterable[Any]) -> float | None:
@@ -103,6 +117,156 @@ def _identification(records: Sequence[AuditRecord]) -> dict[str, Any]:
     }
 
 
+def _exposure(records: Sequence[AuditRecord]) -> dict[str, Any]:
+    """The share of all audited batches' samples reconstructed or identified (pooled)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name in ("success", "identification"):
+        stages = stages_of(records, name)
+        total = {s: 0.0 for s in stages}
+        samples = {s: 0 for s in stages}
+        for r in records:
+            for s, share in (getattr(r, name) or {}).items():
+                if s in total and is_finite_number(share) and r.batch_size:
+                    total[s] += share * r.batch_size
+                    samples[s] += r.batch_size
+        out[name] = {s: (total[s] / samples[s] if samples[s] else None) for s in stages}
+    return {"exposure": out}
+
+
+_OLD_RECORD = (
+    "records written by an earlier release carry no held-out baseline for this test; audit "
+    "again with this release"
+)
+
+
+def _targets_of(record: AuditRecord) -> Targets | None:
+    """The record's per-target counts; an earlier release's record gives its targets and their
+    successes (from its images) but no baseline and no per-target identification."""
+    if record.targets is not None:
+        return record.targets
+    crit = record.success_criterion
+    if record.counts is None or crit is None:
+        return None
+    images = [im for im in record.scored if im.true_count == 1]
+    stages = [s for s in ("raw", "dm") if s in record.success]
+    return Targets(
+        attempted=len(images),
+        success={
+            s: sum(
+                meets(crit.metric, im.metrics.get(metric_key(crit.metric, s)), crit.threshold)
+                for im in images
+            )
+            for s in stages
+        },  # fmt: skip
+        missing={"success": _OLD_RECORD, "identification": _OLD_RECORD},
+    )
+
+
+def _pooled_baselines(parts: Sequence[Targets]) -> tuple[dict[tuple[str, str], float], dict]:
+    """The largest upper limit per test over the audits (conservative for a pooled test), and
+    the first reason given for each missing baseline."""
+    limits: dict[tuple[str, str], float] = {}
+    missing: dict[str, str] = {}
+    for t in parts:
+        for kind, reason in t.missing.items():
+            missing.setdefault(kind, reason)
+        keys = [("success", s) for s in t.success]
+        keys += [("identification", m) for m in t.identified]
+        for kind, metric in keys:
+            value = t.baseline(kind, None if kind == "success" else metric)
+            if value is not None:
+                key = (kind, metric if kind == "identification" else "")
+                limits[key] = max(limits.get(key, 0.0), value)
+    return limits, missing
+
+
+def _targets(records: Sequence[AuditRecord]) -> dict[str, Any]:
+    """Per-target counts pooled over the audits, each tested against its baseline's upper limit
+    (exact binomial, Bonferroni over the tests that can run)."""
+    pairs = [(r, t) for r in records if (t := _targets_of(r)) is not None]
+    if not pairs:
+        return {"targets": None}
+    parts = [t for _, t in pairs]
+    limits, missing = _pooled_baselines(parts)
+    counts = _pooled_counts(parts, limits)
+    _untested(missing, limits, batch_of_one=any((r.batch_size or 0) <= 1 for r, _ in pairs))
+    criterion = next((r.success_criterion for r in reversed(records) if r.success_criterion), None)
+    level = binomial.DECISION_LEVEL / max(len(counts), 1)
+    tests = [
+        _test(kind, metric or (criterion.metric if criterion else "?"), stage, hits, n,
+              limits[(kind, metric)], level)
+        for (kind, metric, stage), (hits, n) in sorted(counts.items(), key=_test_order)
+    ]  # fmt: skip
+    recent = [t.attempted for t in parts[-RECENT_AUDITS:]]
+    basis = next((t.baselines.get("success_basis") for t in reversed(parts)), None)
+    return {
+        "targets": TargetEvidence(
+            attempted=sum(t.attempted for t in parts),
+            audits=len(parts),
+            per_audit=sum(recent) / len(recent) if recent else None,
+            tests=tests,
+            missing=missing,
+            level=binomial.DECISION_LEVEL,
+            success_basis=basis if isinstance(basis, str) else None,
+            more_images=any(r.lone_found > t.attempted for r, t in pairs),
+        )
+    }
+
+
+def _untested(missing: dict[str, str], limits, *, batch_of_one: bool) -> None:
+    """What no test ran for, and why: kinds with a baseline are tested; at a batch of one,
+    identification is no test."""
+    for kind, _ in limits:
+        missing.pop(kind, None)
+    if batch_of_one and not any(k == "identification" for k, _ in limits):
+        missing.setdefault(
+            "identification",
+            "a batch of one: identification is no test (the only candidate is the target)",
+        )
+
+
+def _pooled_counts(parts, limits) -> dict[tuple[str, str, str], list[int]]:
+    """``{(kind, metric, stage): [hits, targets]}`` summed over the audits, for the tests that
+    have a baseline."""
+    counts: dict[tuple[str, str, str], list[int]] = {}
+    for t in parts:
+        rows = [("success", "", s, k) for s, k in t.success.items()]
+        rows += [("identification", m, s, k) for m, c in t.identified.items() for s, k in c.items()]
+        for kind, metric, stage, k in rows:
+            if (kind, metric) in limits:
+                hit = counts.setdefault((kind, metric, stage), [0, 0])
+                hit[0] += k
+                hit[1] += t.attempted
+    return counts
+
+
+def _test_order(item) -> tuple:
+    """Success first, then identification in MSE, SSIM, LPIPS; the raw readout before DM."""
+    kind, metric, stage = item[0]
+    metrics = ("", "mse", "ssim", "lpips")
+    return (
+        kind != "success",
+        metrics.index(metric) if metric in metrics else 9,
+        ("raw", "dm").index(stage) if stage in ("raw", "dm") else 9,
+    )
+
+
+def _test(kind, metric, stage, hits, targets, baseline, level) -> TargetTest:
+    return TargetTest(
+        kind=kind,
+        metric=metric,
+        stage=stage,
+        hits=hits,
+        targets=targets,
+        baseline=baseline,
+        p_value=binomial.p_value(hits, targets, baseline),
+        level=level,
+        power=binomial.power(targets, baseline, level),
+        alternative=binomial.alternative(baseline),
+        needed=binomial.targets_needed(baseline, level),
+    )
+
+
 def _largest(values: Iterable[Any]) -> float | None:
     return max((v for v in values if is_finite_number(v)), default=None)
 
@@ -153,7 +317,17 @@ def summarize(records: Sequence[AuditRecord | Mapping[str, Any]]) -> RunSummary:
         summary = RunSummary()
     else:
         values: dict[str, Any] = {}
-        for group in (_accounting, _success, _identification, _detection, _measured, _checks):
+        groups = (
+            _accounting,
+            _success,
+            _identification,
+            _exposure,
+            _targets,
+            _detection,
+            _measured,
+            _checks,
+        )
+        for group in groups:
             values.update(group(records))
         summary = RunSummary(**values)
     summary.verdict = verdict(summary)

@@ -4,28 +4,34 @@ A verdict is a claim and is earned:
 
 * any failed check makes the run's audit **invalid**, and the verdict says why instead of
   drawing a conclusion;
-* reconstructions that meet the success criterion are compared with the baseline κ (what a guess
-  without the gradient achieves at the same criterion): a rate at or below κ is not evidence of
-  leakage;
-* reconstructions that single out their own image among the N images of their batch more often
-  than chance are leakage too, whether or not they meet the success criterion (a one-sided test
-  at level :data:`IDENTIFICATION_LEVEL`);
-* "no visible leakage" is said only when every check passed, the occupancy test had high power
-  against a lone image of this data (measured from the clean sums), and no reconstruction beat
-  either baseline; where nothing rose above the noise with low power, the verdict says the audit
-  could not tell, and gives the power.
+* success and identification are decided **per target** (a lone sample the audit found and
+  scored), pooled over the run's audits: k of n targets against the upper confidence limit of
+  what a guess without the gradient achieves per target (measured on public images,
+  :mod:`~opacus_dmaudit.score.baseline`), by an exact one-sided binomial test; the tests share
+  the level :data:`DECISION_LEVEL` (Bonferroni). Any test below its level is **leakage**; the
+  batch share (how much of a batch an attacker gets) is reported beside it as exposure and never
+  compared with a baseline;
+* a negative verdict ("no visible leakage", "not evidence of leakage") is said only when no
+  check failed, every baseline could be measured and every test had power ≥
+  :data:`POWER_FOR_NEGATIVE` against a per-target rate 0.1 above its baseline; otherwise the
+  verdict says the evidence is too thin and how many more targets (audits, images) would do;
+  where nothing rose above the noise and the occupancy test is weak, it says the audit could not
+  tell, and gives the power.
 
 :data:`RULES` is the table: the first rule whose condition holds words the verdict.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..checks.entries import is_finite_number
-from ..schema import stage_label
-from .run_summary import RunSummary, Verdict
+from ..schema import METRICS, stage_label
+from ..score.binomial import ALTERNATIVE_GAP, DECISION_LEVEL
+from ..score.binomial import POWER_FOR_NEGATIVE as TEST_POWER
+from .run_summary import RunSummary, TargetEvidence, TargetTest, Verdict
 from .text import count, fmt
 
 __all__ = [
@@ -35,14 +41,16 @@ __all__ = [
     "VERDICT_STATUSES",
     "POWER_FOR_NEGATIVE",
     "IDENTIFICATION_LEVEL",
+    "DECISION_LEVEL",
 ]
 
 #: A negative verdict needs the occupancy test to detect a lone image with at least this
-#: probability (mean over audits).
-POWER_FOR_NEGATIVE = 0.9
+#: probability (mean over audits) where nothing rose above the noise, and every per-target test
+#: this power against its alternative.
+POWER_FOR_NEGATIVE = TEST_POWER
 
-#: Identification above chance is leakage when its one-sided p-value is below this level.
-IDENTIFICATION_LEVEL = 1e-3
+#: Release 0.1's name of the tests' level (:data:`DECISION_LEVEL`, shared by all the tests).
+IDENTIFICATION_LEVEL = DECISION_LEVEL
 
 VERDICT_STATUSES = {
     "no_audits": "no audit recorded",
@@ -50,6 +58,7 @@ VERDICT_STATUSES = {
     "leakage": "training images recovered",
     "not_above_baseline": "no reconstruction beyond what a guess achieves",
     "no_visible_leakage": "no visible leakage to this attack",
+    "inconclusive": "too little evidence to tell",
     "undetectable": "nothing detectable; the audit cannot tell",
     "mechanism_ok": "mechanism checks passed (no images audited)",
 }
@@ -62,16 +71,25 @@ class Evidence:
     summary: RunSummary
     context: str  # "Over N audits (steps a–b) at noise multiplier σ = … (ε = … at δ = …)"
     tail: list[str]  # sentences every verdict ends with (ε note, bounds, membership bound)
-    attack: dict[str, int]  # recovered samples of the attack stages (raw, dm)
-    best_stage: str | None  # the attack stage with the highest success rate
-    identification: tuple[str, int, int, float] | None  # (stage, count, chance, p) above chance
+    targets: TargetEvidence | None
 
     @property
-    def success_above_kappa(self) -> bool:
-        s = self.summary
-        if self.best_stage is None or self.attack[self.best_stage] <= 0:
+    def significant(self) -> list[TargetTest]:
+        return self.targets.significant if self.targets is not None else []
+
+    @property
+    def negative_earned(self) -> bool:
+        """Every baseline measured, every test powerful and none even near its level (no
+        p-value below :data:`DECISION_LEVEL` before the split among tests): a negative claim is
+        earned."""
+        t = self.targets
+        if t is None or not t.powerful or t.missing:
             return False
-        return s.kappa is None or (s.success_rate.get(self.best_stage) or 0.0) > s.kappa
+        return all(x.p_value >= DECISION_LEVEL for x in t.tests)
+
+    @property
+    def hits(self) -> int:
+        return sum(t.hits for t in self.targets.tests) if self.targets is not None else 0
 
 
 def _evidence(summary: RunSummary) -> Evidence:
@@ -83,10 +101,7 @@ def _evidence(summary: RunSummary) -> Evidence:
     )
     note = summary.epsilon_note
     tail = ([note.rstrip(".") + "."] if note else []) + _bound_text(summary)
-    rates = summary.success_rate
-    attack = {s: summary.recovered.get(s, 0) for s in ("raw", "dm") if s in rates}
-    best = max(attack, key=lambda s: rates.get(s) or 0.0, default=None)
-    return Evidence(summary, context, tail, attack, best, _identification_leak(summary))
+    return Evidence(summary, context, tail, summary.targets)
 
 
 # -- the rules ----------------------------------------------------------------------------------
@@ -132,65 +147,75 @@ def _mechanism_ok(e: Evidence) -> tuple[str, str]:
     )
 
 
-def _identified(e: Evidence) -> tuple[str, str]:
-    stage, count, chance, p_value = e.identification
-    rule = _criterion_text(e.summary)
-    visible = stage == "raw"
-    return (
-        "Reconstructions single out their own training images"
-        + ("." if visible else " (with the diffusion prior)."),
-        f"{e.context}, {count} {stage_label(stage)} reconstructions were nearer to their own "
-        f"training image than to every other image of their batch, where a guess without the "
-        f"gradient would manage at most {chance} (1/N per batch; one-sided p "
-        f"{_p_text(p_value)}). That is leakage: the attacker tells which training image was in "
-        "the step"
-        + (
-            f", even though no reconstruction met the criterion {rule} more often than a guess"
-            if e.attack
-            else ""
-        )
-        + ". "
-        + " ".join(e.tail + _membership_text(e.summary)),
-    )
-
-
-def _success_parts(e: Evidence) -> str:
-    rates = e.summary.success_rate
-    return "; ".join(
-        f"{stage_label(s)}: {fmt(rates.get(s), '.1%')} of each audited batch on average "
-        f"({count(e.attack[s], 'image')})"
-        for s in e.attack
-    )
-
-
-def _reconstructed(e: Evidence) -> tuple[str, str]:
-    visible = e.attack.get("raw", 0) > 0
-    return (
+def _leak(e: Evidence) -> tuple[str, str]:
+    sig = e.significant
+    raw = any(t.stage == "raw" for t in sig)
+    success = any(t.kind == "success" for t in sig)
+    headline = (
         "Training images were reconstructed from single privatised gradients"
-        + ("." if visible else " (only with the diffusion prior)."),
-        f"{e.context}, reconstructions met the criterion {_criterion_text(e.summary)}: "
-        + _success_parts(e)
-        + ". Training images are recoverable from one privatised step by an attacker who "
-        "controls the model"
-        + ("" if visible else " and has a prior for this kind of image")
+        if success
+        else "Reconstructions single out their own training images"
+    )
+    return (
+        headline + ("." if raw else " (only with the diffusion prior)."),
+        f"{e.context}, {_tests_text(e.targets, e.summary)} "
+        f"{len(sig)} of {count(len(e.targets.tests), 'test')} "
+        f"{'is' if len(sig) == 1 else 'are'} below {'its' if len(sig) == 1 else 'their'} "
+        "level: leakage. "
+        + (
+            "Training images are recoverable from one privatised step by an attacker who "
+            "controls the model"
+            if success
+            else "The attacker tells which training image was in the step"
+        )
+        + ("" if raw else ", with a prior for this kind of image")
         + ". "
-        + " ".join(e.tail + _membership_text(e.summary)),
+        + " ".join(_exposure_text(e.summary) + e.tail + _membership_text(e.summary)),
     )
 
 
-def _at_baseline(e: Evidence) -> tuple[str, str]:
+def _tests_text(t: TargetEvidence, summary: RunSummary) -> str:
+    """The targets, the strongest test in words, and every count in short."""
+    best = min(t.tests, key=lambda x: x.p_value)
     return (
-        "Some reconstructions met the criterion, but no more than a guess would.",
-        f"{e.context}, reconstructions met the criterion {_criterion_text(e.summary)}: "
-        + _success_parts(e)
-        + f". That is no more than the baseline κ = {fmt(e.summary.kappa)}, the success of the "
-        "best guess without the gradient at the same criterion, so it is not evidence of "
-        "leakage. " + " ".join(e.tail + _membership_text(e.summary)),
+        f"{count(t.attempted, 'target')} (lone images read and scored) were tested against "
+        f"what a guess without the gradient achieves per target: {_test_text(best, summary)} "
+        f"(the strongest of {count(len(t.tests), 'exact one-sided binomial test')} sharing the "
+        f"level {DECISION_LEVEL:g}). All counts: {_counts_text(t, summary)}."
+    )
+
+
+def _counts_text(t: TargetEvidence, summary: RunSummary) -> str:
+    """``"reconstructed to LPIPS ≤ 0.1: raw readout 0, diffusion prior 40 of 65 (a guess ≤ 13);
+    identified in MSE: raw readout 20, diffusion prior 18 of 65 (a guess ≤ 3.2); ..."``."""
+    groups: dict[tuple[str, str], list[TargetTest]] = {}
+    for x in t.tests:
+        groups.setdefault((x.kind, x.metric), []).append(x)
+    parts = []
+    for (kind, metric), tests in groups.items():
+        label = METRICS[metric].label if metric in METRICS else metric
+        what = (
+            f"reconstructed to {_criterion_text(summary)}"
+            if kind == "success"
+            else f"identified in {label}"
+        )
+        stages = ", ".join(f"{stage_label(x.stage)} {x.hits}" for x in tests)
+        parts.append(f"{what}: {stages} of {tests[0].targets} (a guess ≤ {tests[0].expected:.3g})")
+    return "; ".join(parts)
+
+
+def _not_above(e: Evidence) -> tuple[str, str]:
+    return (
+        "Some reconstructions met the criterion, but no more often than a guess would.",
+        f"{e.context}, {_tests_text(e.targets, e.summary)} No test is near its level, and "
+        f"each had power ≥ {POWER_FOR_NEGATIVE:.0%} against a per-target rate "
+        f"{ALTERNATIVE_GAP:g} above its baseline, so this is not evidence of leakage. "
+        + " ".join(_exposure_text(e.summary) + e.tail + _membership_text(e.summary)),
     )
 
 
 def _nothing_read(e: Evidence) -> str:
-    """What the detection saw, and its power (the start of both negative verdicts)."""
+    """What the detection saw, and its power (the start of the weak-detection verdict)."""
     s = e.summary
     power = (
         f"the occupancy test detects a lone image of this data at this σ with probability "
@@ -198,15 +223,9 @@ def _nothing_read(e: Evidence) -> str:
         if s.detection_power is not None
         else "the occupancy test's power at this σ is unknown"
     )
-    if s.lone_found == 0:
-        return (
-            f"{e.context}, no lone image rose above the noise ({s.lone_in_batch} lone images "
-            f"were in the audited batches); {power}"
-        )
     return (
-        f"{e.context}, {s.lone_found} of {s.lone_in_batch} lone images rose above the noise, "
-        f"but none was reconstructed to the criterion {_criterion_text(s)} or identified more "
-        f"often than chance; {power}"
+        f"{e.context}, no lone image rose above the noise ({s.lone_in_batch} lone images "
+        f"were in the audited batches); {power}"
     )
 
 
@@ -214,10 +233,13 @@ def _no_visible(e: Evidence) -> tuple[str, str]:
     warned = e.summary.warned_checks
     return (
         "No visible leakage to this attack at this noise level.",
-        f"{_nothing_read(e)}. "
-        + (f"No check failed (warnings: {', '.join(warned)})" if warned else "Every check passed")
+        f"{e.context}, {_tests_text(e.targets, e.summary)} No test is near its level; each "
+        f"had power ≥ {POWER_FOR_NEGATIVE:.0%} against a per-target rate {ALTERNATIVE_GAP:g} "
+        "above its baseline, and "
+        + (f"no check failed (warnings: {', '.join(warned)})" if warned else "every check passed")
         + ", so at this noise level the audit shows no visible leakage: evidence about this "
-        "attack with this prior, not a proof. " + " ".join(e.tail + _membership_text(e.summary)),
+        "attack with this prior, not a proof. "
+        + " ".join(_exposure_text(e.summary) + e.tail + _membership_text(e.summary)),
     )
 
 
@@ -230,6 +252,28 @@ def _cannot_tell(e: Evidence) -> tuple[str, str]:
     )
 
 
+def _inconclusive(e: Evidence) -> tuple[str, str]:
+    t = e.targets or TargetEvidence()
+    public = any("public images" in why for why in t.missing.values())
+    headline = (
+        "Without public images the audit cannot tell a reconstruction from a good guess: "
+        "give it public images like the training data."
+        if public and "success" in t.missing
+        else "Too little evidence to tell whether images leak: audit more steps or more images."
+    )
+    if t.tests:
+        start = f"{e.context}, {_tests_text(t, e.summary)}"
+    else:
+        start = (
+            f"{e.context}, {count(t.attempted, 'target')} (lone images read and scored) were "
+            "attempted, and nothing could be tested."
+        )
+    text = " ".join([start, *_missing_text(t), *_thin_text(t)])
+    return headline, text + " " + " ".join(
+        _exposure_text(e.summary) + e.tail + _membership_text(e.summary)
+    )
+
+
 @dataclass(frozen=True)
 class Rule:
     """A verdict ``status`` whose ``words`` apply when ``holds``."""
@@ -239,13 +283,10 @@ class Rule:
     words: Callable[[Evidence], tuple[str, str]]
 
 
-def _has_attack(e: Evidence) -> bool:
-    return e.best_stage is not None and e.attack[e.best_stage] > 0
-
-
-def _powerful(e: Evidence) -> bool:
+def _detected_nothing(e: Evidence) -> bool:
     power = e.summary.detection_power
-    return power is not None and power >= POWER_FOR_NEGATIVE
+    weak = power is None or power < POWER_FOR_NEGATIVE
+    return e.summary.lone_found == 0 and weak
 
 
 #: The rules, tried in order; the first that holds words the verdict.
@@ -258,15 +299,11 @@ RULES: tuple[Rule, ...] = (
         _nothing_audited,
     ),
     Rule("mechanism_ok", lambda e: e.summary.mode == "mechanism", _mechanism_ok),
-    Rule(
-        "leakage",
-        lambda e: e.identification is not None and not e.success_above_kappa,
-        _identified,
-    ),
-    Rule("leakage", lambda e: e.success_above_kappa, _reconstructed),
-    Rule("not_above_baseline", _has_attack, _at_baseline),
-    Rule("no_visible_leakage", _powerful, _no_visible),
-    Rule("undetectable", lambda e: True, _cannot_tell),
+    Rule("leakage", lambda e: bool(e.significant), _leak),
+    Rule("undetectable", _detected_nothing, _cannot_tell),
+    Rule("not_above_baseline", lambda e: e.negative_earned and e.hits > 0, _not_above),
+    Rule("no_visible_leakage", lambda e: e.negative_earned, _no_visible),
+    Rule("inconclusive", lambda e: True, _inconclusive),
 )
 
 
@@ -282,35 +319,95 @@ def verdict(summary: RunSummary) -> Verdict:
 
 
 # -- pieces of text -----------------------------------------------------------------------------
-def _identification_leak(summary: RunSummary) -> tuple[str, int, int, float] | None:
-    """``(stage, identified, chance, p)`` for the stage that identifies above chance, if any.
-
-    A guess without the gradient is nearest its own image among the N of its batch with
-    probability ≤ 1/N, so at most one sample per audit in expectation (``chance``); the count is
-    tested against a Poisson tail with that mean (conservative for sums of independent trials).
-    """
-    from scipy import stats
-
-    chance = summary.identification_chance
-    if not summary.identified or chance <= 0:
-        return None
-    for stage in ("raw", "dm"):  # the raw readout first: leakage visible without a prior
-        count = summary.identified.get(stage)
-        if not count:
-            continue
-        p_value = float(stats.poisson.sf(count - 1, chance))
-        if p_value < IDENTIFICATION_LEVEL:
-            return stage, int(count), int(chance), p_value
-    return None
-
-
 def _criterion_text(summary: RunSummary) -> str:
     crit = summary.success_criterion
     return crit.text if crit is not None else "?"
 
 
 def _p_text(p_value: float) -> str:
-    return "< 1e-12" if p_value < 1e-12 else f"= {p_value:.1g}"
+    return "p < 1e-12" if p_value < 1e-12 else f"p = {p_value:.2g}"
+
+
+def _test_text(t: TargetTest, summary: RunSummary) -> str:
+    """``"identification in LPIPS, raw readout: 9 of 65 targets against ≤ 3.2 expected by chance
+    (≤ 0.049 per target), p = 0.004"``."""
+    label = METRICS[t.metric].label if t.metric in METRICS else t.metric
+    what = (
+        f"reconstructed to {_criterion_text(summary)}"
+        if t.kind == "success"
+        else f"identified in {label}"
+    )
+    return (
+        f"{stage_label(t.stage)}: {t.hits} of {count(t.targets, 'target')} {what}, against ≤ "
+        f"{t.expected:.3g} expected from a guess without the gradient (≤ {t.baseline:.3g} per "
+        f"target), {_p_text(t.p_value)}"
+    )
+
+
+def _missing_text(t: TargetEvidence) -> list[str]:
+    out = []
+    for kind, why in t.missing.items():
+        what = (
+            "No success claim is tested: the success baseline is missing"
+            if kind == "success"
+            else "Identification is not tested: its baseline is missing"
+        )
+        out.append(f"{what} ({why.rstrip('.')}).")
+    if "identification" in t.missing and "public images" in t.missing["identification"]:
+        out.append(
+            "1/N is no valid baseline here: the scorer hands each reconstruction its bin, and a "
+            "guess that knows the bin is identified more often than 1/N."
+        )
+    return out
+
+
+def _thin_text(t: TargetEvidence) -> list[str]:
+    """Why a negative claim is not earned, and what would earn it."""
+    if not t.tests:
+        return []
+    near = [x for x in t.tests if x.p_value < DECISION_LEVEL and not x.significant]
+    if near:
+        return [
+            f"{count(len(near), 'test')} came below {DECISION_LEVEL:g} but not below its share "
+            f"of the run's level ({near[0].level:.2g}): suggestive, not conclusive; more audits "
+            "will tell."
+        ]
+    weakest = min(t.tests, key=lambda x: x.power)
+    if weakest.power >= POWER_FOR_NEGATIVE:
+        return []
+    out = [
+        f"With {count(t.attempted, 'target')} the tests are too weak for a negative claim: "
+        f"against a per-target rate {ALTERNATIVE_GAP:g} above its baseline, the weakest has "
+        f"power {weakest.power:.0%} (a negative verdict needs {POWER_FOR_NEGATIVE:.0%})."
+    ]
+    needed = t.needed
+    if needed is None:
+        out.append("No practical number of targets would give that power.")
+        return out
+    more = max(needed - t.attempted, 1)
+    text = f"About {more} more targets would"
+    if t.per_audit:
+        audits = math.ceil(more / t.per_audit)
+        text += (
+            f": at the recent {t.per_audit:.3g} targets per audit, about "
+            f"{count(audits, 'more audit')}"
+        )
+    if t.more_images:
+        text += " (or fewer with a larger max_images: the audits found more lone images than they scored)"
+    out.append(text + ".")
+    return out
+
+
+def _exposure_text(summary: RunSummary) -> list[str]:
+    """How much of a batch an attacker gets (the batch share, reported beside the tests)."""
+    shares = (summary.exposure or {}).get("success") or {}
+    parts = [f"{stage_label(s)} {fmt(shares.get(s), '.1%')}" for s in ("raw", "dm") if s in shares]
+    if not parts:
+        return []
+    return [
+        f"Exposure (the share of all audited batches' samples reconstructed to "
+        f"{_criterion_text(summary)}): " + ", ".join(parts) + "."
+    ]
 
 
 def _membership_text(summary: RunSummary) -> list[str]:
@@ -342,11 +439,12 @@ def _bound_text(summary: RunSummary) -> list[str]:
             f"The ReRo bound of one step is {fmt(bound)} at this σ: it rules out nothing here."
         )
     elif bound is not None:
+        basis = summary.targets.success_basis if summary.targets is not None else None
         base = (
-            f"the larger of κ̂ = {fmt(measured)}, what the best fixed guess achieves on public "
-            "images at this criterion, and 1/N"
-            if measured is not None and kappa == max(measured, uniform or 0.0)
-            else "as configured"
+            "as configured"
+            if basis == "configured" or measured is None
+            else f"the 95 % upper limit of what the best fixed or bin-knowing guess achieves on "
+            f"held-out public images at this criterion (the fixed guess: κ̂ = {fmt(measured)})"
         )
         out.append(
             f"For the step an audit reads, no attack can reach a success rate above "
@@ -357,7 +455,9 @@ def _bound_text(summary: RunSummary) -> list[str]:
     if ident is not None and ident < 0.9995:
         out.append(
             f"No attack can make a reconstruction nearer to its own image than to every other "
-            f"image of its batch with probability above {fmt(ident)} (κ = 1/N exact)."
+            f"image of its batch with probability above {fmt(ident)} (ReRo bound of one step; "
+            "κ: the informed adversary, who knows the other images of the batch, measured on "
+            "public batches, 95 % upper limit)."
         )
     return out
 

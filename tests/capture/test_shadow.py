@@ -9,9 +9,10 @@ from scipy import stats
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from opacus_dmaudit import DMAuditor, read_audit_log
-from opacus_dmaudit.capture.shadow import ShadowAdversary, as_images
+from opacus_dmaudit.capture.shadow import BYTES_PER_BIN_PIXEL, ShadowAdversary, as_images, plan_bins
+from opacus_dmaudit.reconstruct.bins import bins_for_lone_share, lone_share
 from opacus_dmaudit.schema import MODES
-from tests.helpers import audited_run, make_private, small_cnn
+from tests.helpers import audited_run, imprint_model, make_private, private_training, small_cnn
 
 
 def _audit(mnist5k, log_dir, *, mode, sigma, steps, **kwargs):
@@ -46,7 +47,13 @@ def test_shadow_audit_reads_the_real_batch_and_is_labelled_everywhere(mnist5k, t
         assert record.valid
     run = json.loads((tmp_path / "run.json").read_text())["config"]
     assert run["mode"] == "shadow" and run["imprint_block"] is None
-    assert run["shadow"]["calibrated"] and run["shadow"]["num_bins"] == 128
+    # sized to the optimizer's expected batch (N·q, 62 for batches of 64 here): 90 % alone
+    plan = run["shadow"]["plan"]
+    assert abs(plan["batch_size"] - 64) <= 3 and plan["num_bins"] > 500
+    assert run["shadow"]["calibrated"] and run["shadow"]["num_bins"] == plan["num_bins"]
+    assert plan["num_bins"] == bins_for_lone_share(plan["batch_size"], 0.9)
+    assert plan["lone_share"] >= 0.9 and plan["limited_by"] is None
+    assert all(r.detection["shadow"]["num_bins"] == plan["num_bins"] for r in auditor.history)
     page = (tmp_path / "report.html").read_text()
     assert html.escape(MODES["shadow"]) in page and "simulated adversary (shadow)" in page
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
@@ -203,3 +210,137 @@ def test_lightning_callback_runs_shadow_and_mechanism_modes(mnist5k, tmp_path):
             assert r.batch_size > 30  # the batch came through the module's forward
         if mode == "shadow":
             assert sum(r.counts.lone_in_batch for r in records) > 10
+
+
+def test_the_shadow_adversary_sizes_its_bins_to_the_batch():
+    # the fewest bins that leave 90 % of the batch alone: (1 − 1/K)^(B − 1) ≥ 0.9
+    for batch, bins in ((64, 599), (256, 2421), (512, 4851), (1024, 9711)):
+        assert bins_for_lone_share(batch) == bins
+        assert lone_share(bins, batch) >= 0.9 > lone_share(bins - 1, batch)
+    plan = plan_bins(batch_size=512, pixels=784, public_images=10_000)
+    assert (plan.num_bins, plan.limited_by, plan.note) == (4851, None, None)
+    # small expected batches vary (Poisson): never fewer than 128 bins (2 would leave a batch of
+    # 2 blind half the time; found by benchmarks/verdict_holdout.py at B = 1)
+    for batch in (1, 2, 8):
+        assert plan_bins(batch_size=batch, pixels=784, public_images=10_000).num_bins == 128
+    # within a memory cap, said with the share it implies
+    plan = plan_bins(batch_size=1024, pixels=3072, public_images=None, memory_cap=2**28)
+    assert plan.limited_by == "memory" and plan.num_bins == 2**28 // (BYTES_PER_BIN_PIXEL * 3072)
+    assert "0.25 GiB" in plan.note and f"{plan.lone_share:.1%}" in plan.note and "9711" in plan.note
+    # equal-mass bins need a public image each: fewer public images, fewer bins, said
+    plan = plan_bins(batch_size=512, pixels=784, public_images=1000)
+    assert plan.num_bins == 1000 and plan.limited_by == "public images"
+    assert "4851 public images would give 4851 bins" in plan.note
+    assert f"{lone_share(1000, 512):.1%}" in plan.note
+    # a ShadowAdversary given its bins keeps them (and says what they imply)
+    adv = ShadowAdversary(num_bins=128)
+    plan = adv.size_for(512, (1, 28, 28))
+    assert adv.num_bins == 128 and plan.limited_by == "given" and plan.wanted == 4851
+    assert plan.lone_share == pytest.approx(lone_share(128, 512))
+    with pytest.raises(ValueError, match="memory_cap"):
+        ShadowAdversary(memory_cap=0)
+
+
+def _shadow_at_512(mnist5k, log_dir, shadow):
+    """One shadow audit of a real DP-SGD step, Poisson batches of about 500, σ = 0.002."""
+    auditor, _ = audited_run(
+        mnist5k,
+        log_dir,
+        sigma=0.002,
+        steps=1,
+        model=small_cnn(),
+        shadow=shadow,
+        public=mnist5k["prior"][0],  # 4000 public digits: fewer than the 4851 bins wanted
+        metrics=("mse",),
+        private={"batch_size": 512, "noise_generator": torch.Generator().manual_seed(5)},
+        close=True,
+    )
+    return auditor
+
+
+def test_at_a_batch_of_512_the_sized_shadow_reads_most_of_the_batch(mnist5k, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="opacus_dmaudit"):
+        torch.manual_seed(0)
+        auditor = _shadow_at_512(mnist5k, tmp_path / "sized", True)
+    (r,) = auditor.history
+    plan = r.detection["shadow"]
+    assert plan["batch_size"] == 500  # 1000 digits in Poisson batches of 512: q = 1/2
+    assert plan["num_bins"] == 4000 and plan["limited_by"] == "public images"
+    assert plan["lone_share"] == pytest.approx(lone_share(4000, 500)) and plan["lone_share"] > 0.88
+    assert f"4000 bins instead of {bins_for_lone_share(500)}" in caplog.text
+    assert r.success["raw"] >= 0.5  # the issue's target: half the batch read to the criterion
+    # the verdict decides per target, with one audit
+    s = auditor.close()
+    assert s.verdict.status == "leakage" and s.targets.attempted == r.targets.attempted > 200
+    # the adversary of release 0.1 (128 bins) reads a few percent of the same batch
+    torch.manual_seed(0)
+    old = _shadow_at_512(
+        mnist5k, tmp_path / "old", ShadowAdversary(num_bins=128, public=mnist5k["prior"][0])
+    )
+    assert old.history[0].detection["shadow"]["limited_by"] == "given"
+    assert old.history[0].success["raw"] < 0.1
+
+
+def test_a_live_block_with_too_few_bins_for_the_batch_warns_at_attach(mnist5k, tmp_path, caplog):
+    x, y = mnist5k["private"]
+    for batch, warned in ((512, True), (64, False)):
+        caplog.clear()
+        model = imprint_model(mnist5k["prior"][0][:1000], num_bins=128)
+        model, opt, _, engine = make_private(model, x, y, sigma=1.0, batch_size=batch)
+        with caplog.at_level("WARNING", logger="opacus_dmaudit"):
+            auditor = DMAuditor(
+                privacy_engine=engine, log_dir=tmp_path / str(batch), metrics=("mse",)
+            ).attach(opt)
+        auditor.close()
+        expected = opt.expected_batch_size  # 1000 digits in batches of 512: q = 1/2, 500
+        wanted = bins_for_lone_share(expected)
+        assert (f"ImprintBlock(num_bins={wanted})" in caplog.text) == warned, caplog.text
+        if warned:
+            share = lone_share(128, expected)
+            assert share < 0.05 and f"{share:.1%} of an expected batch of {expected}" in caplog.text
+
+
+def test_shadow_refuses_a_prior_that_does_not_fit(mnist5k, tmp_path):
+    x, y = mnist5k["private"]
+    p = private_training(small_cnn(), x, y, sigma=0.5)
+    # the public images give the shape at attach: refused there, as a live block is
+    auditor = DMAuditor(
+        privacy_engine=p.engine,
+        log_dir=tmp_path / "a",
+        shadow=True,
+        public=mnist5k["prior"][0][:200],
+        prior="embedded:natural",
+        metrics=("mse",),
+    )
+    with pytest.raises(ValueError, match="3x32x32"):
+        auditor.attach(p.optimizer, model=p.model)
+    # shape unknown at attach: every audit records why there is no DM stage, and the verdict
+    # says it (never "No audit was recorded")
+    auditor = DMAuditor(
+        privacy_engine=p.engine, log_dir=tmp_path / "b", shadow=True, prior="embedded:natural",
+        metrics=("mse",), every_n_steps=1,
+    ).attach(p.optimizer, model=p.model)  # fmt: skip
+    from tests.helpers import train_steps
+
+    train_steps(p.model, p.optimizer, p.loader, 2, criterion=p.criterion)
+    s = auditor.close()
+    assert s.audits == 2 and s.verdict.status == "invalid" and "prior_fit" in s.verdict.headline
+    assert "does not fit this run's images of shape (1, 28, 28)" in s.verdict.text
+    assert all(r.means and "mse_dm" not in r.means for r in auditor.history)
+
+
+def test_an_empty_poisson_batch_is_simulated_not_a_failed_audit(mnist5k, tmp_path):
+    """Batches of expected size 1 are often empty: the shadow adversary simulates an empty batch
+    (noise only) instead of failing the audit (found by benchmarks/verdict_holdout.py)."""
+    torch.manual_seed(0)
+    auditor, _ = audited_run(
+        mnist5k, tmp_path, sigma=0.05, steps=8, model=small_cnn(), shadow=True,
+        public=mnist5k["prior"][0][:1000], metrics=("mse",), private={"batch_size": 1},
+        close=True,
+    )  # fmt: skip
+    history = auditor.history
+    assert len(history) == 8  # every step audited, none failed
+    assert any(r.batch_size == 0 for r in history) and any(r.batch_size >= 1 for r in history)
+    for r in history:
+        if r.batch_size == 0:
+            assert r.counts.lone_in_batch == 0 and r.targets.attempted == 0

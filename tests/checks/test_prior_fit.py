@@ -5,23 +5,39 @@ import torch
 from torch import nn
 
 from opacus_dmaudit import DiffusionPrior
-from opacus_dmaudit.checks.prior_fit import _verdict, faithful, public_fit
+from opacus_dmaudit.checks.prior_fit import (
+    COLOUR_TOLERANCE,
+    _decided,
+    _side,
+    _verdict,
+    faithful,
+    public_fit,
+)
 from opacus_dmaudit.config import AuditConfig
 from opacus_dmaudit.score.metrics import LPIPS
-from tests.helpers import audited_run
+from tests.helpers import audited_run, small_cnn
 
 
-def test_the_rule_faithful_hallucinating_or_losing():
+def test_the_rule_faithful_hallucinating_losing_or_mixed():
     # MSE and LPIPS (lower is better): faithful only when the prior wins at both
     assert faithful(0.01, 0.02, 0.05, 0.10, higher_is_better=False)
     assert _verdict(0.01, 0.02, 0.05, 0.10, higher_is_better=False) is None
     # worse MSE, better LPIPS: the prior painted detail that is not there
     assert _verdict(0.03, 0.02, 0.05, 0.10, higher_is_better=False) == "hallucination"
+    # "loses" only where it is worse at both; better MSE but worse LPIPS: it smooths
     assert _verdict(0.03, 0.02, 0.20, 0.10, higher_is_better=False) == "loses"
-    assert _verdict(0.01, 0.02, 0.20, 0.10, higher_is_better=False) == "loses"  # blurrier
+    assert _verdict(0.01, 0.02, 0.20, 0.10, higher_is_better=False) == "mixed"
     # SSIM (higher is better) when LPIPS is not computed
     assert _verdict(0.03, 0.02, 0.9, 0.8, higher_is_better=True) == "hallucination"
     assert faithful(0.01, 0.02, 0.9, 0.8, higher_is_better=True)
+    # at attach each metric is won or lost by the paired per-image differences, with a margin
+    assert _side(torch.tensor([-0.01, -0.012, -0.009, -0.011])) == -1
+    assert _side(torch.tensor([0.01, 0.012, 0.009, 0.011])) == 1
+    assert _side(torch.tensor([-0.02, 0.015, -0.01, 0.012])) == 0  # within the noise
+    assert _side(torch.tensor([-0.02])) == 0  # one image decides nothing
+    assert _decided(-1, -1) is None and _decided(1, -1) == "hallucination"
+    assert _decided(1, 1) == "loses" and _decided(-1, 1) == "mixed"
+    assert _decided(0, -1) == _decided(-1, 0) == "undecided"
 
 
 def _sklearn_digits(n: int) -> torch.Tensor:
@@ -123,3 +139,47 @@ def test_audits_measure_the_prior_on_their_own_lone_images(mnist5k, shared_data,
     assert acc.Scalars("checks/prior_fit_audit/status")[0].value == 1.0  # warn
     html = (tmp_path / "p" / "report.html").read_text()
     assert "prior faithful" in html and "prior_fit_audit" in html
+
+
+@pytest.mark.slow
+def test_the_attach_time_decision_holds_over_two_runs_and_catches_colour(mnist5k, shared_data):
+    """Two runs on the same public images (other noise, other images drawn) decide alike; grey
+    photos through the colour prior are flagged for the colour it paints onto them."""
+    from opacus_dmaudit.assets.data import load_cifar10_test
+
+    config, lpips = AuditConfig(), LPIPS()
+    digits = mnist5k["prior"][0][torch.randperm(4000, generator=torch.Generator().manual_seed(0))]
+    prior = DiffusionPrior.from_pretrained("embedded:mnist")
+    fits = [
+        public_fit(digits[:200], prior, config=config, lpips=lpips,
+                   generator=torch.Generator().manual_seed(seed)).check
+        for seed in (1, 2)
+    ]  # fmt: skip
+    assert fits[0]["images"] == 16  # the default: enough images for the margin
+    assert [f["status"] for f in fits] == ["pass", "pass"]
+    assert fits[0]["verdicts"] == fits[1]["verdicts"] == ["faithful"] * 3
+    cifar, _ = load_cifar10_test(shared_data / "cifar10" / "cifar10_test_first1017.npz")
+    grey = 0.299 * cifar[:, :1] + 0.587 * cifar[:, 1:2] + 0.114 * cifar[:, 2:]
+    colour = public_fit(
+        grey[:200], DiffusionPrior.from_pretrained("embedded:natural"), config=config,
+        lpips=lpips, generator=torch.Generator().manual_seed(1), images=8,
+    ).check  # fmt: skip
+    assert colour["status"] == "warn" and "colour" in colour["verdicts"]
+    assert max(colour["chroma_dm"]) > COLOUR_TOLERANCE
+    assert "paints colour onto these grey images" in colour["detail"]
+
+
+@pytest.mark.slow
+def test_without_public_images_the_fit_is_unknown_never_passed(mnist5k, tmp_path):
+    """A shadow audit with the digit prior on digits but no public images: the prior may well
+    fit, but nothing measured it, so neither check passes."""
+    auditor, _ = audited_run(
+        mnist5k, tmp_path, sigma=0.01, steps=1, model=small_cnn(), shadow=True,
+        prior="embedded:mnist", metrics=("mse", "ssim"), max_images=8, close=True,
+    )  # fmt: skip
+    (r,) = auditor.history
+    fit = r.check("prior_fit")
+    assert fit.status == "warn" and fit.values["fit"] == "unknown"
+    assert fit.detail.startswith("unknown: no public images")
+    per_audit = r.check("prior_fit_audit")
+    assert per_audit.status == "warn" and per_audit.values["fit"] == "unknown"

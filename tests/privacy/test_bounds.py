@@ -128,7 +128,7 @@ def test_the_clt_value_is_an_approximation_below_a_valid_bound():
 def test_step_bounds_are_the_audited_steps_own_event():
     b = step_bounds(noise_multiplier=0.5, kappa=0.05, mu_measured=0.7, candidates=64)
     assert b["single_step"] == pytest.approx(rero_gaussian(2.0, 0.05))
-    assert b["single_step_measured_mu"] == pytest.approx(rero_gaussian(0.7, 0.05))
+    assert b["estimate_at_measured_mu"] == pytest.approx(rero_gaussian(0.7, 0.05))
     assert b["single_step_identification"] == pytest.approx(rero_gaussian(2.0, 1 / 64))
     assert step_bounds(noise_multiplier=0.5, kappa=None) == {}
     assert set(step_bounds(noise_multiplier=0.0, kappa=0.1, candidates=8).values()) == {1.0}

@@ -90,7 +90,7 @@ def test_close_writes_the_report_with_bounds_and_images(mnist5k, tmp_path):
     record = auditor.history[-1]
     assert record.kappa == 1 / 5000
     # the audited step's own event (at σ, for identification, and at a measured µ when known)
-    own_step = {"single_step", "single_step_identification", "single_step_measured_mu"}
+    own_step = {"single_step", "single_step_identification", "estimate_at_measured_mu"}
     assert {"single_step", "single_step_identification"} <= set(record.bounds) <= own_step
     assert set(record.run_bounds) == {"rdp", "profile", "clt_gdp_approx"}  # the whole run
     assert 0 < record.kappa_baseline < 1  # κ̂ from the calibration's public digits
