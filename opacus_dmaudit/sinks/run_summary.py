@@ -214,6 +214,8 @@ class RunSummary:
         checks: per check, a :class:`CheckOverview`.
         valid: ``False`` if a check failed, ``None`` if validity is unknown (audits that ran no
             check), else ``True``.
+        failed_stages: per audit stage that failed (``stage_errors``: prior, metrics, shadow,
+            identification, …), how many audits lost it; a negative verdict needs none.
         verdict: what it adds up to.
     """
 
@@ -252,6 +254,7 @@ class RunSummary:
     measured: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, CheckOverview] = field(default_factory=dict)
     valid: bool | None = None
+    failed_stages: dict[str, int] = field(default_factory=dict)
     verdict: Verdict | None = None
 
     @property

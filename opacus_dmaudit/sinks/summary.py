@@ -303,7 +303,11 @@ def _checks(records: Sequence[AuditRecord]) -> dict[str, Any]:
         entry.status = "fail" if entry.failed else "warn" if entry.warned else "pass"
     validity = [r.valid for r in records]
     valid = False if False in validity else None if None in validity else True
-    return {"checks": out, "valid": valid}
+    lost: dict[str, int] = {}
+    for r in records:
+        for name in dict.fromkeys(r.failed_stages):
+            lost[name] = lost.get(name, 0) + 1
+    return {"checks": out, "valid": valid, "failed_stages": lost}
 
 
 def summarize(records: Sequence[AuditRecord | Mapping[str, Any]]) -> RunSummary:

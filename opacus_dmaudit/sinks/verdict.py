@@ -83,7 +83,7 @@ class Evidence:
         p-value below :data:`DECISION_LEVEL` before the split among tests): a negative claim is
         earned."""
         t = self.targets
-        if t is None or not t.powerful or t.missing:
+        if t is None or not t.powerful or t.missing or self.summary.failed_stages:
             return False
         return all(x.p_value >= DECISION_LEVEL for x in t.tests)
 
@@ -268,7 +268,7 @@ def _inconclusive(e: Evidence) -> tuple[str, str]:
             f"{e.context}, {count(t.attempted, 'target')} (lone images read and scored) were "
             "attempted, and nothing could be tested."
         )
-    text = " ".join([start, *_missing_text(t), *_thin_text(t)])
+    text = " ".join([start, *_lost_text(e.summary), *_missing_text(t), *_thin_text(t)])
     return headline, text + " " + " ".join(
         _exposure_text(e.summary) + e.tail + _membership_text(e.summary)
     )
@@ -342,6 +342,15 @@ def _test_text(t: TargetTest, summary: RunSummary) -> str:
         f"{t.expected:.3g} expected from a guess without the gradient (≤ {t.baseline:.3g} per "
         f"target), {_p_text(t.p_value)}"
     )
+
+
+def _lost_text(summary: RunSummary) -> list[str]:
+    """The audit stages that failed: their evidence is missing, so no negative claim is made."""
+    if not summary.failed_stages:
+        return []
+    lost = ", ".join(f"{name} in {count(n, 'audit')}" for name, n in summary.failed_stages.items())
+    return [f"Stages of the audit failed ({lost}; see each record's stage_errors): no negative "
+            "claim rests on an audit that lost part of its evidence."]  # fmt: skip
 
 
 def _missing_text(t: TargetEvidence) -> list[str]:

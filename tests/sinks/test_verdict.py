@@ -110,6 +110,21 @@ def test_a_negative_verdict_needs_power_and_says_how_many_more_targets():
     assert summarize([_record(1, attempted=600)]).verdict.status == "no_visible_leakage"
 
 
+def test_an_audit_that_lost_a_stage_earns_no_negative_verdict():
+    """Enough powerful targets, nothing above a baseline: negative, unless a stage of an audit
+    failed (its evidence is missing); then the verdict says which stage, in how many audits."""
+    enough = [_record(i, attempted=200) for i in range(1, 4)]
+    assert summarize(enough).verdict.status == "no_visible_leakage"
+    lost = {"stage_errors": [{"stage": "metrics", "error": "ValueError: metric exploded"}]}
+    records = enough[:2] + [_record(3, attempted=200, **lost)]
+    summary = summarize(records)
+    assert summary.failed_stages == {"metrics": 1}
+    v = summary.verdict
+    assert v.status == "inconclusive", v.text
+    assert "No visible leakage" not in v.headline and "not evidence" not in v.text
+    assert "Stages of the audit failed (metrics in 1 audit;" in v.text
+
+
 def test_successes_at_the_baseline_are_not_evidence_only_with_power():
     records = [_record(i, attempted=200, success={"raw": 30, "dm": 40}) for i in range(1, 4)]
     v = summarize(records).verdict  # 70 of 600 against ≤ 0.2 per target
