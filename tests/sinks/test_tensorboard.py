@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from opacus_dmaudit import DMAuditor, read_audit_log
+from opacus_dmaudit.privacy.packing import decode_floats
 from opacus_dmaudit.sinks.summary import summarize
 from tests.helpers import (
     audited_run,
@@ -153,6 +154,11 @@ def test_resume_continues_the_log_without_duplicates_or_gaps(mnist5k, tmp_path):
     steps = [r.step for r in read_audit_log(tmp_path / "audit.jsonl")]
     assert steps == [2, 4, 6, 8, 10]
     assert [r.step for r in resumed.history] == [2, 4, 6, 8, 10]
+    # the pooled membership evidence continues across the resume: the last audit pools the
+    # member scores of every audit the log keeps, those before the checkpoint included
+    kept = read_audit_log(tmp_path / "audit.jsonl")
+    members = [decode_floats(r.evidence["membership"]["member"]).size for r in kept]
+    assert all(members) and resumed.history[-1].privacy_measured["trials_member"] == sum(members)
     # TensorBoard holds each audit once: the crashed run's step-6 audit is purged on resume
     assert [e.step for e in _events(tmp_path).Scalars("quality/raw/mse")] == [2, 4, 6, 8, 10]
 
