@@ -186,6 +186,11 @@ class DMAuditor:
         config: AuditConfig | None = None,
         **settings: Any,
     ) -> None:
+        if privacy_engine is not None and not hasattr(privacy_engine, "accountant"):
+            raise TypeError(
+                "privacy_engine must be the opacus.PrivacyEngine whose make_private made the "
+                f"optimizer (its accountant gives ε), or None; got {type(privacy_engine).__name__}"
+            )
         config = resolve_config(
             config,
             every_n_steps=every_n_steps,

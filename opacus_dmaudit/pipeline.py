@@ -276,6 +276,11 @@ class AuditPipeline:
             )
             logger.warning("%s: no baseline is measured", reason)
             return Baselines(missing={"success": reason, "identification": reason})
+        logger.info(
+            "measuring what a guess without the gradient achieves, on %d public images (once, "
+            "at attach; cached for later runs in this process)",
+            len(public),
+        )
         try:
             with stage("κ̂"):
                 return estimate_baselines(

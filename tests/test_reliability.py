@@ -188,17 +188,37 @@ def test_misspelt_settings_fail_at_construction():
 @pytest.mark.parametrize(
     "content,message",
     [
-        ('{"step": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
+        ("[1, 2]\n", "line 1 is not a JSON object"),
         ('{"epsilon": 1}\n', "line 1 has no integer 'step'"),
-        ('{"step": 1}\nnot json\n{"step": 2}\n', "line 2 is not valid JSON"),
+        ("not json\n{also not}\n", "line 1 is not valid JSON"),
     ],
 )
-def test_malformed_logs_give_one_line_errors(tmp_path, capsys, content, message):
+def test_a_file_that_is_no_audit_log_gives_a_one_line_error(tmp_path, capsys, content, message):
     (tmp_path / "audit.jsonl").write_text(content)
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path)])
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"step": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
+        ('{"step": 1}\nnot json\n{"step": 2}\n', "line 2 is not valid JSON"),
+        ('{"step": 1}\n{"step": 5, garbage\n', "line 2 is not valid JSON"),
+        ('{"step": 1}\n{"step": 2, "eps', "line 2 was cut off"),
+    ],
+)
+def test_a_bad_line_in_a_log_is_left_out_and_named_the_rest_reported(
+    tmp_path, capsys, content, message
+):
+    """One broken line must not cost the report the audits around it."""
+    (tmp_path / "audit.jsonl").write_text(content)
+    assert main(["report", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["audits"] and any(message in p for p in report["unread_records"])
+    assert message in (tmp_path / "report.html").read_text()
 
 
 def test_a_bad_run_file_does_not_stop_the_report(tmp_path):

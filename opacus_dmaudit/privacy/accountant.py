@@ -97,6 +97,13 @@ def step_rdp(sample_rate: float, noise_multiplier: float, orders: tuple[float, .
     """
     from opacus.accountants.analysis.rdp import compute_rdp
 
+    if not (math.isfinite(sample_rate) and math.isfinite(noise_multiplier)):
+        # Opacus's fractional-order series never ends on a NaN σ or q: refuse instead of hanging
+        raise ValueError(
+            f"RDP needs a finite sample rate and noise multiplier, got q = {sample_rate!r}, "
+            f"σ = {noise_multiplier!r} (a NaN in the batch or the gradients makes the measured "
+            "noise NaN)"
+        )
     rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders)
     rdp.flags.writeable = False
     return rdp

@@ -275,6 +275,12 @@ def measured_epsilon(
     history = [(float(s), float(q), int(t)) for s, q, t in history or []]
     if sigma is None or rate is None or not history or not history[-1][0] > 0:
         return None
+    measured = [*sigma, rate["value"], *rate["ci"]]
+    if not all(math.isfinite(v) for v in measured):
+        raise ValueError(
+            f"the measured noise multiplier {sigma} or sample rate {rate['value']} is not finite "
+            "(a NaN or an infinity in the gradients of an audited step): ε is not re-accounted"
+        )
     claimed_sigma, claimed_q = history[-1][0], history[-1][1]
     steps = max(run.steps, 1)
     factors = [

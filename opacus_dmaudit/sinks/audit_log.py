@@ -151,39 +151,65 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def read_json_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_json_lines(
+    path: str | os.PathLike, *, problems: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Every complete line of an audit log as a JSON object; a torn last line is skipped.
+
+    Args:
+        path: an ``audit.jsonl``.
+        problems: when given, a line that is not a record is skipped and named here (the torn
+            last line too) instead of raising, as long as some line is a record.
 
     Raises:
         AuditLogError: a line other than the last is not JSON, or a line is not an object with an
-            integer ``step``; the message names the line.
+            integer ``step``; the message names the line. With ``problems``: only when no line
+            is a record.
     """
-    records = []
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().split("\n")
     except UnicodeDecodeError:
         raise AuditLogError(f"{path} is not a text file: is it an audit log?") from None
+    records, skipped = [], []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # the last line, cut off by a crash
-                continue
-            raise AuditLogError(f"{path}: line {i + 1} is not valid JSON") from None
-        except RecursionError:
-            raise AuditLogError(
-                f"{path}: line {i + 1} is nested too deeply to be a record"
-            ) from None
-        if not isinstance(record, dict):
-            raise AuditLogError(f"{path}: line {i + 1} is not a JSON object (an audit record)")
-        step = record.get("step")
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise AuditLogError(f"{path}: line {i + 1} has no integer 'step': not an audit record")
-        records.append(record)
+            records.append(_record_line(line, i, last=i == len(lines) - 1))
+        except _TornLine:
+            skipped.append(f"line {i + 1} was cut off while it was written (a crash)")
+        except AuditLogError as err:
+            if problems is None:
+                raise AuditLogError(f"{path}: {err}") from None
+            skipped.append(str(err))
+    if problems is not None:
+        if skipped and not records and any("cut off" not in s for s in skipped):
+            raise AuditLogError(f"{path}: {skipped[0]}: not an audit log")
+        problems.extend(skipped)
     return records
+
+
+class _TornLine(Exception):
+    """The last line of a log is not JSON: a write cut off by a crash."""
+
+
+def _record_line(line: str, i: int, *, last: bool) -> dict[str, Any]:
+    """One line of the log as a record object (``i``: its index, for the message)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        if last:
+            raise _TornLine from None
+        raise AuditLogError(f"line {i + 1} is not valid JSON") from None
+    except RecursionError:
+        raise AuditLogError(f"line {i + 1} is nested too deeply to be a record") from None
+    if not isinstance(record, dict):
+        raise AuditLogError(f"line {i + 1} is not a JSON object (an audit record)")
+    step = record.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise AuditLogError(f"line {i + 1} has no integer 'step': not an audit record")
+    return record
 
 
 def read_audit_log(
@@ -193,15 +219,15 @@ def read_audit_log(
 
     Args:
         path: an ``audit.jsonl``.
-        problems: when given, a record that cannot be read is skipped and the reason appended
-            here (``dmaudit report`` shows them) instead of raising.
+        problems: when given, a line or a record that cannot be read is skipped and the reason
+            appended here (``dmaudit report`` shows them) instead of raising.
 
     Raises:
         AuditLogError: the file is not an audit log, or (without ``problems``) a record in it is
             malformed; the message names the line and the field.
     """
     out = []
-    for i, data in enumerate(read_json_lines(path)):
+    for i, data in enumerate(read_json_lines(path, problems=problems)):
         try:
             out.append(AuditRecord.from_json(data))
         except AuditLogError as err:

@@ -91,6 +91,11 @@ class LogDir:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+            raise ValueError(
+                "log_dir must name a folder for the audit's files (they hold private training "
+                f"images), e.g. log_dir='runs/audit'; got {path!r}"
+            )
         self.path = Path(path)
         self.manifest = Manifest(self.path)
         self.lock = LogDirLock(self.path)

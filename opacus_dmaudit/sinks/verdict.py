@@ -137,6 +137,17 @@ def _nothing_audited(e: Evidence) -> tuple[str, str]:
 
 def _mechanism_ok(e: Evidence) -> tuple[str, str]:
     warned = e.summary.warned_checks
+    accountant = e.summary.checks.get("accountant")
+    if accountant is None or accountant.status != "pass":  # nothing to match against
+        return (
+            "No check failed, but no accountant was compared: the audit cannot say the mechanism "
+            "is the one an ε assumes.",
+            f"{e.context}, no check of the noise, clipping or sampling failed"
+            + (f" (warnings: {', '.join(warned)})" if warned else "")
+            + ". The accountant check did not pass"
+            + (f" ({accountant.detail})" if accountant is not None and accountant.detail else "")
+            + ". No images were audited (no ImprintBlock, no shadow audit).",
+        )
     return (
         "The DP mechanism matched the accountant at every audit.",
         f"{e.context}, the noise, clipping, sampling and accountant checks found the "

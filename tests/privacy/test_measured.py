@@ -218,3 +218,30 @@ def test_shadow_mode_says_the_attacks_mu_is_not_evidence(tmp_path, mnist5k):
     assert "says nothing about the mechanism" in record.privacy_measured["note"]
     assert "mu_step_measured" not in record.privacy_measured
     assert record.epsilon_measured is not None  # from the noise the optimizer really added
+
+
+def test_a_nan_in_a_batch_never_hangs_the_step(tmp_path):
+    """A NaN input makes the measured σ NaN; Opacus's RDP series never ends on a NaN σ, so the
+    re-accounting refuses it: the step returns, the audit records the failed stage and the
+    checks say the statistics are not numbers."""
+    from opacus_dmaudit.privacy.accountant import step_rdp
+
+    with pytest.raises(ValueError, match="finite sample rate and noise multiplier"):
+        step_rdp(0.25, math.nan, (1.5, 2.0))
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    p = private_training(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), x, y,
+                         sigma=1.0, batch_size=16, poisson_sampling=False)  # fmt: skip
+    auditor = DMAuditor(privacy_engine=p.engine, log_dir=tmp_path, every_n_steps=1,
+                        tensorboard=False, report=False)  # fmt: skip
+    auditor.attach(p.optimizer, model=p.model)
+    xb = x[:16].clone()
+    xb[0, 0, 0, 0] = math.nan
+    p.optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(p.model(xb), y[:16]).backward()
+    p.optimizer.step()  # returned: the test would time out otherwise
+    auditor.close()
+    (record,) = auditor.history
+    assert "measured" in record.failed_stages and record.epsilon_measured is None
+    assert "not finite" in record.stage_errors[0]["error"]
+    assert record.check("noise_scale").status == "fail"

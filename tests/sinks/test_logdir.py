@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.errors import LogDirInUse
 from opacus_dmaudit.sinks.logdir import LogDir, load_images, private_mkdir, write_private
 
@@ -154,3 +155,16 @@ def test_prepare_makes_readable_audit_files_owner_only(tmp_path):
     LogDir(log.path).prepare(resume=True)
     assert _mode(log.audit_log) == 0o600 and _mode(log.report_html) == 0o600
     assert _mode(log.path / "notes.txt") == 0o644  # not the auditor's file
+
+
+@pytest.mark.parametrize("log_dir", ["", "  ", None, 3])
+def test_a_log_dir_that_names_no_folder_is_refused(log_dir):
+    """``log_dir=""`` would put private images in the current folder; ``None`` or a number are
+    no folder either: one clear error each."""
+    with pytest.raises(ValueError, match="log_dir must name a folder"):
+        LogDir(log_dir)
+
+
+def test_a_privacy_engine_that_is_not_one_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="privacy_engine must be the opacus.PrivacyEngine"):
+        DMAuditor(log_dir=tmp_path, privacy_engine="engine")

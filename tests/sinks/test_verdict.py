@@ -174,3 +174,17 @@ def test_the_test_and_its_power_are_exact():
         stats.binomtest(9, 65, 0.05, alternative="greater").pvalue
     )
     assert binomial.alternative(0.95) == 1.0
+
+
+def test_mechanism_checks_without_an_accountant_never_say_it_matched():
+    """No privacy_engine: the accountant check warns, so the verdict cannot say the mechanism
+    matched the accountant (a new user's run without an engine read so)."""
+    checks = [{"name": "noise_scale", "status": "pass", "detail": "σ as claimed"}]
+    none = {"name": "accountant", "status": "warn", "detail": "no accountant to compare with"}
+    ok = {"name": "accountant", "status": "pass", "detail": "ε as recomputed"}
+    base = {**V2, "step": 1, "mode": "mechanism"}
+    v = summarize([AuditRecord.from_json({**base, "checks": [*checks, none]})]).verdict
+    assert v.status == "mechanism_ok" and "matched" not in v.headline, v.headline
+    assert "no accountant was compared" in v.headline and "no accountant to compare" in v.text
+    v = summarize([AuditRecord.from_json({**base, "checks": [*checks, ok]})]).verdict
+    assert v.headline == "The DP mechanism matched the accountant at every audit."
