@@ -61,7 +61,7 @@ def test_public_fit_tells_a_fitting_prior_from_a_guessing_one(mnist5k):
             config=config,
             lpips=lpips,
             generator=torch.Generator().manual_seed(0),
-            images=6,
+            images=16,
         ).check
     good, bad = fits["mnist"], fits["sklearn"]
     assert good["name"] == "prior_fit" and good["status"] == "pass" and good["value"] == 1.0
@@ -70,7 +70,7 @@ def test_public_fit_tells_a_fitting_prior_from_a_guessing_one(mnist5k):
     assert bad["status"] == "warn" and bad["value"] == 0.0
     assert bad["verdicts"] == ["loses"] * 3 and "loses to classical" in bad["detail"]
     assert all(d > c for d, c in zip(bad["lpips_dm"], bad["lpips_classical"]))
-    assert len(bad["levels"]) == 3 and bad["images"] == 6
+    assert len(bad["levels"]) == 3 and bad["images"] == 16
 
 
 def _audit_once(train_x, public, tmp_path, **kwargs):

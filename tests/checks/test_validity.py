@@ -140,13 +140,30 @@ def _record(**over):
     return base
 
 
+#: Upper limits of the baselines a record's per-target counts are tested against.
+BASELINES = {
+    "success": 0.2,
+    "success_basis": "measured",
+    "identification": {"mse": 0.05, "ssim": 0.05, "lpips": 0.05},
+    "identification_informed": {"mse": 0.04, "ssim": 0.04, "lpips": 0.04},
+}
+
+
+def _targets(attempted, *, success_dm=0, identified_raw=0):
+    ident = {
+        m: {"raw": identified_raw if m == "mse" else 0, "dm": 0}
+        for m in BASELINES["identification"]
+    }
+    return {"attempted": attempted, "success": {"raw": 0, "dm": success_dm},
+            "identified": ident, "baselines": BASELINES, "missing": {}}  # fmt: skip
+
+
 def test_the_verdict_is_written_from_the_counts():
-    # a low mean success rate with a recovered image: never "no image was recovered"
+    # a low mean success rate (3 % of the batch) but every target recovered: leakage, never
+    # "no image was recovered"
     some = _record(
-        success={"raw": 0.0, "dm": 0.03}, found_singletons=5, true_singletons=6,
-        detection={"test": "row-fisher", "power": 0.97},
-        images=[{"bin": b, "success_raw": False, "success_dm": True, "true_count": 1}
-                for b in (3, 7)],
+        success={"raw": 0.0, "dm": 0.03}, found_singletons=8, true_singletons=9,
+        detection={"test": "row-fisher", "power": 0.97}, targets=_targets(8, success_dm=8),
     )  # fmt: skip
     v = verdict(summarize([some]))
     assert v.status == "leakage", v
@@ -159,19 +176,24 @@ def test_the_verdict_is_written_from_the_counts():
     v = verdict(summarize([weak]))
     assert v.status == "undetectable" and "2%" in v.text
     assert "no visible leakage" not in v.text.lower()
-    # the same with a test that would have seen a lone image: a (qualified) negative
+    # a test that would have seen a lone image, but 15 targets: too thin for a negative claim
     strong = _record(
         success={"raw": 0.0, "dm": 0.0}, found_singletons=15, true_singletons=16,
-        detection={"test": "row-fisher", "power": 0.95},
+        detection={"test": "row-fisher", "power": 0.95}, targets=_targets(15),
     )  # fmt: skip
-    assert verdict(summarize([strong])).status == "no_visible_leakage"
+    v = verdict(summarize([strong]))
+    assert v.status == "inconclusive" and "no visible leakage" not in v.text.lower()
+    # enough targets earn it
+    assert verdict(summarize([{**strong, "targets": _targets(600)}])).status == (
+        "no_visible_leakage"
+    )
     # and a failed check overrides everything
     invalid = {**strong, "checks": [{"name": "blind", "status": "fail", "detail": "x"}]}
     assert verdict(summarize([{**invalid, "valid": False}])).status == "invalid"
 
 
 def test_identification_above_chance_is_leakage_even_below_the_criterion():
-    # LPIPS ≤ 0.1 never met, but 45 % of each batch singled out against ≤ 1/64 by chance
+    # LPIPS ≤ 0.1 never met, but 14 of 30 targets singled out in MSE against ≤ 5 % by a guess
     records = [
         _record(
             step=i,
@@ -180,6 +202,7 @@ def test_identification_above_chance_is_leakage_even_below_the_criterion():
             true_singletons=31,
             detection={"test": "row-fisher", "power": 0.97},
             identification={"raw": 0.45, "dm": 0.5},
+            targets=_targets(30, identified_raw=14),
             privacy_measured={"epsilon_lower": 3.3},
         )  # fmt: skip
         for i in range(1, 11)
@@ -187,9 +210,10 @@ def test_identification_above_chance_is_leakage_even_below_the_criterion():
     v = verdict(summarize(records))
     assert v.status == "leakage" and "raw readout" in v.text, v
     assert "ε ≥ 3.3" in v.text  # the membership bound is stated
-    # at chance level (one per audit), identification is no evidence
-    chance = [{**r, "identification": {"raw": 1 / 64, "dm": 1 / 64}} for r in records]
-    assert verdict(summarize(chance)).status == "no_visible_leakage"
+    # at the guess's rate (one of 30 per audit), over enough audits for power: no evidence
+    chance = [{**r, "step": i, "targets": _targets(30, identified_raw=1)}
+              for i, r in enumerate(records * 2, 1)]  # fmt: skip
+    assert verdict(summarize(chance)).status == "not_above_baseline"
 
 
 def test_a_nan_image_in_the_batch_fails_value_range(mnist5k, tmp_path):
