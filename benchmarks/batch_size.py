@@ -126,6 +126,7 @@ def score_cell(steps: list, public: torch.Tensor, *, bins: int | None, lpips: LP
             truth = captured.inputs[[t for _, t in lone]].float()
             values = stage_metrics({"raw": raw}, truth, names=("lpips",), lpips=lpips)
             hits += sum(meets("lpips", float(v), LPIPS_THRESHOLD) for v in values["raw"]["lpips"])
+    plan = adversary.plan  # as used: ties in the public images' projections may cut the bins
     return {
         "K": plan.num_bins,
         "limited_by": plan.limited_by if bins is None else "fixed",

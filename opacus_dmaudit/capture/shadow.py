@@ -275,17 +275,10 @@ class ShadowAdversary:
         """The simulated imprint layer for images of ``image_shape`` (built once per shape)."""
         shape = tuple(int(s) for s in image_shape)
         if shape not in self._blocks:
-            block = ImprintBlock(
-                image_shape=shape,
-                num_bins=self.num_bins,
-                structure=self.structure,
-                direction=self.direction,
-                value_range=self.value_range,
-                seed=self.seed,
-            )
+            block = self._new_block(shape)
             if self.public is not None:
                 if tuple(self.public.shape[1:]) == shape:
-                    block.calibrate(self.public)
+                    block = self._calibrated(block, shape)
                 else:
                     logger.warning(
                         "shadow: public images of shape %s do not match the batch's %s; using "
@@ -295,6 +288,51 @@ class ShadowAdversary:
                     )
             self._blocks[shape] = block
         return self._blocks[shape]
+
+    def _new_block(self, shape: tuple[int, ...]) -> ImprintBlock:
+        return ImprintBlock(
+            image_shape=shape,
+            num_bins=self.num_bins,
+            structure=self.structure,
+            direction=self.direction,
+            value_range=self.value_range,
+            seed=self.seed,
+        )
+
+    def _calibrated(self, block: ImprintBlock, shape: tuple[int, ...]) -> ImprintBlock:
+        """``block`` calibrated on the public images; where their projections have too few
+        distinct values for the sized bins (ties), half as many bins until they fit, said once
+        and recorded in the plan. Bins given explicitly are never changed."""
+        while True:
+            try:
+                return block.calibrate(self.public)
+            except ValueError as err:
+                tied = "strictly increasing" in str(err)
+                if not tied or self.given_bins is not None or self.num_bins <= MIN_BINS // 4:
+                    raise
+            wanted, self.num_bins = self.num_bins, max(MIN_BINS // 4, self.num_bins // 2)
+            logger.warning(
+                "shadow adversary: the public images' projections have too few distinct values "
+                "for %d equal-mass bins (ties); %d bins instead",
+                wanted,
+                self.num_bins,
+            )
+            self._replan()
+            block = self._new_block(shape)
+
+    def _replan(self) -> None:
+        """The plan after the bins were cut for ties in the public images."""
+        if self.plan is None:
+            return
+        batch = self.plan.batch_size
+        self.plan = dataclasses.replace(
+            self.plan,
+            num_bins=self.num_bins,
+            lone_share=lone_share(self.num_bins, batch) if batch else None,
+            limited_by="public images",
+            note=(self.plan.note or "") + " Ties in the public images' projections cut the bins "
+            f"to {self.num_bins}.",
+        )
 
     @torch.no_grad()
     def simulate(

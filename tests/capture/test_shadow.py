@@ -350,3 +350,21 @@ def test_an_empty_poisson_batch_is_simulated_not_a_failed_audit(mnist5k, tmp_pat
     for r in history:
         if r.batch_size == 0:
             assert r.counts.lone_in_batch == 0 and r.targets.attempted == 0
+
+
+def test_ties_in_the_public_projections_cut_the_sized_bins_and_say_so(caplog):
+    """Public images whose brightness takes 40 values cannot give 599 equal-mass bins: the
+    adversary halves its bins until they calibrate, warns and records the bins it used."""
+    levels = torch.arange(600) % 40 / 40.0
+    public = levels[:, None, None, None].expand(600, 1, 8, 8).clone()
+    adversary = ShadowAdversary(public=public)
+    plan = adversary.size_for(64, (1, 8, 8))
+    assert plan.num_bins == 599 and plan.limited_by is None
+    with caplog.at_level("WARNING"):
+        block = adversary.block((1, 8, 8))
+    assert "too few distinct values" in caplog.text
+    assert block.num_bins == adversary.num_bins == adversary.plan.num_bins < 599
+    assert adversary.plan.limited_by == "public images"
+    assert adversary.plan.lone_share < plan.lone_share
+    with pytest.raises(ValueError, match="strictly increasing"):  # bins given are kept
+        ShadowAdversary(num_bins=599, public=public).block((1, 8, 8))
