@@ -320,7 +320,7 @@ class EmpiricalPrivacy:
         if self._key is None or not self._member:
             return None
         from .bounds import gdp_epsilon
-        from .tradeoff import auroc, tpr_at_fpr
+        from .tradeoff import auroc, roc_curve, tpr_at_fpr
 
         sigma = self._key[0]
         member, nonmember = np.concatenate(self._member), np.concatenate(self._nonmember)
@@ -347,6 +347,7 @@ class EmpiricalPrivacy:
         if member.size and nonmember.size:
             out["auroc"] = auroc(member, nonmember)
             out["tpr_at_fpr_0.001"] = tpr_at_fpr(member, nonmember, 1e-3)
+            out["roc_points"] = roc_curve(member, nonmember)
         full = full_budget_mu(
             member, nonmember, np.concatenate(self._share), confidence=self.confidence
         )

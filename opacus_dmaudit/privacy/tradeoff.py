@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["roc_points", "gaussian_tradeoff", "auroc", "tpr_at_fpr"]
+__all__ = ["roc_points", "roc_curve", "gaussian_tradeoff", "auroc", "tpr_at_fpr"]
 
 
 def roc_points(member, nonmember) -> tuple[np.ndarray, np.ndarray]:
@@ -39,6 +39,23 @@ def roc_points(member, nonmember) -> tuple[np.ndarray, np.ndarray]:
     tpr = np.r_[0.0, tp / member.size]
     fpr = np.r_[0.0, fp / nonmember.size]
     return fpr, tpr
+
+
+def roc_curve(member, nonmember, *, points: int = 64) -> dict[str, list[float]]:
+    """The empirical ROC for a record: ``{"fpr": [...], "tpr": [...]}``, at most ``points`` + 2
+    of its corners (the strictest ones kept, spaced evenly in log FPR above them), rounded to
+    5 decimals so a record stays small.
+
+    Example:
+        >>> roc_curve([2.0, 3.0], [0.0, 1.0])["tpr"]
+        [0.0, 0.5, 1.0, 1.0, 1.0]
+    """
+    fpr, tpr = roc_points(member, nonmember)
+    if fpr.size > points + 2:
+        grid = np.unique(np.r_[0.0, np.geomspace(max(fpr[fpr > 0].min(), 1e-6), 1.0, points)])
+        keep = np.unique(np.r_[0, np.searchsorted(fpr, grid, side="right") - 1, fpr.size - 1])
+        fpr, tpr = fpr[keep], tpr[keep]
+    return {"fpr": [round(float(x), 5) for x in fpr], "tpr": [round(float(x), 5) for x in tpr]}
 
 
 def gaussian_tradeoff(mu: float, fpr) -> np.ndarray:

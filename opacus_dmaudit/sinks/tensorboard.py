@@ -267,7 +267,11 @@ class TensorBoardSink:
             return
         # beside the image grids: a user's run gets scalars and text only, never an image
         writer = self.images_writer()
-        writer.add_image("privacy/membership_roc", roc_image(points, record.step), record.step)
+        sigma = record.noise_multiplier
+        mus = {"µ = 1/σ": 1.0 / sigma if sigma else None}
+        mus["measured µ"] = (record.privacy_measured or {}).get("mu_step_measured")
+        image = roc_image(points, record.step, mus=mus)
+        writer.add_image("privacy/membership_roc", image, record.step)
         writer.add_text(
             "privacy/membership_roc",
             f"Membership test ROC at step {record.step} ({len(points[0])} points; the diagonal is "
@@ -356,14 +360,22 @@ def roc_points(record: AuditRecord) -> tuple[list[float], list[float]] | None:
     return (fpr, tpr) if fpr and len(fpr) == len(tpr) else None
 
 
-def roc_image(points: tuple[list[float], list[float]], step: int) -> torch.Tensor:
-    """The ROC curve drawn as a ``(3, H, W)`` uint8 image."""
+def roc_image(
+    points: tuple[list[float], list[float]], step: int, *, mus: dict | None = None
+) -> torch.Tensor:
+    """The ROC curve drawn as a ``(3, H, W)`` uint8 image, beside the Gaussian trade-off curve
+    at each finite µ of ``mus`` (``{label: µ}``)."""
     import numpy as np
 
+    from ..privacy.tradeoff import gaussian_tradeoff
     from .report.plots import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(3.2, 3.2), dpi=80)
+    grid = np.linspace(0.0, 1.0, 101)
+    for (label, mu), style in zip((mus or {}).items(), ("k-", "k--")):
+        if isinstance(mu, int | float) and np.isfinite(mu):
+            ax.plot(grid, gaussian_tradeoff(mu, grid), style, lw=1, label=f"{label} = {mu:.3g}")
     ax.plot(points[0], points[1], "o-", ms=3, label="membership test")
     ax.plot([0, 1], [0, 1], "k:", label="chance")
     ax.set_xlabel("false positive rate")

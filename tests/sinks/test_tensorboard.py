@@ -184,3 +184,25 @@ def test_the_measured_epsilon_is_charted_beside_the_accountants(mnist5k, tmp_pat
         assert mid.value == pytest.approx(record.epsilon_measured, rel=1e-6)
         assert [low.value, high.value] == pytest.approx(record.epsilon_measured_ci, rel=1e-6)
         assert low.value <= record.epsilon <= high.value  # a correct run
+
+
+def test_the_membership_roc_is_drawn_beside_the_gaussian_tradeoff(mnist5k, tmp_path):
+    """A live audit pools member and non-member scores: the record keeps the ROC's corners, the
+    auditor's own event file gets the curve as an image, and the report draws it against the
+    Gaussian trade-off at µ = 1/σ and at the measured µ."""
+    x, y = mnist5k["private"]
+    model = imprint_model(mnist5k["prior"][0][:1000], num_bins=128)
+    model, opt, loader, engine = make_private(model, x, y, sigma=0.5)
+    auditor = DMAuditor(privacy_engine=engine, log_dir=tmp_path, every_n_steps=2,
+                        metrics=("mse",)).attach(opt)  # fmt: skip
+    train_steps(model, opt, loader, 4)
+    auditor.close()
+    roc = auditor.history[-1].privacy_measured["roc_points"]
+    assert roc["fpr"][0] == roc["tpr"][0] == 0.0 and roc["fpr"][-1] == roc["tpr"][-1] == 1.0
+    assert all(a <= b for a, b in zip(roc["fpr"], roc["fpr"][1:])) and len(roc["fpr"]) <= 66
+    acc = _events(tmp_path)
+    assert [e.step for e in acc.Images("privacy/membership_roc")] == [2, 4]
+    assert (
+        "Membership test: ROC against the Gaussian trade-off"
+        in (tmp_path / "report.html").read_text()
+    )

@@ -122,6 +122,51 @@ def _run_bounds_plot(records: Sequence[AuditRecord]):
     )
 
 
+def _roc_plot(record: AuditRecord):
+    """The membership test's pooled ROC beside what µ-GDP allows at µ = 1/σ and at the measured
+    µ (log axes: the low-FPR corner is where privacy is decided)."""
+    import numpy as np
+
+    from ...privacy.tradeoff import gaussian_tradeoff
+
+    measured = record.privacy_measured or {}
+    fpr = np.asarray(measured["roc_points"]["fpr"], dtype=float)
+    tpr = np.asarray(measured["roc_points"]["tpr"], dtype=float)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    grid = np.geomspace(1e-4, 1.0, 200)
+    sigma = record.noise_multiplier
+    if sigma:
+        ax.plot(
+            grid,
+            gaussian_tradeoff(1.0 / sigma, grid),
+            "k-",
+            lw=1,
+            label=f"µ = 1/σ = {1 / sigma:.3g}",
+        )
+    mu = measured.get("mu_step_measured")
+    if isinstance(mu, int | float) and np.isfinite(mu):
+        ax.plot(grid, gaussian_tradeoff(mu, grid), "k--", lw=1, label=f"measured µ = {mu:.3g}")
+    ok = fpr > 0
+    ax.step(fpr[ok], tpr[ok], where="post", color="C3", label="membership test (pooled)")
+    ax.plot(grid, grid, "k:", lw=0.8, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1e-4, 1)
+    ax.set_ylim(1e-4, 1.05)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize=7, loc="lower right")
+    return (
+        "Membership test: ROC against the Gaussian trade-off",
+        f"Pooled over the audits up to step {record.step} "
+        f"({measured.get('trials_member', '?')} member and {measured.get('trials_nonmember', '?')} "
+        "non-member scores). A µ-GDP mechanism keeps every test below its curve; the measured "
+        "curve close to the µ = 1/σ line means the attack gets what the noise allows.",
+        png(fig),
+    )
+
+
 def plots(records: Sequence[AuditRecord]) -> list[tuple[str, str, str]]:
     """``(title, caption, png)`` of every chart of the report."""
     pairs = {p for r in records for k in r.means if (p := parse_metric_key(k)) is not None}
@@ -133,4 +178,7 @@ def plots(records: Sequence[AuditRecord]) -> list[tuple[str, str, str]]:
         out.append(_success_plot(records))
     if any(r.run_bounds for r in records):
         out.append(_run_bounds_plot(records))
+    roc = [r for r in records if isinstance((r.privacy_measured or {}).get("roc_points"), dict)]
+    if roc:
+        out.append(_roc_plot(roc[-1]))
     return out
