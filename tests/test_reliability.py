@@ -294,7 +294,7 @@ def test_with_a_users_writer_images_go_to_a_private_file_and_the_users_is_untouc
     assert own and all(_mode(p) == 0o600 for p in own)
     audit = EventAccumulator(str(tmp_path / "audit"), size_guidance={"images": 0})
     audit.Reload()
-    assert audit.Tags()["images"] == ["audit/reconstructions"]
+    assert "audit/reconstructions" in audit.Tags()["images"]  # and the membership ROC
 
 
 def test_the_report_shows_why_when_nothing_is_recovered(mnist5k, tmp_path):

@@ -115,7 +115,7 @@ def test_the_users_own_writer_gets_the_audit(mnist5k, tmp_path):
     assert {"train/loss", "privacy/epsilon", "quality/raw/mse"} <= tags
     # the image grids go to the auditor's own private event file, never to the user's run
     assert not _events(tmp_path / "user_run").Tags()["images"]
-    assert _events(tmp_path / "audit").Tags()["images"] == ["audit/reconstructions"]
+    assert "audit/reconstructions" in _events(tmp_path / "audit").Tags()["images"]
 
 
 def test_resume_continues_the_log_without_duplicates_or_gaps(mnist5k, tmp_path):
