@@ -60,7 +60,10 @@ __all__ = [
     "validity",
 ]
 
-RECORD_VERSION = 2
+#: 1: release 0.1; 2: checks, validity and mode in every record; 3: per-target counts
+#: (``targets``), the measured ε and its ``evidence``, ``stage_errors``. An older release refuses a
+#: newer record instead of reading it without the fields its verdict would need.
+RECORD_VERSION = 3
 
 
 class RecordError(AuditLogError):
