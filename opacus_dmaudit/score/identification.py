@@ -74,17 +74,28 @@ def identify(
     candidates = ((captured.inputs.float() - lo) / (hi - lo)).clamp(0, 1)
     shares: dict[str, float | None] = {}
     for metric in dict.fromkeys([success_metric, *counts]):
-        names = list(stages) if metric == success_metric else attack
-        recon = torch.cat([stages[s] for s in names])
+        # the shares need every scored row of every stage; the counts only the targets' rows
+        # of the attack stages (blends and the auditor's clean readout are no trials)
+        exposure = metric == success_metric
+        names = list(stages) if exposure else attack
+        rows = list(range(len(own))) if exposure else lone
+        if not rows:
+            continue
+        recon = torch.cat([stages[s][rows] for s in names])
+        mine = [own[j] for j in rows] * len(names)
         scores = pairwise(metric, recon, candidates, lpips=lpips)
-        hits = identified(scores, own * len(names), higher_is_better=HIGHER_IS_BETTER[metric])
-        m = len(own)
-        for k, stage in enumerate(names):
-            rows = hits[k * m : (k + 1) * m]
-            if metric == success_metric:
-                shares[stage] = len({own[j] for j in range(m) if bool(rows[j])}) / batch
-            if metric in counts and stage in attack:
-                counts[metric][stage] = sum(bool(rows[j]) for j in lone)
+        hits = identified(scores, mine, higher_is_better=HIGHER_IS_BETTER[metric])
+        hit = {
+            (s, j): bool(hits[k * len(rows) + i])
+            for k, s in enumerate(names)
+            for i, j in enumerate(rows)
+        }
+        if exposure:
+            for s in names:
+                shares[s] = len({own[j] for j in rows if hit[s, j]}) / batch
+        if metric in counts:
+            for s in attack:
+                counts[metric][s] = sum(hit[s, j] for j in lone)
     return Identification(shares, len(lone), counts)
 
 

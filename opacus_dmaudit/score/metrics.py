@@ -374,8 +374,9 @@ def identified(
         higher_is_better: the metric's direction (``True`` for SSIM/PSNR).
 
     Returns:
-        ``(P,)`` bool. With T candidates, a guess made without the gradient is identified with
-        probability at most 1/T (the candidates are exchangeable), so κ = 1/T is exact.
+        ``(P,)`` bool. A guess made without the gradient is identified more often than 1/T
+        when it knows something about its target (its bin, the other images): the audit's
+        baselines (:mod:`opacus_dmaudit.score.baseline`) measure how often.
     """
     d = torch.as_tensor(distances, dtype=torch.float64)
     own_t = torch.as_tensor(list(own), dtype=torch.long)
