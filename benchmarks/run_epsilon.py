@@ -1,7 +1,7 @@
 """The run's ε measured beside Opacus's: correct runs at ε ∈ {1, 2, 4, 8} and the bugs users hit.
 
     python benchmarks/run_epsilon.py          # quick: MNIST at ε = 4, two bugs (2-3 minutes)
-    python benchmarks/run_epsilon.py --full   # MNIST, CIFAR-10, ε ∈ {1, 2, 4, 8}, all bugs (20-30 min)
+    python benchmarks/run_epsilon.py --full   # MNIST, CIFAR-10, ε ∈ {1, 2, 4, 8}, all bugs (about 12 min)
 
 Every run is a real Opacus DP-SGD run (Poisson sampling, δ = 10⁻⁵, RDP accountant, ghost
 clipping) of the package's small CNN behind a live 512-bin ``ImprintBlock``, audited by a
@@ -28,7 +28,7 @@ clipping, 512 bins): a step 0.8 CPU-s on MNIST and 0.4 on CIFAR-10, an audit 0.3
   sampler at twice the rate; T = 30): about 140 CPU-s, 2 to 3 minutes on 2 idle cores;
 * ``--full``: T = 200 per correct run (audit every 3 steps on MNIST, every 5 on CIFAR-10), T = 40
   per injected bug on MNIST at ε = 4 (bugs that start mid-run start at step 20), audits every 5
-  steps: about 1 700 CPU-s, 20 to 30 minutes on 2 idle cores (1 to 1.5 cores busy).
+  steps: about 730 CPU-s, 12 minutes on 2 cores beside another benchmark.
 
 Targets (issue 20): correct runs with measured/claimed in [0.95, 1.05] and the claimed ε inside
 the interval; every injected bug outside its interval or failing a check; the attack's composed
