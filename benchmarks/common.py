@@ -72,10 +72,18 @@ def load_dataset(name: str, n: int | None = None) -> tuple[torch.Tensor, torch.T
     return (images if n is None else images[:n]), public.float()
 
 
-def capture_every_step(model: nn.Module, opt, loader) -> list:
-    """One pass over ``loader`` with DP-SGD, every step captured (the auditor's capture stage)."""
+def capture_every_step(
+    model: nn.Module, opt, loader, *, shadow_model: nn.Module | None = None
+) -> list:
+    """One pass over ``loader`` with DP-SGD, every step captured (the auditor's capture stage).
+
+    ``shadow_model``: the model to hand to the capture when it has no imprint layer (a step
+    captured for the shadow adversary, as ``attach(optimizer, model=...)`` does).
+    """
     steps: list = []
-    capture = GradientCapture(opt, should_capture=lambda s: True, on_capture=steps.append)
+    capture = GradientCapture(
+        opt, model=shadow_model, should_capture=lambda s: True, on_capture=steps.append
+    )
     capture.attach()
     for xb, yb in loader:
         opt.zero_grad()

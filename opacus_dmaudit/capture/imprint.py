@@ -272,6 +272,9 @@ class ImprintBlock(nn.Module):
         subset drawn with the block's own generator), so an auditor can measure how well its
         prior fits this kind of data and what a guess without the gradient achieves.
 
+        Where some public images project to the same value (duplicates), the edges are the
+        quantiles of the distinct values, as long as there are at least ``num_bins`` of them.
+
         Args:
             x_public: public images of shape ``(N, C, H, W)`` with ``N >= num_bins``, in
                 ``value_range``.
@@ -280,7 +283,8 @@ class ImprintBlock(nn.Module):
             ``self``, so it chains.
 
         Raises:
-            ValueError: wrong shape, too few images, or non-finite pixels.
+            ValueError: wrong shape, too few images (or distinct projections), or non-finite
+                pixels.
         """
         x_public = torch.as_tensor(x_public)
         self._check_input(x_public)
@@ -317,6 +321,10 @@ class ImprintBlock(nn.Module):
         else:
             probs = torch.arange(1, k + 1, dtype=torch.float64) / (k + 1)
         inner = torch.quantile(proj, probs)
+        distinct = proj.unique()
+        if not bool(torch.all(inner[1:] > inner[:-1])) and distinct.numel() >= k:
+            # duplicate images tie: quantiles of the distinct values still give k bins
+            inner = torch.quantile(distinct, probs)
         scale = float(proj.std()) if proj.numel() > 1 else 1.0
         self._set_bins(self._pad_edges(inner), max(scale, 1e-12))
         self.calibrated = True

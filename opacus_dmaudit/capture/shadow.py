@@ -300,9 +300,10 @@ class ShadowAdversary:
         )
 
     def _calibrated(self, block: ImprintBlock, shape: tuple[int, ...]) -> ImprintBlock:
-        """``block`` calibrated on the public images; where their projections have too few
-        distinct values for the sized bins (ties), half as many bins until they fit, said once
-        and recorded in the plan. Bins given explicitly are never changed."""
+        """``block`` calibrated on the public images; where their projections have fewer
+        distinct values than the sized bins (ties), as many bins as distinct values (at least
+        a quarter of :data:`MIN_BINS`), said once and recorded in the plan. Bins given
+        explicitly are never changed."""
         while True:
             try:
                 return block.calibrate(self.public)
@@ -310,7 +311,10 @@ class ShadowAdversary:
                 tied = "strictly increasing" in str(err)
                 if not tied or self.given_bins is not None or self.num_bins <= MIN_BINS // 4:
                     raise
-            wanted, self.num_bins = self.num_bins, max(MIN_BINS // 4, self.num_bins // 2)
+            proj = self.public.flatten(1).double() @ block.measurement.double().flatten()
+            distinct = int(proj.unique().numel())
+            fewer = distinct if distinct < self.num_bins else self.num_bins // 2
+            wanted, self.num_bins = self.num_bins, max(MIN_BINS // 4, fewer)
             logger.warning(
                 "shadow adversary: the public images' projections have too few distinct values "
                 "for %d equal-mass bins (ties); %d bins instead",

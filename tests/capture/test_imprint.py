@@ -150,3 +150,27 @@ def test_a_block_saved_by_the_previous_release_loads_with_its_bins(mnist5k):
     z = torch.nn.functional.linear(x.flatten(1), old["0.imprint.weight"], old["0.imprint.bias"])
     expected = torch.clamp(z, min=block.lower, max=block.upper)
     assert torch.allclose(block.activations(x), expected)
+
+
+def test_duplicate_public_images_still_give_every_bin():
+    """Natural-image patches repeat (here 20 images three times each): plain quantiles of the
+    projections tie, so the edges come from the distinct values, strictly increasing, each bin
+    about equally full; without duplicates the edges are the plain quantiles, unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    unique = torch.rand(960, 1, 8, 8, generator=gen)
+    public = torch.cat([unique, unique[:20], unique[:20]])
+    block = ImprintBlock(image_shape=(1, 8, 8), num_bins=950).calibrate(public)
+    edges = torch.tensor(block.geometry().bin_edges, dtype=torch.float64)
+    assert bool((edges[1:] > edges[:-1]).all())
+    proj = unique.flatten(1).double() @ block.measurement.double()
+    counts = torch.bucketize(proj, edges[1:-1]).bincount(minlength=950)
+    assert int(counts.max()) <= 2  # 960 distinct images over 950 bins
+    plain = ImprintBlock(image_shape=(1, 8, 8), num_bins=500).calibrate(unique)
+    proj = unique.flatten(1).double() @ plain.measurement.double()
+    probs = torch.arange(1, 500, dtype=torch.float64) / 500
+    edges = torch.tensor(plain.geometry().bin_edges[1:-1], dtype=torch.float64)
+    assert torch.equal(edges, torch.quantile(proj, probs))
+    with pytest.raises(ValueError, match="strictly increasing"):  # fewer distinct than bins
+        ImprintBlock(image_shape=(1, 8, 8), num_bins=950).calibrate(
+            unique[:10].repeat(100, 1, 1, 1)
+        )
