@@ -98,7 +98,14 @@ class AuditLog:
         """Write the records waiting in memory; whether none is left."""
         if self._fd is None or not self._pending:
             return not self._pending
-        good = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        if st.st_nlink == 0:  # removed during the run: lines written now would be lost unseen
+            self._fail(
+                "the file (or its folder) was removed during the run; the audits stay in "
+                "memory (auditor.history)"
+            )
+            return False
+        good = st.st_size
         try:
             while self._pending:
                 _write_all(self._fd, self._pending[0][1])
@@ -106,19 +113,20 @@ class AuditLog:
                 good += len(self._pending.pop(0)[1])
         except OSError as err:
             self._cut_back(good)
-            if not self._failing:
-                logger.warning(
-                    "%s: cannot write (%s); the audits stay in memory (auditor.history) and are "
-                    "written when the disk takes them again (logged once)",
-                    self.path,
-                    err,
-                )
-            self._failing = True
+            self._fail(
+                f"cannot write ({err}); the audits stay in memory (auditor.history) and "
+                "are written when the disk takes them again"
+            )
             return False
         if self._failing:
             logger.warning("%s: writing again; every waiting audit is on disk", self.path)
             self._failing = False
         return True
+
+    def _fail(self, why: str) -> None:
+        if not self._failing:
+            logger.warning("%s: %s (logged once)", self.path, why)
+        self._failing = True
 
     def _cut_back(self, size: int) -> None:
         """Remove a partial line a failed write left, so the next line starts clean."""

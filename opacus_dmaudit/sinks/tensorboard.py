@@ -214,8 +214,18 @@ class TensorBoardSink:
         else:
             self.writer.add_text(tag, f"{tag} = {value} at step {step}", step)
 
+    def _folder_present(self) -> None:
+        """Raise when the auditor's folder is gone: events handed to the private writer then fail
+        in its own thread, which prints a traceback instead of telling the sink guard."""
+        if self._image_writer is not None and not self.log_dir.is_dir():
+            raise FileNotFoundError(
+                f"the log dir {self.log_dir} was removed during the run; its TensorBoard events "
+                "are not written from here on (the audits stay in auditor.history)"
+            )
+
     def log_audit(self, record: AuditRecord, result=None) -> None:
         """Log one audit record (and its images, when ``result`` is an :class:`AuditResult`)."""
+        self._folder_present()
         step = record.step
         if not self._layout_written:
             self._layout()
@@ -310,6 +320,7 @@ class TensorBoardSink:
         self.writer.flush()
 
     def flush(self) -> None:
+        self._folder_present()
         self.writer.flush()
         if self._image_writer is not None and self._image_writer is not self.writer:
             self._image_writer.flush()
@@ -317,6 +328,7 @@ class TensorBoardSink:
     def close(self, hparams: dict[str, Any] | None = None) -> None:
         """Write the hyper-parameters (once) and flush; closes only the writers the sink made."""
         try:
+            self._folder_present()
             if hparams:
                 self.log_hparams(hparams)
             self.writer.flush()

@@ -4,7 +4,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import stat
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import torch
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.errors import LogDirInUse
 from opacus_dmaudit.sinks.logdir import LogDir, load_images, private_mkdir, write_private
+from tests.helpers import audited_run
 
 
 def _mode(path) -> int:
@@ -168,3 +171,31 @@ def test_a_log_dir_that_names_no_folder_is_refused(log_dir):
 def test_a_privacy_engine_that_is_not_one_is_refused(tmp_path):
     with pytest.raises(TypeError, match="privacy_engine must be the opacus.PrivacyEngine"):
         DMAuditor(log_dir=tmp_path, privacy_engine="engine")
+
+
+def test_a_log_dir_removed_mid_run_is_said_and_training_goes_on(mnist5k, tmp_path, caplog):
+    """Someone removes the log dir mid-run: training goes on, every audit stays in memory and
+    ``close()`` names what was not written. No audit line goes unseen into the removed file,
+    TensorBoard's writer thread never fails on its own, and the folder is not recreated."""
+    errors = []
+    hook, threading.excepthook = threading.excepthook, errors.append
+    log_dir = tmp_path / "audit"
+    try:
+        auditor, _ = audited_run(
+            mnist5k,
+            log_dir,
+            sigma=0.01,
+            steps=4,
+            metrics=("mse",),
+            after_step=lambda step: shutil.rmtree(log_dir) if step == 2 else None,
+            prior_fit_public=0,
+        )
+        with caplog.at_level(logging.WARNING):
+            summary = auditor.close()
+    finally:
+        threading.excepthook = hook
+    assert summary.audits == 4 and [r.step for r in auditor.history] == [1, 2, 3, 4]
+    lost = " ".join(auditor.unwritten)
+    assert "audit log" in lost and "3, 4" in lost and "TensorBoard" in lost
+    assert "removed during the run" in caplog.text
+    assert errors == [] and not log_dir.exists()
