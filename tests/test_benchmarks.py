@@ -162,6 +162,21 @@ def test_batch_size_quick_reads_half_a_batch_of_512(tmp_path, shared_data):
 
 
 @pytest.mark.slow
+def test_batch_size_on_photos_reads_half_a_batch_of_512_with_the_prior(tmp_path, shared_data):
+    """CIFAR-10 at B = 512, σ = 0.002: the raw readout of a lone photo rarely meets LPIPS ≤ 0.1,
+    the embedded prior's reconstruction mostly does, and the sized adversary reads half the
+    batch with it (the natural patches' duplicates cost it no bins)."""
+    out = _run(
+        "batch_size.py", "--datasets", "cifar10", "--batches", "512", "--prior",
+        "--out", str(tmp_path / "b.json"),
+    )  # fmt: skip
+    assert "target (sized K, B = 512, σ = 0.002, exposure ≥ 50 %): met" in out
+    sized = [r for r in json.loads((tmp_path / "b.json").read_text()) if r["K"] > 128]
+    (cell,) = sized
+    assert cell["K"] > 3000 and cell["exposure"] < 0.25 <= 0.5 <= cell["dm_exposure"]
+
+
+@pytest.mark.slow
 def test_verdict_holdout_quick_has_no_violation(tmp_path, shared_data):
     """Quick hold-out: no negative verdict where a per-target count beats its baseline."""
     out = _run("verdict_holdout.py", "--out", str(tmp_path / "v.json"))
