@@ -59,9 +59,7 @@ def identify(
         success_metric: the metric of the batch shares (exposure).
         lpips: the LPIPS model, when LPIPS is among the metrics.
     """
-    stages = {"raw": scored.raw, "clean": scored.clean}
-    if scored.dm is not None:
-        stages["dm"] = scored.dm
+    stages = _stages(scored)
     own = [t for t in scored.truth_index if t is not None]
     lone = target_rows(scored)
     batch = captured.batch_size
@@ -81,22 +79,38 @@ def identify(
         rows = list(range(len(own))) if exposure else lone
         if not rows:
             continue
-        recon = torch.cat([stages[s][rows] for s in names])
-        mine = [own[j] for j in rows] * len(names)
-        scores = pairwise(metric, recon, candidates, lpips=lpips)
-        hits = identified(scores, mine, higher_is_better=HIGHER_IS_BETTER[metric])
-        hit = {
-            (s, j): bool(hits[k * len(rows) + i])
-            for k, s in enumerate(names)
-            for i, j in enumerate(rows)
-        }
+        hit = _hits(metric, [stages[s] for s in names], rows, own, candidates, lpips)
         if exposure:
-            for s in names:
-                shares[s] = len({own[j] for j in rows if hit[s, j]}) / batch
+            shares.update(_shares(names, rows, own, hit, batch))
         if metric in counts:
-            for s in attack:
-                counts[metric][s] = sum(hit[s, j] for j in lone)
+            counts[metric] = {s: sum(hit[names.index(s), j] for j in lone) for s in attack}
     return Identification(shares, len(lone), counts)
+
+
+def _stages(scored) -> dict[str, torch.Tensor]:
+    """The scored step's reconstructions per stage (``dm`` only with a prior)."""
+    stages = {"raw": scored.raw, "clean": scored.clean}
+    if scored.dm is not None:
+        stages["dm"] = scored.dm
+    return stages
+
+
+def _shares(names, rows, own, hit, batch: int) -> dict[str, float]:
+    """Per stage, the share of the batch whose reconstruction singles out its own image."""
+    return {s: len({own[j] for j in rows if hit[k, j]}) / batch for k, s in enumerate(names)}
+
+
+def _hits(metric: str, recons: list, rows: list[int], own: list[int], candidates, lpips):
+    """``{(stage index, row): identified}`` of ``rows`` of each stage in one distance."""
+    recon = torch.cat([r[rows] for r in recons])
+    scores = pairwise(metric, recon, candidates, lpips=lpips)
+    mine = [own[j] for j in rows] * len(recons)
+    hits = identified(scores, mine, higher_is_better=HIGHER_IS_BETTER[metric])
+    return {
+        (k, j): bool(hits[k * len(rows) + i])
+        for k in range(len(recons))
+        for i, j in enumerate(rows)
+    }
 
 
 def identification_rates(

@@ -1,7 +1,6 @@
 """identify() against the brute force: every row of every stage scored against the whole batch."""
 
 import pytest
-import torch
 
 from opacus_dmaudit.capture.hooks import GradientCapture
 from opacus_dmaudit.config import AuditConfig
