@@ -302,39 +302,67 @@ def stage_metrics(
     return out
 
 
-def _pairwise_mse(preds: torch.Tensor, targets: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+#: Memory budget of one block of pairs in the pairwise MSE and SSIM, in bytes: at 256×256 a
+#: fixed 16 predictions against a batch of 64 took 3 GB (MSE) and 9 GB (SSIM) of temporaries.
+PAIR_BYTES = 256 * 2**20
+
+
+def _pair_blocks(preds: int, targets: int, per_pair: int) -> tuple[int, int]:
+    """Predictions and targets per block so that a block's pairs stay within
+    :data:`PAIR_BYTES` (``per_pair``: the temporaries' bytes of one pair)."""
+    pairs = max(1, PAIR_BYTES // max(per_pair, 1))
+    tc = max(1, min(targets, pairs))
+    return max(1, min(preds, pairs // tc)), tc
+
+
+def _pairwise_mse(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Direct differences (no expansion), so an exact copy scores exactly 0 (PSNR ∞)."""
     p, t = preds.flatten(1), targets.flatten(1)
     out = torch.zeros((p.shape[0], t.shape[0]), dtype=torch.float64)
-    for i in range(0, p.shape[0], chunk):
-        out[i : i + chunk] = ((p[i : i + chunk, None] - t[None]) ** 2).mean(dim=2)
+    pc, tc = _pair_blocks(p.shape[0], t.shape[0], 2 * 8 * p.shape[1])
+    for i in range(0, p.shape[0], pc):
+        for j in range(0, t.shape[0], tc):
+            diff = p[i : i + pc, None] - t[None, j : j + tc]
+            out[i : i + pc, j : j + tc] = (diff**2).mean(dim=2)
     return out
 
 
-def _pairwise_ssim(preds: torch.Tensor, targets: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+def _pairwise_ssim(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """scikit-image's SSIM (uniform window, sample covariance, data range 1) for every pair.
 
     The mean SSIM map is taken over the positions whose window lies inside the image, exactly
     where scikit-image averages it, so no border handling is involved: a valid convolution.
+    Pairs are scored in blocks that fit :data:`PAIR_BYTES`.
     """
     win = _ssim_window(preds.shape[-2:])
     filt = lambda x: F.avg_pool2d(x, win, stride=1)  # noqa: E731  (the uniform window)
     cov_norm = win**2 / (win**2 - 1)
-    c1, c2 = 0.01**2, 0.03**2
     mp, mt = filt(preds), filt(targets)
     vp = cov_norm * (filt(preds * preds) - mp * mp)
     vt = cov_norm * (filt(targets * targets) - mt * mt)
     out = torch.zeros((preds.shape[0], targets.shape[0]), dtype=torch.float64)
-    for i in range(0, preds.shape[0], chunk):
-        p, m1, v1 = preds[i : i + chunk, None], mp[i : i + chunk, None], vp[i : i + chunk, None]
-        n, t = p.shape[0], targets.shape[0]
-        cross = filt((p * targets[None]).flatten(0, 1)).view(n, t, *mt.shape[1:])
-        cov = cov_norm * (cross - m1 * mt[None])
-        num = (2 * m1 * mt[None] + c1) * (2 * cov + c2)
-        den = (m1 * m1 + mt[None] * mt[None] + c1) * (v1 + vt[None] + c2)
-        # per channel mean, then the mean over channels (scikit-image's channel_axis)
-        out[i : i + chunk] = (num / den).mean(dim=(3, 4)).mean(dim=2)
+    pc, tc = _pair_blocks(preds.shape[0], targets.shape[0], 8 * 8 * preds[0].numel())
+    for i in range(0, preds.shape[0], pc):
+        for j in range(0, targets.shape[0], tc):
+            stats = (mp[i : i + pc], vp[i : i + pc], mt[j : j + tc], vt[j : j + tc])
+            out[i : i + pc, j : j + tc] = _ssim_block(
+                preds[i : i + pc], targets[j : j + tc], stats, filt, cov_norm
+            )
     return out
+
+
+def _ssim_block(p, t, stats, filt, cov_norm: float) -> torch.Tensor:
+    """SSIM of every pair of one block, from each image's local means and variances."""
+    c1, c2 = 0.01**2, 0.03**2
+    mp, vp, mt, vt = stats
+    m1, v1 = mp[:, None], vp[:, None]
+    n, m = p.shape[0], t.shape[0]
+    cross = filt((p[:, None] * t[None]).flatten(0, 1)).view(n, m, *mt.shape[1:])
+    cov = cov_norm * (cross - m1 * mt[None])
+    num = (2 * m1 * mt[None] + c1) * (2 * cov + c2)
+    den = (m1 * m1 + mt[None] * mt[None] + c1) * (v1 + vt[None] + c2)
+    # per channel mean, then the mean over channels (scikit-image's channel_axis)
+    return (num / den).mean(dim=(3, 4)).mean(dim=2)
 
 
 def pairwise(
