@@ -233,3 +233,14 @@ def test_a_log_dir_removed_before_the_first_image_grid_is_not_made_again(mnist5k
     acc = EventAccumulator(str(user_run))
     acc.Reload()
     assert [e.step for e in acc.Scalars("privacy/epsilon")] == [2, 4]
+
+
+def test_a_log_dir_under_home_written_with_a_tilde_goes_there(tmp_path, monkeypatch):
+    """``log_dir="~/runs/audit"`` is the folder under the user's home, as in a shell, not a
+    folder named ``~`` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    auditor = DMAuditor(log_dir="~/runs/audit")
+    assert auditor.log_dir == tmp_path / "home" / "runs" / "audit"
+    auditor.logdir.prepare()
+    assert (tmp_path / "home" / "runs" / "audit").is_dir() and not (tmp_path / "~").exists()
