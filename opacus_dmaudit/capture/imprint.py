@@ -321,10 +321,9 @@ class ImprintBlock(nn.Module):
         else:
             probs = torch.arange(1, k + 1, dtype=torch.float64) / (k + 1)
         inner = torch.quantile(proj, probs)
-        distinct = proj.unique()
-        if not bool(torch.all(inner[1:] > inner[:-1])) and distinct.numel() >= k:
+        if not bool(torch.all(inner[1:] > inner[:-1])):
             # duplicate images tie: quantiles of the distinct values still give k bins
-            inner = torch.quantile(distinct, probs)
+            inner = torch.quantile(self._distinct_projections(proj), probs)
         scale = float(proj.std()) if proj.numel() > 1 else 1.0
         self._set_bins(self._pad_edges(inner), max(scale, 1e-12))
         self.calibrated = True
@@ -332,6 +331,29 @@ class ImprintBlock(nn.Module):
         keep = torch.randperm(x_public.shape[0], generator=gen)[:KEEP_PUBLIC]
         self.public_sample = x_public[keep].detach().float().cpu().clone()
         return self
+
+    def _distinct_projections(self, proj: torch.Tensor) -> torch.Tensor:
+        """The distinct values of ``proj``; too few of them for the bins raise, saying how many
+        there are and what would give more."""
+        distinct = proj.unique()
+        if distinct.numel() >= self.num_bins:
+            return distinct
+        n, found = proj.numel(), distinct.numel()
+        hint = (
+            ", or direction='random' (images of equal mean brightness all project to one value "
+            "along the default brightness direction)"
+            if self.direction == "brightness"
+            else ""
+        )
+        raise ValueError(
+            f"calibrate() cannot place {self.num_bins} bins: the {n} public images project to "
+            f"only {found} distinct value{'s' if found != 1 else ''} along the block's "
+            f"{self.direction} direction ({n - found} repeat another image's value: duplicate "
+            "or blank images), and bin edges must be strictly increasing. Give public images "
+            f"with at least {self.num_bins} distinct projections"
+            + (f", num_bins <= {found}" if found >= 2 else "")
+            + hint
+        )
 
     def geometry(self) -> ImprintGeometry:
         """The block's readout geometry (structure, image shape, value range, bins)."""

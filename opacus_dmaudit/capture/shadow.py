@@ -302,30 +302,53 @@ class ShadowAdversary:
     def _calibrated(self, block: ImprintBlock, shape: tuple[int, ...]) -> ImprintBlock:
         """``block`` calibrated on the public images; where their projections have fewer
         distinct values than the sized bins (ties), as many bins as distinct values (at least
-        a quarter of :data:`MIN_BINS`), said once and recorded in the plan. Bins given
-        explicitly are never changed."""
+        a quarter of :data:`MIN_BINS`, else refused), said once and recorded in the plan. Bins
+        given explicitly are never changed."""
         while True:
             try:
                 return block.calibrate(self.public)
             except ValueError as err:
                 tied = "strictly increasing" in str(err)
-                if not tied or self.given_bins is not None or self.num_bins <= MIN_BINS // 4:
+                if not tied or self.given_bins is not None:
                     raise
+                error = err
             proj = self.public.flatten(1).double() @ block.measurement.double().flatten()
             distinct = int(proj.unique().numel())
             fewer = distinct if distinct < self.num_bins else self.num_bins // 2
-            wanted, self.num_bins = self.num_bins, max(MIN_BINS // 4, fewer)
-            logger.warning(
-                "shadow adversary: the public images' projections have too few distinct values "
-                "for %d equal-mass bins (ties); %d bins instead",
-                wanted,
-                self.num_bins,
-            )
-            self._replan()
+            if fewer < MIN_BINS // 4:
+                raise ValueError(
+                    f"{str(error).rstrip('.')}. Sizing its bins itself, the shadow adversary "
+                    f"uses at least {MIN_BINS // 4}; to choose them, pass shadow="
+                    "ShadowAdversary(num_bins=..., direction=..., public=...)"
+                ) from None
+            wanted, self.num_bins = self.num_bins, fewer
+            cut = self._cut_note(wanted, distinct)
+            logger.warning(cut)
+            self._replan(cut)
             block = self._new_block(shape)
 
-    def _replan(self) -> None:
-        """The plan after the bins were cut for ties in the public images."""
+    def _cut_note(self, wanted: int, distinct: int) -> str:
+        """The cut for ties, in words (with the lone share it leaves when the batch is known)."""
+        batch = self.plan.batch_size if self.plan is not None else None
+        note = (
+            f"shadow adversary: {self.num_bins} bins instead of {wanted}: the public images' "
+            f"projections have too few distinct values for {wanted} equal-mass bins "
+            + (
+                f"(only {distinct}: duplicate images)"
+                if distinct < wanted
+                else "(values too close together)"
+            )
+        )
+        if batch:
+            note += (
+                f". At the expected batch of {batch} that leaves "
+                f"{lone_share(self.num_bins, batch):.1%} of the batch alone in a bin (readable) "
+                f"instead of {TARGET_LONE_SHARE:.0%}"
+            )
+        return note + "."
+
+    def _replan(self, cut: str) -> None:
+        """The plan after the bins were cut for ties in the public images (``cut``: why)."""
         if self.plan is None:
             return
         batch = self.plan.batch_size
@@ -334,8 +357,7 @@ class ShadowAdversary:
             num_bins=self.num_bins,
             lone_share=lone_share(self.num_bins, batch) if batch else None,
             limited_by="public images",
-            note=(self.plan.note or "") + " Ties in the public images' projections cut the bins "
-            f"to {self.num_bins}.",
+            note=cut if self.plan.note is None else f"{self.plan.note} {cut}",
         )
 
     @torch.no_grad()

@@ -67,13 +67,23 @@ def check_value_range(captured: CapturedStep) -> dict[str, Any]:
     if share == 0.0:
         return check("value_range", "pass", f"all inputs lie in [{lo:g}, {hi:g}]", value=share)
     images = int(outside.flatten(1).any(dim=1).sum())
+    if captured.imprint.simulated:  # shadow: the user built no block; the model's inputs count
+        fix = (
+            "Give the model its pixels before any normalisation (normalise inside the model), "
+            "or pass shadow=ShadowAdversary(value_range=(low, high), public=...) with your "
+            "data's range."
+        )
+    else:
+        fix = (
+            "Put the ImprintBlock first, on the pixels before any normalisation, or construct "
+            "it with your data's value_range."
+        )
     return check(
         "value_range",
         "fail",
         f"{images} of {x.shape[0]} audited images have pixels outside the imprint layer's "
         f"value range [{lo:g}, {hi:g}] (min {float(x.min()):.4g}, max {float(x.max()):.4g}); "
-        "their bins are meaningless and the audit cannot see them. Put the ImprintBlock first, "
-        "on the pixels before any normalisation, or construct it with your data's value_range.",
+        f"their bins are meaningless and the audit cannot see them. {fix}",
         value=share,
     )
 

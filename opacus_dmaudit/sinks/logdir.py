@@ -87,7 +87,8 @@ class LogDir:
     """An audit's folder: paths of its parts, private writes, and the rules for reusing it.
 
     Args:
-        path: the folder (created owner-only by :meth:`prepare` if missing).
+        path: the folder (created owner-only by :meth:`prepare` if missing); a leading ``~``
+            is the user's home, as in a shell (never a folder named ``~``).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -96,7 +97,7 @@ class LogDir:
                 "log_dir must name a folder for the audit's files (they hold private training "
                 f"images), e.g. log_dir='runs/audit'; got {path!r}"
             )
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         self.manifest = Manifest(self.path)
         self.lock = LogDirLock(self.path)
 

@@ -188,5 +188,7 @@ class AuditOutputs:
                 from .report import build_report
 
                 self.guard.write("report", None, build_report, self.logdir.path)
+            elif report:
+                lost.append(f"report: not written ({log.path} was removed during the run)")
         self.logdir.release()
         return lost + self.guard.lost()

@@ -168,7 +168,12 @@ class TensorBoardSink:
         fw.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
     def images_writer(self):
-        """The auditor's own private writer (made at the first image when ``writer=`` is given)."""
+        """The auditor's own private writer (made at the first image when ``writer=`` is given).
+
+        Raises:
+            FileNotFoundError: the log dir was removed during the run (it is not made again).
+        """
+        self._folder_present()
         if self._image_writer is None:
             self._image_writer = private_writer(
                 self.log_dir, purge_step=self._purge_step, own=self._own
@@ -215,17 +220,24 @@ class TensorBoardSink:
             self.writer.add_text(tag, f"{tag} = {value} at step {step}", step)
 
     def _folder_present(self) -> None:
-        """Raise when the auditor's folder is gone: events handed to the private writer then fail
-        in its own thread, which prints a traceback instead of telling the sink guard."""
-        if self._image_writer is not None and not self.log_dir.is_dir():
+        """Raise when the auditor's folder is gone: events handed to its private writer then fail
+        in the writer's own thread, which prints a traceback instead of telling the sink guard,
+        and a new private writer would create the removed folder again."""
+        if not self.log_dir.is_dir():
+            what = (
+                "its TensorBoard events are"
+                if self._owned
+                else "the audit's image grids are (its scalars still go to your SummaryWriter)"
+            )
             raise FileNotFoundError(
-                f"the log dir {self.log_dir} was removed during the run; its TensorBoard events "
-                "are not written from here on (the audits stay in auditor.history)"
+                f"the log dir {self.log_dir} was removed during the run; {what} not written "
+                "from here on (the audits stay in auditor.history)"
             )
 
     def log_audit(self, record: AuditRecord, result=None) -> None:
         """Log one audit record (and its images, when ``result`` is an :class:`AuditResult`)."""
-        self._folder_present()
+        if self._owned:  # the auditor's own writer takes everything: nothing more is written
+            self._folder_present()
         step = record.step
         if not self._layout_written:
             self._layout()
@@ -320,15 +332,18 @@ class TensorBoardSink:
         self.writer.flush()
 
     def flush(self) -> None:
-        self._folder_present()
+        if self._owned:
+            self._folder_present()
         self.writer.flush()
         if self._image_writer is not None and self._image_writer is not self.writer:
+            self._folder_present()
             self._image_writer.flush()
 
     def close(self, hparams: dict[str, Any] | None = None) -> None:
         """Write the hyper-parameters (once) and flush; closes only the writers the sink made."""
         try:
-            self._folder_present()
+            if self._owned:
+                self._folder_present()
             if hparams:
                 self.log_hparams(hparams)
             self.writer.flush()

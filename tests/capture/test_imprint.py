@@ -174,3 +174,28 @@ def test_duplicate_public_images_still_give_every_bin():
         ImprintBlock(image_shape=(1, 8, 8), num_bins=950).calibrate(
             unique[:10].repeat(100, 1, 1, 1)
         )
+
+
+def test_public_images_nearly_all_the_same_are_refused_with_what_would_do():
+    """990 copies of one image and 10 others project to 11 distinct values: 128 bins cannot be
+    placed, and the error says how many distinct values there are and what would do; 11 bins
+    calibrate on them. Blank images give one value; distinct images of equal brightness (a square
+    at different places) tie along the brightness direction but not along a random one."""
+    base = torch.rand(11, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    public = torch.cat([base[:1].repeat(990, 1, 1, 1), base[1:]])
+    with pytest.raises(ValueError, match="only 11 distinct values") as err:
+        ImprintBlock(image_shape=(1, 8, 8), num_bins=128).calibrate(public)
+    assert "989 repeat" in str(err.value) and "num_bins <= 11" in str(err.value)
+    assert "direction='random'" in str(err.value)
+    block = ImprintBlock(image_shape=(1, 8, 8), num_bins=11).calibrate(public)
+    edges = torch.tensor(block.geometry().bin_edges, dtype=torch.float64)
+    assert bool((edges[1:] > edges[:-1]).all())
+    with pytest.raises(ValueError, match="only 1 distinct value along") as err:
+        ImprintBlock(image_shape=(1, 8, 8), num_bins=8).calibrate(torch.zeros(200, 1, 8, 8))
+    assert "num_bins <=" not in str(err.value)  # no number of bins places one value
+    squares = torch.zeros(200, 1, 8, 8)
+    for i in range(200):
+        squares[i, 0, i % 6 : i % 6 + 3, i // 6 % 6 : i // 6 % 6 + 3] = 1.0
+    with pytest.raises(ValueError, match="only 1 distinct value along the block's brightness"):
+        ImprintBlock(image_shape=(1, 8, 8), num_bins=16).calibrate(squares)
+    ImprintBlock(image_shape=(1, 8, 8), num_bins=16, direction="random").calibrate(squares)

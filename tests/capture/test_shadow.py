@@ -366,5 +366,24 @@ def test_ties_in_the_public_projections_cut_the_sized_bins_and_say_so(caplog):
     assert block.num_bins == adversary.num_bins == adversary.plan.num_bins == 40
     assert adversary.plan.limited_by == "public images"
     assert adversary.plan.lone_share < plan.lone_share
+    note = adversary.plan.note  # a sentence of its own, with the share it leaves alone
+    assert note.startswith("shadow adversary: 40 bins instead of 599") and "only 40" in note
+    assert f"leaves {adversary.plan.lone_share:.1%} of the batch alone" in note
     with pytest.raises(ValueError, match="strictly increasing"):  # bins given are kept
         ShadowAdversary(num_bins=599, public=public).block((1, 8, 8))
+
+
+def test_public_images_nearly_all_the_same_are_refused_without_a_cut_first(caplog):
+    """990 copies of one image and 10 others (11 distinct values) cannot calibrate even the
+    smallest cut (32 bins): refused with the count and what would do, and no warning first
+    that claims a cut that is then not made."""
+    base = torch.rand(11, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    public = torch.cat([base[:1].repeat(990, 1, 1, 1), base[1:]])
+    adversary = ShadowAdversary(public=public)
+    adversary.size_for(64, (1, 8, 8))
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="only 11 distinct") as err:
+        adversary.block((1, 8, 8))
+    assert "at least 32" in str(err.value) and "ShadowAdversary(num_bins=" in str(err.value)
+    assert "bins instead" not in caplog.text
+    given = ShadowAdversary(num_bins=11, public=public).block((1, 8, 8))  # as the error says
+    assert given.num_bins == 11 and given.calibrated

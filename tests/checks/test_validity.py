@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from opacus_dmaudit import DMAuditor, ImprintBlock
+from opacus_dmaudit import DMAuditor, ImprintBlock, ShadowAdversary
 from opacus_dmaudit.reconstruct.bins import lone_sample_moments
 from opacus_dmaudit.sinks.summary import summarize
 from opacus_dmaudit.sinks.verdict import verdict
-from tests.helpers import audited_run, imprint_model, make_private
+from tests.helpers import audited_run, imprint_model, make_private, small_cnn
 
 FAST = {"metrics": ("mse",), "report": True}
 
@@ -250,3 +250,27 @@ def test_state_after_close_keeps_its_step_and_a_stale_state_is_refused(mnist5k, 
     fresh = DMAuditor(log_dir=tmp_path / "b", metrics=("mse",))
     with pytest.raises(ValueError, match="last audit was at step 3"):
         fresh.load_state_dict(stale)
+
+
+def test_a_shadow_audit_outside_the_value_range_says_what_to_change_in_shadow_mode(
+    mnist5k, tmp_path
+):
+    """Pixels 0..255 in a shadow audit: the user built no ImprintBlock, so the failed check
+    names the shadow's value range instead; following it, the check passes."""
+    x, y = mnist5k["private"]
+    public = mnist5k["prior"][0][:1000]
+
+    def value_range(log_dir, shadow, public):
+        torch.manual_seed(0)
+        auditor, _ = audited_run(
+            mnist5k, log_dir, sigma=0.01, steps=1, train=(x * 255, y), model=small_cnn(),
+            shadow=shadow, public=public, close=True, **FAST,
+        )  # fmt: skip
+        (record,) = auditor.history
+        return next(c for c in record.checks if c.name == "value_range")
+
+    failed = value_range(tmp_path / "plain", True, public)
+    assert failed.status == "fail" and "ImprintBlock" not in failed.detail
+    assert "ShadowAdversary(value_range=(low, high)" in failed.detail
+    fixed = ShadowAdversary(value_range=(0, 255), public=public * 255)
+    assert value_range(tmp_path / "fixed", fixed, public * 255).status == "pass"

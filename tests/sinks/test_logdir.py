@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from opacus_dmaudit import DMAuditor
 from opacus_dmaudit.errors import LogDirInUse
@@ -199,3 +200,47 @@ def test_a_log_dir_removed_mid_run_is_said_and_training_goes_on(mnist5k, tmp_pat
     assert "audit log" in lost and "3, 4" in lost and "TensorBoard" in lost
     assert "removed during the run" in caplog.text
     assert errors == [] and not log_dir.exists()
+
+
+def test_a_log_dir_removed_before_the_first_image_grid_is_not_made_again(mnist5k, tmp_path, caplog):
+    """With ``writer=`` the auditor's private event file is made at the first image grid: a log
+    dir removed before it is not created again (with private images in it); the scalars still go
+    to the user's run, and ``close()`` names the grids and the report it could not write."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir, user_run = tmp_path / "audit", tmp_path / "user_run"
+    writer = SummaryWriter(log_dir=str(user_run))
+    try:
+        auditor, _ = audited_run(
+            mnist5k,
+            log_dir,
+            sigma=0.01,
+            steps=4,
+            every=2,
+            metrics=("mse",),
+            writer=writer,
+            after_step=lambda step: shutil.rmtree(log_dir) if step == 1 else None,
+            prior_fit_public=0,
+        )
+        with caplog.at_level(logging.WARNING):
+            auditor.close()
+    finally:
+        writer.close()
+    assert not log_dir.exists()
+    assert "report: not written" in caplog.text
+    lost = " ".join(auditor.unwritten)
+    assert "TensorBoard" in lost and "image grids" in lost
+    acc = EventAccumulator(str(user_run))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("privacy/epsilon")] == [2, 4]
+
+
+def test_a_log_dir_under_home_written_with_a_tilde_goes_there(tmp_path, monkeypatch):
+    """``log_dir="~/runs/audit"`` is the folder under the user's home, as in a shell, not a
+    folder named ``~`` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    auditor = DMAuditor(log_dir="~/runs/audit")
+    assert auditor.log_dir == tmp_path / "home" / "runs" / "audit"
+    auditor.logdir.prepare()
+    assert (tmp_path / "home" / "runs" / "audit").is_dir() and not (tmp_path / "~").exists()
