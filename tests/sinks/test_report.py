@@ -102,7 +102,10 @@ def test_close_writes_the_report_with_bounds_and_images(mnist5k, tmp_path):
     assert images["truth"].shape == images["dm"].shape == (n, 1, 28, 28)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["summary"]["audits"] == 2
-    assert "Best and worst" in (tmp_path / "report.html").read_text()
+    html = (tmp_path / "report.html").read_text()
+    assert "Best and worst" in html
+    # the key numbers say they are shares of the batch (the verdict below counts targets)
+    assert "of the batch reconstructed (dm)" in html and "of the batch identified (dm)" in html
 
 
 def test_strings_from_the_data_are_escaped(tmp_path):

@@ -66,13 +66,17 @@ def headline_numbers(summary: RunSummary) -> list[tuple[str, str, str]]:
     if stage in s.success_rate:
         bound = (s.bounds or {}).get("single_step")
         out.append(
-            (f"reconstructed ({stage})", _pct(s.success_rate.get(stage)), f"bound {_pct(bound)}")
+            (
+                f"of the batch reconstructed ({stage})",
+                _pct(s.success_rate.get(stage)),
+                f"bound {_pct(bound)}",
+            )
         )
     if stage in s.identification_rate:
         bound = (s.bounds or {}).get("single_step_identification")
         out.append(
             (
-                f"identified ({stage})",
+                f"of the batch identified ({stage})",
                 _pct(s.identification_rate.get(stage)),
                 f"bound {_pct(bound)}",
             )
