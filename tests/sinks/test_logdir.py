@@ -174,6 +174,21 @@ def test_a_privacy_engine_that_is_not_one_is_refused(tmp_path):
         DMAuditor(log_dir=tmp_path, privacy_engine="engine")
 
 
+def _run_removing(mnist5k, log_dir, *, at_step: int, **kwargs):
+    """Four audited steps (σ = 0.01, MSE) with the log dir removed after step ``at_step``."""
+    auditor, _ = audited_run(
+        mnist5k,
+        log_dir,
+        sigma=0.01,
+        steps=4,
+        metrics=("mse",),
+        after_step=lambda step: shutil.rmtree(log_dir) if step == at_step else None,
+        prior_fit_public=0,
+        **kwargs,
+    )
+    return auditor
+
+
 def test_a_log_dir_removed_mid_run_is_said_and_training_goes_on(mnist5k, tmp_path, caplog):
     """Someone removes the log dir mid-run: training goes on, every audit stays in memory and
     ``close()`` names what was not written. No audit line goes unseen into the removed file,
@@ -182,15 +197,7 @@ def test_a_log_dir_removed_mid_run_is_said_and_training_goes_on(mnist5k, tmp_pat
     hook, threading.excepthook = threading.excepthook, errors.append
     log_dir = tmp_path / "audit"
     try:
-        auditor, _ = audited_run(
-            mnist5k,
-            log_dir,
-            sigma=0.01,
-            steps=4,
-            metrics=("mse",),
-            after_step=lambda step: shutil.rmtree(log_dir) if step == 2 else None,
-            prior_fit_public=0,
-        )
+        auditor = _run_removing(mnist5k, log_dir, at_step=2)
         with caplog.at_level(logging.WARNING):
             summary = auditor.close()
     finally:
@@ -211,17 +218,7 @@ def test_a_log_dir_removed_before_the_first_image_grid_is_not_made_again(mnist5k
     log_dir, user_run = tmp_path / "audit", tmp_path / "user_run"
     writer = SummaryWriter(log_dir=str(user_run))
     try:
-        auditor, _ = audited_run(
-            mnist5k,
-            log_dir,
-            sigma=0.01,
-            steps=4,
-            every=2,
-            metrics=("mse",),
-            writer=writer,
-            after_step=lambda step: shutil.rmtree(log_dir) if step == 1 else None,
-            prior_fit_public=0,
-        )
+        auditor = _run_removing(mnist5k, log_dir, at_step=1, every=2, writer=writer)
         with caplog.at_level(logging.WARNING):
             auditor.close()
     finally:
