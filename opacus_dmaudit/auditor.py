@@ -312,6 +312,12 @@ class DMAuditor:
         """
         if self._capture is not None:
             raise RuntimeError("the auditor is already attached; call detach() first")
+        if self._summary is not None:
+            raise RuntimeError(
+                f"this auditor was closed: its run in {self.log_dir} is finished. To audit "
+                "another run, make a new DMAuditor (with another log_dir, or existing='resume' "
+                "to continue this one); detach() pauses an auditor without closing it"
+            )
         _check_noise_multiplier(optimizer)
         _refuse_fsdp(optimizer)
         self._summary = None

@@ -16,7 +16,7 @@ import torch
 
 from opacus_dmaudit import AuditCheckFailed, DMAuditor, read_audit_log
 from opacus_dmaudit.sinks.audit_log import read_json_lines
-from tests.helpers import REPO, imprint_model, make_private, train_steps
+from tests.helpers import REPO, audited_run, imprint_model, make_private, train_steps
 
 FAST = {"metrics": ("mse",), "tensorboard": False, "report": False, "prior_fit_public": 0}
 
@@ -181,3 +181,14 @@ def test_a_log_of_the_previous_release_resumes_with_unknown_validity(mnist5k, tm
     assert [r.step for r in auditor.history] == [1, 2, 3, 4]
     assert all(r.valid for r in auditor.history[2:])  # the new audits ran their checks
     assert summary.valid is None  # the run as a whole: unknown
+
+
+def test_attach_after_close_says_the_auditor_was_closed(mnist5k, tmp_path):
+    """A closed auditor's run is finished: attaching it again says so and what to do instead
+    (found by a new-user trial: it raised LogDirInUse about resuming, not that it was closed)."""
+    auditor, _ = audited_run(mnist5k, tmp_path, sigma=0.05, steps=1, metrics=("mse",))
+    optimizer = auditor._capture.optimizer
+    auditor.close()
+    with pytest.raises(RuntimeError, match="was closed.*new DMAuditor.*detach"):
+        auditor.attach(optimizer)
+    assert auditor.close().audits == 1  # closing again still returns the summary
