@@ -41,7 +41,7 @@ from .privacy.accountant import (
 )
 from .privacy.bounds import rero_gaussian, run_bounds, step_bounds
 from .privacy.empirical import SHADOW_NOTE, EmpiricalPrivacy
-from .privacy.measured import RunEvidence, measured_epsilon
+from .privacy.measured import NonFiniteMeasurement, RunEvidence, measured_epsilon
 from .reconstruct.prior import DiffusionPrior
 from .record import (
     AuditRecord,
@@ -469,7 +469,7 @@ class AuditPipeline:
                 "stage is missing (logged once per stage)",
                 name,
                 text,
-                exc_info=not isinstance(err, ShadowInputError),
+                exc_info=not isinstance(err, ShadowInputError | NonFiniteMeasurement),
             )
 
     def _simulate(self, captured: CapturedStep, errors: list[dict[str, str]]):

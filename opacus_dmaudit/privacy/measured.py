@@ -78,6 +78,13 @@ CANNOT_SEE = (
 
 
 # -- one audit's evidence -----------------------------------------------------------------------
+
+
+class NonFiniteMeasurement(ValueError):
+    """The run's statistics hold a NaN or an infinity (from the gradients of an audited step),
+    so ε is not re-accounted: a property of the data, said without a traceback."""
+
+
 def step_evidence(captured: CapturedStep) -> dict[str, Any]:
     """The compact part of one captured step that the run's pooled numbers need (JSON-safe).
 
@@ -277,7 +284,7 @@ def measured_epsilon(
         return None
     measured = [*sigma, rate["value"], *rate["ci"]]
     if not all(math.isfinite(v) for v in measured):
-        raise ValueError(
+        raise NonFiniteMeasurement(
             f"the measured noise multiplier {sigma} or sample rate {rate['value']} is not finite "
             "(a NaN or an infinity in the gradients of an audited step): ε is not re-accounted"
         )
