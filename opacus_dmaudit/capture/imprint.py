@@ -307,7 +307,7 @@ class ImprintBlock(nn.Module):
                 "the pixels your training data has before any normalisation (e.g. [0, 1] "
                 "tensors), or construct it with the value_range of your data.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,  # the caller of calibrate(), past torch.no_grad's wrapper
             )
         if x_public.shape[0] < self.num_bins:
             raise ValueError(

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -306,7 +307,7 @@ class ShadowAdversary:
         given explicitly are never changed."""
         while True:
             try:
-                return block.calibrate(self.public)
+                return self._calibrate(block)
             except ValueError as err:
                 tied = "strictly increasing" in str(err)
                 if not tied or self.given_bins is not None:
@@ -326,6 +327,23 @@ class ShadowAdversary:
             logger.warning(cut)
             self._replan(cut)
             block = self._new_block(shape)
+
+    def _calibrate(self, block: ImprintBlock) -> ImprintBlock:
+        """``block.calibrate`` on the public images; its value-range warning worded for the
+        shadow adversary (the user built no block, and gave its range to the adversary)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            block = block.calibrate(self.public)
+        for w in caught:
+            text = str(w.message)
+            if "outside value_range" in text:
+                text = text.split(" Give the block")[0] + (
+                    " Give the shadow adversary public images with the pixels your training "
+                    "data has before any normalisation, or pass shadow=ShadowAdversary("
+                    "value_range=(low, high), public=...) with your data's range."
+                )
+            warnings.warn(text, w.category, stacklevel=2)
+        return block
 
     def _cut_note(self, wanted: int, distinct: int) -> str:
         """The cut for ties, in words (with the lone share it leaves when the batch is known)."""

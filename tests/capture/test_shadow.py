@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from opacus_dmaudit import DMAuditor, read_audit_log
+from opacus_dmaudit import DMAuditor, ImprintBlock, read_audit_log
 from opacus_dmaudit.capture.shadow import BYTES_PER_BIN_PIXEL, ShadowAdversary, as_images, plan_bins
 from opacus_dmaudit.reconstruct.bins import bins_for_lone_share, lone_share
 from opacus_dmaudit.schema import MODES
@@ -387,3 +387,16 @@ def test_public_images_nearly_all_the_same_are_refused_without_a_cut_first(caplo
     assert "bins instead" not in caplog.text
     given = ShadowAdversary(num_bins=11, public=public).block((1, 8, 8))  # as the error says
     assert given.num_bins == 11 and given.calibrated
+
+
+def test_public_images_outside_the_range_are_worded_for_the_shadow():
+    """Public images in 0..255 for a shadow adversary in [0, 1]: the warning names the
+    adversary's value_range (the user built no block); a block's own calibrate() warning
+    points at the line that called it."""
+    public = torch.rand(600, 1, 8, 8) * 255
+    with pytest.warns(UserWarning, match=r"ShadowAdversary\(value_range") as caught:
+        ShadowAdversary(public=public, num_bins=128).block((1, 8, 8))
+    assert not any("construct it" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match="construct it with the value_range") as caught:
+        ImprintBlock(image_shape=(1, 8, 8), num_bins=128).calibrate(public)
+    assert caught[0].filename == __file__
