@@ -314,7 +314,7 @@ class ImprintBlock(nn.Module):
                 f"calibrate needs at least num_bins={self.num_bins} public images, "
                 f"got {x_public.shape[0]}"
             )
-        proj = x_public.reshape(x_public.shape[0], -1).double() @ self.measurement.double()
+        proj = self.projections(x_public)
         k = self.num_bins
         if self.structure == "sparse":
             probs = torch.arange(1, k, dtype=torch.float64) / k
@@ -331,6 +331,10 @@ class ImprintBlock(nn.Module):
         keep = torch.randperm(x_public.shape[0], generator=gen)[:KEEP_PUBLIC]
         self.public_sample = x_public[keep].detach().float().cpu().clone()
         return self
+
+    def projections(self, images: torch.Tensor) -> torch.Tensor:
+        """Each image's projection ``h·x`` on the measurement direction (float64, ``(N,)``)."""
+        return images.reshape(images.shape[0], -1).double() @ self.measurement.double()
 
     def _distinct_projections(self, proj: torch.Tensor) -> torch.Tensor:
         """The distinct values of ``proj``; too few of them for the bins raise, saying how many

@@ -313,8 +313,7 @@ class ShadowAdversary:
                 if not tied or self.given_bins is not None:
                     raise
                 error = err
-            proj = self.public.flatten(1).double() @ block.measurement.double().flatten()
-            distinct = int(proj.unique().numel())
+            distinct = int(block.projections(self.public).unique().numel())
             fewer = distinct if distinct < self.num_bins else self.num_bins // 2
             if fewer < MIN_BINS // 4:
                 raise ValueError(
